@@ -1,0 +1,7 @@
+# Deployment-specific values (hopeit requires every ${VAR} in config/ to be set).
+# Source this file before `hopeit_server run ...`; values already in the environment win.
+export FRAUD_REDIS_URL="${FRAUD_REDIS_URL:-redis://127.0.0.1:6379/0}"
+export FRAUD_KEY_PREFIX="${FRAUD_KEY_PREFIX:-fraud:}"
+export FRAUD_DATA_ROOT="${FRAUD_DATA_ROOT:-$(pwd)/data}"
+export DASK_SCHEDULER_ADDRESS="${DASK_SCHEDULER_ADDRESS:-}"
+export HOPEIT_LOG_PATH="${HOPEIT_LOG_PATH:-$(pwd)/data/logs/}"
