@@ -28,8 +28,8 @@ clean-nbs: install
 	$(BIN)/nbdev_export
 
 lint: install
-	$(BIN)/ruff check fraud_poc tests bench
-	$(BIN)/ruff format --check fraud_poc tests bench
+	$(BIN)/ruff check nbs tests bench
+	$(BIN)/ruff format --check nbs tests bench
 
 nbtest: install
 	. config/env.sh && $(BIN)/python -m fraud_poc.redis_server ensure && $(BIN)/nbdev_test --flags "redis dask slow" --n_workers 1
