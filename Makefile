@@ -32,10 +32,10 @@ lint: install
 	$(BIN)/ruff format --check nbs tests bench
 
 nbtest: install
-	. config/env.sh && $(BIN)/python -m fraud_poc.redis_server ensure && $(BIN)/nbdev_test --flags "redis dask slow" --n_workers 1
+	. config/env.sh && $(BIN)/python -m fraud_poc.redis_server -- $(BIN)/nbdev_test --flags "redis dask slow" --n_workers 1
 
 pytest: install
-	. config/env.sh && $(BIN)/python -m fraud_poc.redis_server ensure && $(BIN)/pytest -q tests
+	. config/env.sh && $(BIN)/python -m fraud_poc.redis_server -- $(BIN)/pytest -q tests
 
 openapi-check: install
 	. config/env.sh && $(BIN)/python -m fraud_poc.openapi_check
