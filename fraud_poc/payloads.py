@@ -6,14 +6,14 @@
 __all__ = ['PIPELINE_STEPS', 'SampleDataParams', 'RawDataRequest', 'PipelineJob', 'StepState', 'StepStatus', 'RunStatus',
            'RunStarted']
 
-# %% ../nbs/02_payloads.ipynb #4ccfb3e1
+# %% ../nbs/02_payloads.ipynb #16238f92
 from datetime import datetime
 from enum import Enum
 from typing import Optional
 
 from hopeit.dataobjects import dataclass, dataobject, field
 
-# %% ../nbs/02_payloads.ipynb #a9d0b476
+# %% ../nbs/02_payloads.ipynb #a83e2bc0
 PIPELINE_STEPS: tuple[str, ...] = (
     "sample-data",
     "preprocess",
@@ -45,7 +45,7 @@ class RawDataRequest:
     path: str
 
 
-@dataobject
+@dataobject(event_id="run_id")
 @dataclass
 class PipelineJob:
     """The message each step reads from its stream and passes on to the next step."""
@@ -55,13 +55,16 @@ class PipelineJob:
     submitted: datetime
     sample: Optional[SampleDataParams] = None
     raw_path: Optional[str] = None
+    model_id: Optional[str] = None  # set by train-model for prepare-db
 
 
 class StepState(str, Enum):
     PENDING = "pending"
     RUNNING = "running"
+    RETRYING = "retrying"  # an attempt failed; the message will be delivered again
     DONE = "done"
-    FAILED = "failed"
+    FAILED = "failed"  # final: the run failed here
+    SKIPPED = "skipped"  # not part of this run (sample-data for run-from-raw, prepare-db for a gated model)
 
 
 @dataobject
