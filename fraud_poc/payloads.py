@@ -4,16 +4,16 @@
 
 # %% auto #0
 __all__ = ['PIPELINE_STEPS', 'SampleDataParams', 'RawDataRequest', 'PipelineJob', 'StepState', 'StepStatus', 'RunStatus',
-           'RunStarted']
+           'RecentRuns', 'DeliveryCheck', 'RunStarted']
 
-# %% ../nbs/02_payloads.ipynb #16238f92
+# %% ../nbs/02_payloads.ipynb #0f344dad
 from datetime import datetime
 from enum import Enum
 from typing import Optional
 
 from hopeit.dataobjects import dataclass, dataobject, field
 
-# %% ../nbs/02_payloads.ipynb #a83e2bc0
+# %% ../nbs/02_payloads.ipynb #ea431790
 PIPELINE_STEPS: tuple[str, ...] = (
     "sample-data",
     "preprocess",
@@ -94,6 +94,20 @@ class RunStatus:
     metrics: Optional[dict] = None
     promoted: Optional[bool] = None
     promotion_reason: Optional[str] = None
+
+
+@dataobject
+@dataclass
+class RecentRuns:
+    runs: list[RunStatus]
+
+
+@dataobject
+@dataclass
+class DeliveryCheck:
+    """One pass over the pipeline streams, and what it did."""
+
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 @dataobject

@@ -4,12 +4,12 @@
 
 # %% auto #0
 __all__ = ['RedisSettings', 'DaskSettings', 'StorageSettings', 'TrainingDataSettings', 'TrainModelSettings',
-           'FeatureStoreSettings', 'ServiceSettings']
+           'FeatureStoreSettings', 'ServiceSettings', 'DeliverySettings']
 
-# %% ../nbs/01_settings.ipynb #1091ac23
+# %% ../nbs/01_settings.ipynb #d0cf7adb
 from hopeit.dataobjects import dataclass, dataobject, field
 
-# %% ../nbs/01_settings.ipynb #54141c51
+# %% ../nbs/01_settings.ipynb #8f23e4d8
 @dataobject
 @dataclass
 class RedisSettings:
@@ -82,3 +82,16 @@ class ServiceSettings:
     max_batch_size: int = 500
     max_find_items: int = 100
     top_contributions: int = 5
+
+
+@dataobject
+@dataclass
+class DeliverySettings:
+    """Streams to watch (stream name -> step), dead-letter stream and timing of redeliveries."""
+
+    streams: dict[str, str]
+    dead_letter_stream: str
+    check_interval_seconds: float = 2.0
+    retry_after_seconds: float = 3.0
+    stale_after_seconds: float = 1900.0  # above the longest step timeout: the process died
+    max_deliveries: int = 3
