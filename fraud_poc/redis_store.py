@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['Keys', 'async_redis', 'sync_redis']
 
-# %% ../nbs/03_redis_store.ipynb #713d9ecd
+# %% ../nbs/03_redis_store.ipynb #1b5eff8a
 from dataclasses import dataclass
 
 import redis
 import redis.asyncio as aioredis
 
-# %% ../nbs/03_redis_store.ipynb #e5379ae8
+# %% ../nbs/03_redis_store.ipynb #592708e2
 @dataclass(frozen=True)
 class Keys:
     """Names of the project's Redis keys under one prefix."""
@@ -52,11 +52,7 @@ class Keys:
         """Sorted set of run ids scored by submission time."""
         return f"{self.prefix}runs"
 
-    def delivery(self, stream: str) -> str:
-        """Hash of delivery attempts per message of a stream (at-least-once redelivery)."""
-        return f"{self.prefix}delivery:{stream}"
-
-# %% ../nbs/03_redis_store.ipynb #8b6f2883
+# %% ../nbs/03_redis_store.ipynb #dca41ab5
 _async_clients: dict[str, aioredis.Redis] = {}
 _sync_clients: dict[str, redis.Redis] = {}
 
