@@ -38,7 +38,7 @@ pytest: install
 	. config/env.sh && $(BIN)/python -m fraud_poc.redis_server -- $(BIN)/pytest -q tests
 
 openapi-check: install
-	. config/env.sh && $(BIN)/python -m fraud_poc.openapi_check
+	BIN=$(BIN) install/openapi.sh check
 
 ## The main job: both services, the whole pipeline on a sample, example predictions and a summary.
 run: install

@@ -6,14 +6,14 @@
 __all__ = ['PIPELINE_STEPS', 'SampleDataParams', 'RawDataRequest', 'PipelineJob', 'StepState', 'StepStatus', 'RunStatus',
            'RecentRuns', 'DeliveryCheck', 'RunStarted']
 
-# %% ../nbs/02_payloads.ipynb #0f344dad
+# %% ../nbs/02_payloads.ipynb #db384c0f
 from datetime import datetime
 from enum import Enum
 from typing import Optional
 
 from hopeit.dataobjects import dataclass, dataobject, field
 
-# %% ../nbs/02_payloads.ipynb #ea431790
+# %% ../nbs/02_payloads.ipynb #ff7367d8
 PIPELINE_STEPS: tuple[str, ...] = (
     "sample-data",
     "preprocess",
@@ -33,7 +33,7 @@ class SampleDataParams:
     num_customers: int = field(default=10_000, ge=10, le=2_000_000)
     months: int = field(default=12, ge=1, le=60)
     start_date: str = "2025-01-01"
-    fraud_rate: float = field(default=0.02, gt=0.0, lt=0.5)
+    fraud_rate: float = field(default=0.02, ge=0.001, le=0.5)
     seed: int = 42
 
 

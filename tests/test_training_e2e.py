@@ -1,0 +1,148 @@
+"""End to end: the training service started with `hopeit_server run --start-streams`, runs driven over HTTP
+through the real Redis streams, checked through pipeline-status, the model registry and the live feature store."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from fraud_poc.redis_store import Keys
+from fraud_poc.sample_data import generate_orders
+
+from .conftest import Service, service_env
+
+API = "/api/training-pipeline/0x2"
+SMALL = {"num_orders": 30_000, "num_customers": 600, "months": 3, "fraud_rate": 0.02, "seed": 7}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def training(key_prefix, data_root, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "training.log"
+    service = Service("training-pipeline.json", "openapi-training.json", service_env(key_prefix, data_root), log)
+    try:
+        service.wait_ready()
+        yield service
+    finally:
+        service.stop()
+
+
+def start(service: Service, event: str, body: dict) -> str:
+    response = requests.post(f"{service.base}{API}/{event}", json=body, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()["run_id"]
+
+
+def wait_for(service: Service, run_id: str, until, timeout: float = 240.0) -> dict:
+    """Poll pipeline-status until `until(status)` holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = requests.get(f"{service.base}{API}/pipeline-status", params={"run_id": run_id}, timeout=10)
+        assert response.status_code == 200, response.text
+        status = response.json()
+        if until(status):
+            return status
+        time.sleep(0.5)
+    raise TimeoutError(f"run {run_id} did not get there: {status}")
+
+
+def finished(status: dict) -> bool:
+    return status["state"] in ("done", "failed")
+
+
+def live(redis_client, key_prefix) -> dict | None:
+    raw = redis_client.get(Keys(key_prefix).live)
+    return None if raw is None else json.loads(raw)
+
+
+def write_orders(data_root: Path, name: str, frame) -> str:
+    path = data_root / "user" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False)
+    return f"user/{name}"
+
+
+@pytest.fixture(scope="module")
+def first_run(training, redis_client, key_prefix) -> dict:
+    run_id = start(training, "run-pipeline", SMALL)
+    return wait_for(training, run_id, finished)
+
+
+def test_pipeline_run_promotes_model_and_features(first_run, redis_client, key_prefix, data_root):
+    status = first_run
+    assert status["state"] == "done", status
+    steps = {s["step"]: s for s in status["steps"]}
+    assert [s["state"] for s in status["steps"]] == ["done"] * 6
+    assert steps["sample-data"]["rows_out"] == SMALL["num_orders"]
+    assert steps["preprocess"]["rows_in"] == SMALL["num_orders"] == steps["feature-calc"]["rows_out"]
+    assert all(s["started"] and s["ended"] and s["attempts"] == 1 and s["error"] is None for s in steps.values())
+    assert status["promoted"] is True and status["model_id"]
+    assert status["metrics"]["average_precision"] >= 0.3
+    model_dir = data_root / "models" / status["model_id"]
+    metadata = json.loads((model_dir / "metadata.json").read_text())
+    assert metadata["run_id"] == status["run_id"] and (model_dir / "model.ubj").stat().st_size > 0
+    assert len(list((model_dir / "report").glob("*.png"))) >= 3
+    pointer = live(redis_client, key_prefix)
+    assert (pointer["model_id"], pointer["fs_version"]) == (status["model_id"], status["run_id"])
+    keys = Keys(key_prefix)
+    customer = redis_client.zrange(keys.fs_index(pointer["fs_version"], "customer_id"), 0, 0)[0].decode()
+    assert redis_client.exists(keys.fs_state(pointer["fs_version"], "customer_id", customer))
+    assert redis_client.exists(keys.model(status["model_id"]))
+
+
+def test_model_failing_gate_leaves_live_untouched(training, first_run, redis_client, key_prefix, data_root):
+    before = live(redis_client, key_prefix)
+    orders = generate_orders(num_orders=8000, num_customers=300, months=2, start_date="2025-03-01", fraud_rate=0.02, seed=3)
+    orders["is_fraud"] = orders["is_fraud"].sample(frac=1.0, random_state=0).to_numpy()  # labels without signal
+    run_id = start(training, "run-from-raw", {"path": write_orders(data_root, "noise.csv", orders)})
+    status = wait_for(training, run_id, finished)
+    assert status["state"] == "done" and status["promoted"] is False, status
+    assert status["steps"][0]["state"] == "skipped" and status["steps"][-1]["state"] == "skipped"
+    assert "average precision" in status["promotion_reason"]
+    assert live(redis_client, key_prefix) == before
+
+
+def test_bad_raw_file_fails_run_and_dead_letters(training, first_run, redis_client, key_prefix, data_root):
+    before = live(redis_client, key_prefix)
+    orders = generate_orders(num_orders=500, num_customers=50, months=1, start_date="2025-03-01", fraud_rate=0.02, seed=5)
+    orders.loc[3, "order_amount"] = -5.0
+    run_id = start(training, "run-from-raw", {"path": write_orders(data_root, "negative.csv", orders)})
+    status = wait_for(training, run_id, finished, timeout=120)
+    assert status["state"] == "failed", status
+    preprocess = status["steps"][1]
+    assert preprocess["state"] == "failed" and preprocess["attempts"] == 3
+    assert "negative.csv" in preprocess["error"] and "order_amount" in preprocess["error"]
+    assert [s["state"] for s in status["steps"][2:]] == ["pending"] * 4
+    dead = redis_client.xrange("training-pipeline.0.2.dead-letter", "-", "+")
+    assert run_id.encode() in [fields[b"id"] for _, fields in dead]
+    assert live(redis_client, key_prefix) == before
+
+
+def test_failed_step_is_delivered_again_and_run_completes(training, first_run, data_root):
+    orders = generate_orders(num_orders=6000, num_customers=200, months=2, start_date="2025-03-01", fraud_rate=0.03, seed=9)
+    broken = orders.copy()
+    broken["order_date"] = "not a date"
+    path = write_orders(data_root, "fixed-later.csv", broken)
+    run_id = start(training, "run-from-raw", {"path": path})
+    wait_for(training, run_id, lambda s: s["steps"][1]["state"] == "retrying", timeout=60)
+    write_orders(data_root, "fixed-later.csv", orders)  # the problem goes away before the next delivery
+    status = wait_for(training, run_id, finished)
+    assert status["steps"][1]["state"] == "done" and status["steps"][1]["attempts"] == 2, status
+    assert status["state"] == "done"
+
+
+@pytest.mark.parametrize("path", ["../outside.csv", "/etc/passwd", "user/../../x.csv"])
+def test_run_from_raw_rejects_paths_outside_data_root(training, path):
+    response = requests.post(f"{training.base}{API}/run-from-raw", json={"path": path}, timeout=10)
+    assert response.status_code == 400 and "data root" in response.text
+
+
+def test_unknown_run_is_404(training):
+    response = requests.get(f"{training.base}{API}/pipeline-status", params={"run_id": "nope"}, timeout=10)
+    assert response.status_code == 404 and "nope" in response.text
