@@ -1,0 +1,53 @@
+"""The training app's stream chain, stream settings and redelivery map, as hopeit loads them from config/."""
+
+import os
+
+import pytest
+from hopeit.app.config import EventType
+from hopeit.testing.apps import config
+
+from fraud_poc.payloads import PIPELINE_STEPS
+from fraud_poc.settings import DeliverySettings
+
+
+@pytest.fixture(scope="module")
+def training_app():
+    for name, value in {
+        "FRAUD_REDIS_URL": "redis://x:1/0",
+        "FRAUD_KEY_PREFIX": "p:",
+        "FRAUD_DATA_ROOT": "/d",
+    }.items():
+        os.environ.setdefault(name, value)
+    os.environ.setdefault("DASK_SCHEDULER_ADDRESS", "")
+    return config("config/training-pipeline.json")
+
+
+def test_steps_are_chained_through_streams_in_pipeline_order(training_app):
+    events = training_app.events
+    chain = ["run-pipeline", *PIPELINE_STEPS]
+    for writer, reader in zip(chain, chain[1:], strict=False):
+        assert events[reader].type == EventType.STREAM
+        assert events[reader].read_stream.name == events[writer].write_stream.name, (writer, reader)
+    assert events["prepare-db"].write_stream is None
+    assert events["run-from-raw"].write_stream.name == events["preprocess"].read_stream.name
+
+
+def test_stream_steps_run_one_message_at_a_time_with_long_timeouts_and_bounded_streams(training_app):
+    for step in PIPELINE_STEPS:
+        stream = training_app.effective_settings[step]["stream"]
+        assert (stream["batch_size"], stream["timeout"] >= 600, stream["target_max_len"] > 0) == (
+            1,
+            True,
+            True,
+        )
+        assert stream["serialization"].value == "json"
+
+
+def test_every_step_stream_is_watched_for_redelivery(training_app):
+    delivery = DeliverySettings(**training_app.settings["delivery"])
+    watched = {stream: step for stream, step in delivery.streams.items()}
+    expected = {training_app.events[step].read_stream.name: step for step in PIPELINE_STEPS}
+    assert watched == expected
+    longest = max(training_app.effective_settings[step]["stream"]["timeout"] for step in PIPELINE_STEPS)
+    assert delivery.stale_after_seconds > longest
+    assert delivery.dead_letter_stream not in watched
