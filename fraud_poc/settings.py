@@ -6,10 +6,10 @@
 __all__ = ['RedisSettings', 'DaskSettings', 'StorageSettings', 'TrainingDataSettings', 'TrainModelSettings',
            'FeatureStoreSettings', 'ServiceSettings', 'DeliverySettings']
 
-# %% ../nbs/01_settings.ipynb #d0cf7adb
+# %% ../nbs/01_settings.ipynb #61b2f1bc
 from hopeit.dataobjects import dataclass, dataobject, field
 
-# %% ../nbs/01_settings.ipynb #8f23e4d8
+# %% ../nbs/01_settings.ipynb #6425bee0
 @dataobject
 @dataclass
 class RedisSettings:
@@ -54,9 +54,9 @@ class TrainModelSettings:
     """Step 5: XGBoost parameters, early stopping, threshold choice and promotion gate."""
 
     num_boost_round: int = 400
-    early_stopping_rounds: int = 30
+    early_stopping_rounds: int = 15
     max_depth: int = 6
-    learning_rate: float = 0.1
+    learning_rate: float = 0.3
     subsample: float = 0.9
     colsample_bytree: float = 0.9
     min_child_weight: float = 1.0

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['logger', 'extra', 'train']
 
-# %% ../../nbs/58_train_model.ipynb #18f9fda7
+# %% ../../nbs/58_train_model.ipynb #27968967
 from functools import partial
 
 from hopeit.app.context import EventContext
@@ -15,11 +15,17 @@ from ..dask_client import dask_client_async
 from ..payloads import PipelineJob, StepState
 from ..redis_store import Keys, async_redis
 from ..run_status import update_run, update_step
-from ..settings import DaskSettings, RedisSettings, StorageSettings, TrainModelSettings
+from fraud_poc.settings import (
+    DaskSettings,
+    FeatureStoreSettings,
+    RedisSettings,
+    StorageSettings,
+    TrainModelSettings,
+)
 from ..step_runner import run_pipeline_step
 from ..training_steps import train_model_step
 
-# %% ../../nbs/58_train_model.ipynb #be247ca2
+# %% ../../nbs/58_train_model.ipynb #34e6d4db
 __steps__ = ["train"]
 
 logger, extra = app_extra_logger()
@@ -38,6 +44,7 @@ async def train(payload: PipelineJob, context: EventContext) -> PipelineJob | No
         redis_settings.url,
         redis_settings.key_prefix,
         context.settings(key="train_model", datatype=TrainModelSettings),
+        context.settings(key="feature_store", datatype=FeatureStoreSettings).window,
     )
     result = await run_pipeline_step(redis_settings, payload.run_id, "train-model", work)
     redis, keys = async_redis(redis_settings.url), Keys(redis_settings.key_prefix)

@@ -1,0 +1,228 @@
+"""fraud_poc.feature_store on a real Redis and a real LocalCluster: load, promote, read back, clean up, failures."""
+
+import os
+import threading
+from uuid import uuid4
+
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pytest
+import redis
+from distributed import Client, LocalCluster
+
+from fraud_poc.feature_store import (
+    NotPromotable,
+    decode_state,
+    encode_state,
+    find_values,
+    live_pointer,
+    promote,
+    read_live_states,
+    switch_live,
+    upload_model,
+    version_meta,
+    write_feature_version,
+)
+from fraud_poc.redis_store import Keys
+from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, STATE_FIELDS, feature_set_fingerprint
+
+REDIS_URL = os.environ.get("FRAUD_TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
+WINDOW = 4
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, dashboard_address=":0", memory_limit="1GiB"
+    ) as cluster:
+        with Client(cluster, set_as_default=False) as c:
+            yield c
+
+
+@pytest.fixture
+def store():
+    r = redis.Redis.from_url(REDIS_URL)
+    keys = Keys(f"fraudtest:{uuid4().hex}:")
+    yield r, keys
+    for key in r.scan_iter(match=f"{keys.prefix}*", count=1000):
+        r.unlink(key)
+
+
+def orders(n: int, seed: int, amount_base: float) -> pd.DataFrame:
+    """Latest-orders-like frame (STATE_FIELDS) with repeated entity values; amounts tell versions apart."""
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(
+        {
+            "order_id": [f"o{seed}-{i:05d}" for i in range(n)],
+            "ts_us": rng.integers(1_700_000_000_000_000, 1_700_000_100_000_000, n) // 1_000_000 * 1_000_000,
+            "customer_id": [f"c{i}" for i in rng.integers(0, n // 6, n)],
+            "email": [f"u{i}@mail.io" for i in rng.integers(0, n // 8, n)],
+            "ip_addr": [f"10.1.{i // 256}.{i % 256}" for i in rng.integers(0, n // 10, n)],
+            "order_amount": amount_base + rng.integers(0, 100, n).astype("float64"),
+        }
+    )
+    return frame[list(STATE_FIELDS)]
+
+
+def partitioned_by(frame: pd.DataFrame, by: str, n: int = 4) -> dd.DataFrame:
+    part = pd.util.hash_array(frame[by].to_numpy(dtype=object)) % n
+    return dd.from_map(lambda piece: piece, [frame[part == p] for p in range(n)], meta=frame.iloc[:0])
+
+
+def expected_state(frame: pd.DataFrame, by: str, value: str) -> list[tuple]:
+    rows = frame[frame[by] == value].sort_values(["ts_us", "order_id"]).tail(WINDOW)
+    return [(o, int(t), c, e, i, float(a)) for o, t, c, e, i, a in rows.itertuples(index=False, name=None)]
+
+
+def load(client, keys, frame: pd.DataFrame, version: str) -> dict:
+    frames = {by: partitioned_by(frame, by) for by in ENTITIES}
+    return write_feature_version(
+        client, frames, REDIS_URL, keys, version, f"run-{version}", WINDOW, chunk_size=50
+    ).meta
+
+
+def upload(r, keys, model_id: str, window: int = WINDOW) -> None:
+    upload_model(
+        r,
+        keys,
+        model_id,
+        b"ubj:" + model_id.encode(),
+        {"feature_set_fingerprint": feature_set_fingerprint(FEATURE_COLUMNS, window)},
+    )
+
+
+def test_state_codec_coerces_lua_numbers():
+    import msgpack
+
+    record = ("o1", 1_700_000_000_123_456, "c1", "a@b.io", "::1", 42.0)
+    assert decode_state(encode_state([record])) == [record]
+    from_lua = msgpack.packb([["o1", 1_700_000_000_123_456, "c1", "a@b.io", "::1", 42]])
+    decoded = decode_state(from_lua)
+    assert decoded == [record] and type(decoded[0][5]) is float
+
+
+def test_write_promote_read_back_and_remove_old(client, store):
+    r, keys = store
+    v1, v2 = orders(600, seed=1, amount_base=1000.0), orders(500, seed=2, amount_base=5000.0)
+    meta = load(client, keys, v1, "v1")
+    expected_counts = {by: v1[by].nunique() for by in ENTITIES}
+    assert meta["counts"] == expected_counts and meta["total_states"] == sum(expected_counts.values())
+    assert version_meta(r, keys, "v1") == meta and meta["window"] == WINDOW
+    upload(r, keys, "xgb-v1")
+    switch_live(r, keys, "xgb-v1", "v1", "run-v1")
+    assert live_pointer(r, keys)["fs_version"] == "v1"
+
+    for by in ENTITIES:  # every state of every entity value, exactly
+        values = sorted(v1[by].unique())
+        raw = r.mget([keys.fs_state("v1", by, v) for v in values])
+        assert [decode_state(x) for x in raw] == [expected_state(v1, by, v) for v in values]
+        assert sorted(x.decode() for x in r.zrange(keys.fs_index("v1", by), 0, -1)) == values
+    some = v1.iloc[7]
+    pointer, states = read_live_states(r, keys, {by: some[by] for by in ENTITIES})
+    assert pointer["model_id"] == "xgb-v1"
+    assert states == {by: expected_state(v1, by, some[by]) for by in ENTITIES}
+    assert (
+        find_values(r, keys, "v1", "ip_addr", "10.1.0.1", 3)
+        == sorted(v for v in v1["ip_addr"].unique() if v.startswith("10.1.0.1"))[:3]
+    )
+
+    load(client, keys, v2, "v2")
+    upload(r, keys, "xgb-v2")
+    summary = switch_live(r, keys, "xgb-v2", "v2", "run-v2")
+    assert summary["previous"]["fs_version"] == "v1"
+    assert summary["removed_keys"] == meta["total_states"] + len(ENTITIES) + 1
+    assert list(r.scan_iter(match=keys.fs_prefix("v1") + "*")) == []
+    assert read_live_states(r, keys, {"customer_id": some["customer_id"]})[1][
+        "customer_id"
+    ] == expected_state(v2, "customer_id", some["customer_id"])
+
+
+def test_version_without_meta_cannot_be_promoted(client, store):
+    r, keys = store
+    load(client, keys, orders(200, seed=3, amount_base=0.0), "v1")
+    upload(r, keys, "xgb-1")
+    r.delete(keys.fs_meta("v1"))
+    with pytest.raises(NotPromotable, match="version v1 has no meta"):
+        promote(r, keys, "xgb-1", "v1", "run-1")
+    assert live_pointer(r, keys) is None
+
+
+def test_model_must_exist_and_match_the_feature_set(client, store):
+    r, keys = store
+    load(client, keys, orders(200, seed=4, amount_base=0.0), "v1")
+    with pytest.raises(NotPromotable, match="model xgb-1 is not in Redis"):
+        promote(r, keys, "xgb-1", "v1", "run-1")
+    upload(r, keys, "xgb-1", window=WINDOW + 1)
+    with pytest.raises(NotPromotable, match="does not match feature-store version v1"):
+        promote(r, keys, "xgb-1", "v1", "run-1")
+    assert live_pointer(r, keys) is None
+
+
+def test_load_failing_midway_leaves_previous_version_live(client, store):
+    r, keys = store
+    good = orders(300, seed=5, amount_base=10.0)
+    load(client, keys, good, "v1")
+    upload(r, keys, "xgb-1")
+    switch_live(r, keys, "xgb-1", "v1", "run-1")
+    before = sorted(r.scan_iter(match=keys.fs_prefix("v1") + "*"))
+
+    def read_part(i: int) -> pd.DataFrame:
+        if i == 3:
+            raise OSError("orders_by_email/part.3.parquet: truncated file")
+        return orders(100, seed=10 + i, amount_base=0.0)
+
+    frames = {
+        by: partitioned_by(orders(400, seed=6, amount_base=0.0), by) for by in ("customer_id", "ip_addr")
+    }
+    frames["email"] = dd.from_map(read_part, range(5), meta=good.iloc[:0])
+    with pytest.raises(OSError, match="truncated file"):
+        write_feature_version(client, frames, REDIS_URL, keys, "v2", "run-2", WINDOW, chunk_size=50)
+    assert live_pointer(r, keys)["fs_version"] == "v1"
+    assert list(r.scan_iter(match=keys.fs_prefix("v2") + "*")) == []
+    assert sorted(r.scan_iter(match=keys.fs_prefix("v1") + "*")) == before
+    value = good["email"].iloc[0]
+    assert read_live_states(r, keys, {"email": value})[1]["email"] == expected_state(good, "email", value)
+
+
+def test_live_version_is_never_overwritten(client, store):
+    r, keys = store
+    load(client, keys, orders(100, seed=7, amount_base=0.0), "v1")
+    upload(r, keys, "xgb-1")
+    switch_live(r, keys, "xgb-1", "v1", "run-1")
+    with pytest.raises(ValueError, match="version v1 is live"):
+        load(client, keys, orders(100, seed=8, amount_base=0.0), "v1")
+    assert version_meta(r, keys, "v1") is not None
+
+
+def test_readers_never_see_a_mix_of_versions(client, store):
+    """While versions switch back and forth, every read returns states of the version its pointer names."""
+    r, keys = store
+    frames = {"a": orders(300, seed=9, amount_base=1000.0), "b": orders(300, seed=9, amount_base=5000.0)}
+    for version, frame in frames.items():
+        load(client, keys, frame, version)
+        upload(r, keys, f"xgb-{version}")
+    customer = sorted(frames["a"]["customer_id"].unique())[0]
+    promote(r, keys, "xgb-a", "a", "run-a")
+    stop, seen, errors = threading.Event(), set(), []
+
+    def reader() -> None:
+        reader_redis = redis.Redis.from_url(REDIS_URL)
+        while not stop.is_set():
+            pointer, states = read_live_states(reader_redis, keys, {"customer_id": customer})
+            amounts = {rec[5] for rec in states["customer_id"]}
+            base = 1000.0 if pointer["fs_version"] == "a" else 5000.0
+            if not all(base <= a < base + 100 for a in amounts):
+                errors.append((pointer["fs_version"], amounts))
+            seen.add(pointer["fs_version"])
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for i in range(5000):
+        version = "b" if i % 2 == 0 else "a"
+        promote(r, keys, f"xgb-{version}", version, f"run-{version}")
+        if seen == {"a", "b"} and i > 200:
+            break
+    stop.set()
+    thread.join()
+    assert errors == [] and seen == {"a", "b"}

@@ -1,0 +1,218 @@
+"""fraud_poc.training_steps: train-model and prepare-db on generated runs, real Redis, real LocalCluster."""
+
+import os
+import shutil
+from pathlib import Path
+from uuid import uuid4
+
+import numpy as np
+import pandas as pd
+import pytest
+import redis
+from distributed import Client, LocalCluster
+
+from fraud_poc.data_steps import calc_features, make_training_data, preprocess_orders, write_sample_data
+from fraud_poc.datasets import entity_dir, raw_dir, training_paths
+from fraud_poc.feature_store import decode_state, live_pointer, version_meta
+from fraud_poc.features import latest_orders
+from fraud_poc.redis_store import Keys
+from fraud_poc.registry import list_models, load_booster, load_metadata
+from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, LABEL, SCENARIO, STATE_FIELDS, WINDOW
+from fraud_poc.settings import TrainModelSettings
+from fraud_poc.train import average_precision
+from fraud_poc.training_steps import prepare_db_step, train_model_step
+
+REDIS_URL = os.environ.get("FRAUD_TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
+SETTINGS = TrainModelSettings(
+    num_boost_round=80, early_stopping_rounds=10, max_depth=4, min_average_precision=0.2
+)
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, dashboard_address=":0", memory_limit="1GiB"
+    ) as cluster:
+        with Client(cluster, set_as_default=False) as c:
+            yield c
+
+
+@pytest.fixture(scope="module")
+def store():
+    r = redis.Redis.from_url(REDIS_URL)
+    keys = Keys(f"fraudtest:{uuid4().hex}:")
+    yield r, keys
+    for key in r.scan_iter(match=f"{keys.prefix}*", count=1000):
+        r.unlink(key)
+
+
+def run_steps_1_to_4(
+    client: Client, data_root: Path, run_id: str, num_orders: int, num_customers: int, seed: int
+) -> pd.DataFrame:
+    """The real steps 1-4 of a small run; returns the run's orders (as generated)."""
+    write_sample_data(client, data_root, run_id, num_orders, num_customers, 2, "2025-01-01", 0.03, seed)
+    preprocess_orders(client, data_root, run_id, None)
+    calc_features(client, data_root, run_id, WINDOW)
+    make_training_data(client, data_root, run_id, 15, 0.5, 1)
+    return pd.concat(
+        [pd.read_parquet(f) for f in sorted(raw_dir(data_root, run_id).glob("*.parquet"))], ignore_index=True
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(client, tmp_path_factory) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
+    """Data root with runs 1 and 3 (same orders) and run 2 (other orders)."""
+    root = tmp_path_factory.mktemp("data")
+    orders_a = run_steps_1_to_4(client, root, "run-1", 8000, 500, seed=5)
+    orders_b = run_steps_1_to_4(client, root, "run-2", 7000, 400, seed=6)
+    shutil.copytree(root / "runs" / "run-1", root / "runs" / "run-3")
+    return root, orders_a, orders_b
+
+
+def read_holdout(data_root: Path, run_id: str) -> pd.DataFrame:
+    return pd.read_parquet(training_paths(data_root, run_id)[1]).sort_values("order_id", ignore_index=True)
+
+
+def test_pipeline_steps_5_and_6(client, store, runs):
+    r, keys = store
+    data_root, orders_a, orders_b = runs
+
+    # run 1: the first model is promoted and goes live with its features
+    first = train_model_step(client, data_root, "run-1", REDIS_URL, keys.prefix, SETTINGS)
+    assert (first.model_id, first.promoted, first.champion_id, first.reused) == (
+        "xgb-run-1",
+        True,
+        None,
+        False,
+    )
+    assert (
+        first.reason
+        == f"first model: holdout average precision {first.metrics['average_precision']:.4f} reaches the minimum 0.2000"
+    )
+    metadata = load_metadata(data_root, "xgb-run-1")
+    holdout = read_holdout(data_root, "run-1")
+    assert metadata["data_sizes"]["holdout_rows"] == len(holdout) == first.holdout_rows
+    assert metadata["data_sizes"]["holdout_fraud"] == int(holdout[LABEL].sum())
+    scores = load_booster(data_root, "xgb-run-1").inplace_predict(holdout[FEATURE_COLUMNS].astype("float32"))
+    assert metadata["metrics"]["average_precision"] == pytest.approx(
+        average_precision(holdout[LABEL].to_numpy(), scores)
+    )
+    fraud_scenarios = holdout.loc[holdout[LABEL], SCENARIO].value_counts().to_dict()
+    assert {k: v["count"] for k, v in metadata["metrics"]["recall_by_scenario"].items()} == fraud_scenarios
+    assert sorted(p.name for p in (data_root / "models" / "xgb-run-1" / "report").iterdir()) == [
+        "feature_importance.png",
+        "precision_recall.png",
+        "score_distribution.png",
+    ]
+    assert live_pointer(r, keys) is None
+
+    prepared = prepare_db_step(client, data_root, "run-1", "xgb-run-1", REDIS_URL, keys.prefix, WINDOW, 500)
+    assert prepared.loaded and prepared.previous is None and prepared.rows_in == len(orders_a)
+    assert prepared.counts == {by: orders_a[by].nunique() for by in ENTITIES}
+    assert (
+        live_pointer(r, keys)
+        == prepared.live
+        == {**prepared.live, "model_id": "xgb-run-1", "fs_version": "run-1"}
+    )
+    assert (
+        r.hget(keys.model("xgb-run-1"), "booster")
+        == (data_root / "models" / "xgb-run-1" / "model.ubj").read_bytes()
+    )
+    for by in ENTITIES:  # every state equals the batch definition (last W orders as of the end of the data)
+        expected = latest_orders(orders_a, by, WINDOW)
+        values = expected[by].unique().tolist()
+        stored = r.mget([keys.fs_state("run-1", by, v) for v in values])
+        want = {
+            v: [tuple(rec) for rec in grp[list(STATE_FIELDS)].itertuples(index=False)]
+            for v, grp in expected.groupby(by, sort=False)
+        }
+        assert [decode_state(raw) for raw in stored] == [want[v] for v in values]
+
+    # idempotent re-runs: same model, same version, no new keys, nothing switched
+    keys_before = sorted(r.scan_iter(match=keys.prefix + "*"))
+    again = train_model_step(client, data_root, "run-1", REDIS_URL, keys.prefix, SETTINGS)
+    assert again.reused and again.promoted and again.metrics == first.metrics
+    assert (again.champion_id, again.champion_average_precision) == (
+        "xgb-run-1",
+        first.metrics["average_precision"],
+    )
+    redo = prepare_db_step(client, data_root, "run-1", "xgb-run-1", REDIS_URL, keys.prefix, WINDOW, 500)
+    assert not redo.loaded and redo.live == prepared.live and redo.removed_keys == 0
+    assert sorted(r.scan_iter(match=keys.prefix + "*")) == keys_before
+
+    # run 3: same data as run 1, a far weaker model -> worse than the champion on the same holdout
+    weak = TrainModelSettings(
+        num_boost_round=1, early_stopping_rounds=1, max_depth=1, min_average_precision=0.0
+    )
+    worse = train_model_step(client, data_root, "run-3", REDIS_URL, keys.prefix, weak)
+    assert not worse.promoted and worse.champion_id == "xgb-run-1"
+    assert worse.champion_average_precision == pytest.approx(
+        first.metrics["average_precision"]
+    )  # same holdout
+    assert worse.reason.endswith(
+        f"is worse than champion xgb-run-1's {worse.champion_average_precision:.4f} on the same holdout"
+    )
+
+    # run 2: a gate minimum it cannot reach, then a reachable one; its promotion removes run 1's version
+    strict = TrainModelSettings(
+        num_boost_round=80, early_stopping_rounds=10, max_depth=4, min_average_precision=0.999
+    )
+    below = train_model_step(client, data_root, "run-2", REDIS_URL, keys.prefix, strict)
+    assert not below.promoted and "is below the minimum 0.9990" in below.reason
+    second = train_model_step(
+        client, data_root, "run-2", REDIS_URL, keys.prefix, TrainModelSettings(min_average_precision=0.0)
+    )
+    assert (
+        second.reused and second.champion_id == "xgb-run-1" and second.champion_average_precision is not None
+    )
+    switched = prepare_db_step(client, data_root, "run-2", "xgb-run-2", REDIS_URL, keys.prefix, WINDOW, 500)
+    assert (
+        switched.previous["fs_version"] == "run-1"
+        and switched.removed_keys == prepared.total_states + len(ENTITIES) + 1
+    )
+    assert live_pointer(r, keys)["fs_version"] == "run-2" and version_meta(r, keys, "run-1") is None
+    assert list(r.scan_iter(match=keys.fs_prefix("run-1") + "*")) == []
+    assert switched.counts == {by: orders_b[by].nunique() for by in ENTITIES}
+    assert list_models(data_root) == ["xgb-run-1", "xgb-run-2", "xgb-run-3"]
+
+
+def test_prepare_db_failing_midway_leaves_live_untouched(client, runs):
+    data_root, _, _ = runs
+    r = redis.Redis.from_url(REDIS_URL)
+    keys = Keys(f"fraudtest:{uuid4().hex}:")
+    try:
+        train_model_step(client, data_root, "run-1", REDIS_URL, keys.prefix, SETTINGS)
+        prepare_db_step(client, data_root, "run-1", "xgb-run-1", REDIS_URL, keys.prefix, WINDOW, 500)
+        live_before = live_pointer(r, keys)
+        keys_before = sorted(r.scan_iter(match=keys.prefix + "*"))
+        broken = data_root / "broken"
+        shutil.copytree(data_root / "runs" / "run-2", broken / "runs" / "run-2")
+        train_model_step(
+            client, broken, "run-2", REDIS_URL, keys.prefix, TrainModelSettings(min_average_precision=0.0)
+        )
+        victim = sorted(entity_dir(broken, "run-2", "email").glob("*.parquet"))[-1]
+        victim.write_bytes(victim.read_bytes()[:200])  # a truncated file: that partition cannot be read
+        with pytest.raises(Exception, match="(?i)parquet|arrow|invalid|magic"):
+            prepare_db_step(client, broken, "run-2", "xgb-run-2", REDIS_URL, keys.prefix, WINDOW, 500)
+        assert live_pointer(r, keys) == live_before
+        assert list(r.scan_iter(match=keys.fs_prefix("run-2") + "*")) == []
+        assert sorted(r.scan_iter(match=keys.prefix + "*")) == keys_before
+    finally:
+        for key in r.scan_iter(match=f"{keys.prefix}*", count=1000):
+            r.unlink(key)
+
+
+def test_training_data_must_exist(client, tmp_path):
+    with pytest.raises(Exception, match="train.parquet"):
+        train_model_step(client, tmp_path, "run-x", REDIS_URL, "fraudtest:none:", SETTINGS)
+    assert not (tmp_path / "models").exists() or list((tmp_path / "models").iterdir()) == []
+    np.testing.assert_equal(list_models(tmp_path), [])
+
+
+def test_prepare_db_needs_a_registered_model(client, runs):
+    data_root, _, _ = runs
+    r = redis.Redis.from_url(REDIS_URL)
+    keys = Keys(f"fraudtest:{uuid4().hex}:")
+    with pytest.raises(FileNotFoundError, match="model xgb-nope is not in the registry"):
+        prepare_db_step(client, data_root, "run-2", "xgb-nope", REDIS_URL, keys.prefix, WINDOW, 500)
+    assert list(r.scan_iter(match=keys.prefix + "*")) == []
