@@ -1,0 +1,254 @@
+"""Benchmark of the training pipeline's steps on a local Dask cluster, at the original proof of concept's size.
+
+Runs each step of `STEPS` in order on one run (12 months x 100,000 orders, 10,000 customers by default) and
+prints, per step and in total: wall seconds, orders per second, CPU seconds (this process and its Dask worker
+processes) and peak memory (RSS of this process plus its worker processes, sampled every 20 ms).
+
+    .venv/bin/python bench/bench_pipeline.py             # the services' default cluster: 2 worker processes x 1 thread
+    .venv/bin/python bench/bench_pipeline.py --steps 4 --in-process --workers 1 --threads 2   # fastest for steps 1-4
+
+Each step of `STEPS` is a `(name, callable)` pair; the callable takes a `BenchRun` and returns something with
+`rows_out`. Steps 5-6 (train-model, prepare-db) use the configured Redis (`FRAUD_REDIS_URL`, default
+redis://127.0.0.1:6379/0) under a key prefix of their own, removed afterwards. After the table: training rows/s,
+feature-store entity states/s and the model's holdout metrics per fraud scenario.
+"""
+
+import argparse
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import redis
+from distributed import Client, LocalCluster
+
+from fraud_poc.data_steps import calc_features, make_training_data, preprocess_orders, write_sample_data
+from fraud_poc.registry import model_id_for_run
+from fraud_poc.schema import WINDOW
+from fraud_poc.settings import FeatureStoreSettings, TrainModelSettings
+from fraud_poc.training_steps import PrepareResult, TrainResult, prepare_db_step, train_model_step
+
+
+@dataclass
+class BenchRun:
+    """What every step needs: the cluster's client, the data root, the run id and the sample's size."""
+
+    client: Client
+    data_root: Path
+    run_id: str
+    num_orders: int
+    num_customers: int
+    months: int
+    rows_per_partition: int = 300_000
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "fraudbench:"
+
+
+STEPS: list[tuple[str, Callable[[BenchRun], object]]] = [
+    (
+        "sample-data",
+        lambda run: write_sample_data(
+            run.client,
+            run.data_root,
+            run.run_id,
+            run.num_orders,
+            run.num_customers,
+            run.months,
+            "2025-01-01",
+            0.02,
+            42,
+        ),
+    ),
+    (
+        "preprocess",
+        lambda run: preprocess_orders(run.client, run.data_root, run.run_id, None, run.rows_per_partition),
+    ),
+    ("feature-calc", lambda run: calc_features(run.client, run.data_root, run.run_id, WINDOW)),
+    ("training-data", lambda run: make_training_data(run.client, run.data_root, run.run_id, 30, 0.5, 42)),
+    (
+        "train-model",
+        lambda run: train_model_step(
+            run.client, run.data_root, run.run_id, run.redis_url, run.key_prefix, TrainModelSettings()
+        ),
+    ),
+    (
+        "prepare-db",
+        lambda run: prepare_db_step(
+            run.client,
+            run.data_root,
+            run.run_id,
+            model_id_for_run(run.run_id),
+            run.redis_url,
+            run.key_prefix,
+            FeatureStoreSettings().window,
+            FeatureStoreSettings().chunk_size,
+        ),
+    ),
+]
+
+
+def print_training_details(
+    train: TrainResult | None, prepare: PrepareResult | None, prepare_wall: float
+) -> None:
+    """Training and feature-store rates, and the model's holdout metrics per fraud scenario."""
+    if train is not None:
+        m = train.metrics
+        print(
+            f"train-model: {train.train_rows:,} training rows in {train.train_seconds:.2f} s of training "
+            f"= {train.train_rows / train.train_seconds:,.0f} rows/s; promoted: {train.promoted} ({train.reason})"
+        )
+        print(
+            f"holdout ({train.holdout_rows:,} orders, {m['fraud_rows']:,} fraud): ROC AUC {m['roc_auc']:.4f}, "
+            f"AP {m['average_precision']:.4f}, at threshold {m['threshold']:.4f}: precision {m['precision']:.4f}, "
+            f"recall {m['recall']:.4f}, F1 {m['f1']:.4f}"
+        )
+        print(f"  {'scenario':<22}{'fraud':>8}{'detected':>10}{'recall':>8}")
+        for name, row in m["recall_by_scenario"].items():
+            print(f"  {name:<22}{row['count']:>8,}{row['detected']:>10,}{row['recall']:>8.3f}")
+    if prepare is not None and prepare.loaded:
+        print(
+            f"prepare-db: {prepare.total_states:,} entity states {prepare.counts}; "
+            f"read + latest orders + encode {prepare.encode_seconds:.2f} s, Redis write {prepare.write_seconds:.2f} s "
+            f"= {prepare.states_per_second:,.0f} states/s written; whole step {prepare.total_states / prepare_wall:,.0f} states/s"
+        )
+
+
+class MemorySampler:
+    """Peak RSS of this process plus its child processes (the Dask workers), sampled in a thread."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.NoSuchProcess:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "MemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live child processes."""
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--orders", type=int, default=1_200_000)
+    parser.add_argument("--customers", type=int, default=10_000)
+    parser.add_argument("--months", type=int, default=12)
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="workers as threads of this process (default: worker processes)",
+    )
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="threads per worker")
+    parser.add_argument(
+        "--rows-per-partition", type=int, default=300_000, help="of the per-entity datasets (step 2)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=len(STEPS), help="run only the first N steps (4: the data steps)"
+    )
+    parser.add_argument(
+        "--data-root", type=Path, default=None, help="default: a temporary folder, removed after"
+    )
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    data_root = args.data_root or Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    cluster = LocalCluster(
+        n_workers=args.workers,
+        threads_per_worker=args.threads,
+        processes=not args.in_process,
+        dashboard_address=":0",
+        memory_limit="6GiB",
+    )
+    client = Client(cluster, set_as_default=False)
+    redis_url = os.environ.get("FRAUD_REDIS_URL", "redis://127.0.0.1:6379/0")
+    key_prefix = f"fraudbench:{os.getpid()}:"
+    run = BenchRun(
+        client,
+        data_root,
+        "bench",
+        args.orders,
+        args.customers,
+        args.months,
+        args.rows_per_partition,
+        redis_url,
+        key_prefix,
+    )
+    results: dict[str, tuple[object, float]] = {}
+    shape = f"{args.workers} {'in-process' if args.in_process else 'process'} worker(s) x {args.threads} thread(s)"
+    print(
+        f"{args.orders:,} orders, {args.customers:,} customers, {args.months} months; cluster: {shape}; "
+        f"{args.rows_per_partition:,} rows per partition"
+    )
+    print(f"{'step':<15}{'wall s':>8}{'orders/s':>12}{'cpu s':>8}{'peak MB':>9}{'rows out':>11}")
+    total_wall, total_cpu, overall_peak = 0.0, 0.0, 0
+    try:
+        for name, step in STEPS[: args.steps]:
+            cpu_before = cpu_seconds()
+            with MemorySampler() as memory:
+                start = time.perf_counter()
+                result = step(run)
+                wall = time.perf_counter() - start
+            cpu = cpu_seconds() - cpu_before
+            total_wall, total_cpu, overall_peak = (
+                total_wall + wall,
+                total_cpu + cpu,
+                max(overall_peak, memory.peak),
+            )
+            results[name] = (result, wall)
+            rows_out = getattr(result, "rows_out", 0)
+            print(
+                f"{name:<15}{wall:>8.2f}{args.orders / wall:>12,.0f}{cpu:>8.1f}{memory.peak / 2**20:>9,.0f}{rows_out:>11,}"
+            )
+        print(
+            f"{'total':<15}{total_wall:>8.2f}{args.orders / total_wall:>12,.0f}{total_cpu:>8.1f}"
+            f"{overall_peak / 2**20:>9,.0f}"
+        )
+        print(f"load average (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in psutil.getloadavg())}")
+        prepare, prepare_wall = results.get("prepare-db", (None, 0.0))
+        print_training_details(results.get("train-model", (None, 0.0))[0], prepare, prepare_wall)
+    finally:
+        client.close()
+        cluster.close()
+        bench_redis = redis.Redis.from_url(redis_url)
+        for key in bench_redis.scan_iter(match=f"{key_prefix}*", count=1000):
+            bench_redis.unlink(key)
+        if args.data_root is None:
+            shutil.rmtree(data_root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
