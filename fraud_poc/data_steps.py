@@ -12,6 +12,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from uuid import uuid4
+
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -95,8 +97,8 @@ _ORDERS_META = pd.DataFrame({column: pd.Series(dtype=dtype) for column, dtype in
 )
 
 
-def _read_labelled_orders(path: str, source: str) -> pd.DataFrame:
-    """One input file of labelled orders, validated, with a fraud_scenario column."""
+def _read_labelled_orders(path: str, source: str, attempt: str) -> pd.DataFrame:
+    """One input file of labelled orders, validated, with a fraud_scenario column (`attempt` only keys the task)."""
     return add_missing_scenario(read_orders_file(Path(path), require_label=True, source=source))
 
 
@@ -141,7 +143,9 @@ def preprocess_orders(
     files = _input_files(data_root, run_id, raw_path)
     root = Path(data_root).resolve()
     sources = [str(f.resolve().relative_to(root)) for f in files]
-    orders = dd.from_map(_read_labelled_orders, [str(f) for f in files], sources, meta=_ORDERS_META)
+    # new task keys for every attempt: the scheduler must not answer a retry with a cached error for the same files
+    attempt = [uuid4().hex] * len(files)
+    orders = dd.from_map(_read_labelled_orders, [str(f) for f in files], sources, attempt, meta=_ORDERS_META)
     orders = client.persist(orders)
     orders, rows_in, dropped = _without_duplicates(client, orders)
     rows_out = rows_in - dropped

@@ -11,7 +11,7 @@ import requests
 from fraud_poc.redis_store import Keys
 from fraud_poc.sample_data import generate_orders
 
-from .conftest import Service, service_env
+from conftest import Service, service_env
 
 API = "/api/training-pipeline/0x2"
 SMALL = {"num_orders": 30_000, "num_customers": 600, "months": 3, "fraud_rate": 0.02, "seed": 7}
@@ -48,6 +48,8 @@ def wait_for(service: Service, run_id: str, until, timeout: float = 240.0) -> di
         status = response.json()
         if until(status):
             return status
+        if finished(status):
+            raise AssertionError(f"run {run_id} ended without getting there: {json.dumps(status['steps'], indent=1)}")
         time.sleep(0.5)
     raise TimeoutError(f"run {run_id} did not get there: {status}")
 
@@ -132,7 +134,7 @@ def test_failed_step_is_delivered_again_and_run_completes(training, first_run, d
     run_id = start(training, "run-from-raw", {"path": path})
     wait_for(training, run_id, lambda s: s["steps"][1]["state"] == "retrying", timeout=60)
     write_orders(data_root, "fixed-later.csv", orders)  # the problem goes away before the next delivery
-    status = wait_for(training, run_id, finished)
+    status = wait_for(training, run_id, lambda s: s["state"] == "done")
     assert status["steps"][1]["state"] == "done" and status["steps"][1]["attempts"] == 2, status
     assert status["state"] == "done"
 
