@@ -1,0 +1,459 @@
+"""Load test of the prediction service over HTTP, with the floor its latency stands on.
+
+By default it sets everything up itself: a generated order history, a model trained on its batch features,
+their serving state loaded as a feature-store version under a key prefix of its own in the configured Redis
+($FRAUD_REDIS_URL), and `hopeit_server run` on a free port (`--workers N` for gunicorn workers). `--url`
+points it at a running service instead (one with a live model; orders are built from `find-orders`).
+
+It prints, in one run:
+- the floor: Redis round trip (PING, and the scoring script), `serving_features` for one order, and the
+  model's single-row score and contributions;
+- the scorer in-process (everything but HTTP and hopeit);
+- over HTTP with an aiohttp client on 127.0.0.1: open-loop runs at fixed request rates (latency measured from
+  each request's scheduled send time, so queueing counts) and a closed-loop run at saturation.
+
+Everything is bounded in count and time. The load generator shares the machine's cores with the service and
+Redis; its own CPU use is printed too.
+
+    . config/env.sh && .venv/bin/python bench/bench_service.py --workers 2
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from uuid import uuid4
+
+import aiohttp
+import numpy as np
+import pandas as pd
+import redis
+import xgboost as xgb
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fraud_poc.feature_store import (  # noqa: E402
+    decode_state,
+    entity_states,
+    switch_live,
+    upload_model,
+    write_entity_states,
+)
+from fraud_poc.features import compute_features, serving_features  # noqa: E402
+from fraud_poc.redis_store import Keys, async_redis  # noqa: E402
+from fraud_poc.registry import model_metadata  # noqa: E402
+from fraud_poc.sample_data import generate_orders  # noqa: E402
+from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, LABEL, WINDOW, feature_set_fingerprint  # noqa: E402
+from fraud_poc.scoring import (  # noqa: E402
+    APPEND_SCRIPT,
+    APPEND_SCRIPT_SHA,
+    Scorer,
+    order_record,
+    score_matrix,
+    script_args,
+    script_keys,
+)
+from fraud_poc.service_payloads import Order  # noqa: E402
+from fraud_poc.train import choose_threshold  # noqa: E402
+
+API = "/api/fraud-service/0x2"
+
+
+def load_average() -> str:
+    """The machine's 1-minute load average: other work on the same cores shows in every number here."""
+    return f"load {os.getloadavg()[0]:.1f}"
+
+
+class CpuMeter:
+    """CPU seconds used by the service's processes (the server and its workers) and by Redis."""
+
+    def __init__(self, service_pid: int | None, redis_url: str):
+        self.service_pid, self.redis = service_pid, redis.Redis.from_url(redis_url)
+
+    def _service(self) -> float:
+        if self.service_pid is None:
+            return float("nan")
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            pid, ppid = int(stat.parent.name), int(fields[1])
+            if self.service_pid in (pid, ppid):
+                total += int(fields[11]) + int(fields[12])  # utime + stime
+        return total / ticks
+
+    def _redis(self) -> float:
+        info = self.redis.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    def read(self) -> tuple[float, float, float]:
+        return self._service(), self._redis(), time.process_time()
+
+    @staticmethod
+    def per_request(before: tuple, after: tuple, requests: int) -> str:
+        service, store, client = ((b - a) / requests * 1e6 for a, b in zip(before, after, strict=True))
+        return (
+            f"CPU per request: service {service:.0f} us, Redis {store:.0f} us, load generator {client:.0f} us"
+        )
+
+
+def percentiles(latencies_s: list[float]) -> str:
+    """p50/p95/p99/max in milliseconds."""
+    a = np.array(latencies_s) * 1000
+    if len(a) == 0:
+        return "no samples"
+    p50, p95, p99 = np.percentile(a, [50, 95, 99])
+    return f"p50 {p50:6.2f}  p95 {p95:6.2f}  p99 {p99:6.2f}  max {a.max():7.2f} ms"
+
+
+def timed_us(fn, repeat: int) -> float:
+    """Median wall time of `fn()` in microseconds."""
+    fn()
+    samples = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    return float(np.median(samples) * 1e6)
+
+
+# ---------------------------------------------------------------- setup (own prefix, own service)
+
+
+def prepare_store(redis_url: str, prefix: str, args: argparse.Namespace) -> tuple[pd.DataFrame, str]:
+    """Generate a history, train a model on it, load its state and make both live; returns (orders, model id)."""
+    orders = generate_orders(
+        num_orders=args.orders, num_customers=args.customers, months=2, fraud_rate=0.02, seed=5
+    )
+    features = compute_features(orders).set_index("order_id").loc[orders["order_id"], FEATURE_COLUMNS]
+    labels = orders[LABEL].to_numpy()
+    params = {"max_depth": args.depth, "eta": 0.1, "objective": "binary:logistic", "nthread": 2, "seed": 1}
+    matrix = xgb.DMatrix(features.to_numpy(), labels, feature_names=FEATURE_COLUMNS)
+    booster = xgb.train(params, matrix, args.rounds)
+    threshold = choose_threshold(labels, booster.predict(matrix))
+    r, keys, version, model_id = redis.Redis.from_url(redis_url), Keys(prefix), "bench-v1", "bench-m1"
+    states = orders.assign(ts_us=orders["order_date"].dt.as_unit("us").astype("int64"))
+    for by in ENTITIES:
+        values, payloads = entity_states(states, by, WINDOW)
+        write_entity_states(r, keys, version, by, values, payloads, chunk_size=500)
+    meta = {"version": version, "window": WINDOW, "feature_set_fingerprint": feature_set_fingerprint()}
+    r.set(keys.fs_meta(version), json.dumps(meta))
+    metadata = model_metadata(
+        model_id, "bench", params, {"threshold": threshold}, {"train": len(orders)}, {}, WINDOW
+    )
+    upload_model(r, keys, model_id, bytes(booster.save_raw("ubj")), metadata)
+    switch_live(r, keys, model_id, version, run_id="bench")
+    return orders, model_id
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_config(log_level: str | None, workdir: Path) -> Path:
+    """config/server.json, or a copy of it with another log level (to measure what per-request logging costs)."""
+    path = REPO / "config" / "server.json"
+    if log_level is None:
+        return path
+    config = json.loads(path.read_text())
+    config["logging"]["log_level"] = log_level
+    copy = workdir / f"server-{log_level.lower()}.json"
+    copy.write_text(json.dumps(config))
+    return copy
+
+
+def start_service(
+    redis_url: str, prefix: str, workers: int, log: Path, server: Path
+) -> tuple[subprocess.Popen, str]:
+    """`hopeit_server run` with the service's config on a free port; returns the process and the API base URL."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "FRAUD_REDIS_URL": redis_url,
+        "FRAUD_KEY_PREFIX": prefix,
+        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
+    env.setdefault("FRAUD_DATA_ROOT", str(REPO / "data"))
+    env.setdefault("DASK_SCHEDULER_ADDRESS", "")
+    configs = ",".join(
+        [str(server), *(str(REPO / "config" / f) for f in ("redis-streams.json", "fraud-service.json"))]
+    )
+    cmd = [str(Path(sys.executable).parent / "hopeit_server"), "run", f"--config-files={configs}"]
+    cmd += [f"--api-file={REPO / 'config' / 'openapi-service.json'}", "--start-streams", f"--port={port}"]
+    if workers > 1:
+        cmd += [f"--workers={workers}"]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}{API}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"service exited with {proc.returncode}: see {log}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/docs/swagger.json", timeout=1):
+                return proc, base
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise TimeoutError(f"service not ready: see {log}")
+
+
+# ---------------------------------------------------------------- orders to send
+
+
+class OrderSource:
+    """Orders of known customer/email/ip combinations, with new ids and increasing dates."""
+
+    def __init__(self, combinations: list[tuple[str, str, str]], start: pd.Timestamp, seed: int = 0):
+        self.combinations, self.start, self.n = combinations, start, 0
+        self.rng = np.random.default_rng(seed)
+        self.run = uuid4().hex[:8]
+
+    def next(self) -> dict:
+        customer, email, ip = self.combinations[self.n % len(self.combinations)]
+        self.n += 1
+        return {
+            "order_id": f"bench-{self.run}-{self.n}",
+            "order_date": (self.start + pd.Timedelta(seconds=self.n)).isoformat(),
+            "customer_id": customer,
+            "email": email,
+            "ip_addr": ip,
+            "order_amount": float(np.round(self.rng.gamma(2.0, 40.0), 2)),
+            "location_lat": 40.4,
+            "location_long": -3.7,
+        }
+
+
+def combinations_from(orders: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """The latest customer/email/ip combination of each customer of the history."""
+    latest = orders.sort_values("order_date").groupby("customer_id", observed=True).tail(1)
+    return list(zip(latest["customer_id"], latest["email"], latest["ip_addr"], strict=True))
+
+
+async def combinations_from_service(base: str) -> list[tuple[str, str, str]]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{base}/find-orders?num_items=100") as response:
+            items = (await response.json())["items"]
+    if not items:
+        raise RuntimeError("find-orders returned nothing: is a model live?")
+    return [(i["customer_id"], i["email"], i["ip_addr"]) for i in items]
+
+
+# ---------------------------------------------------------------- floor
+
+
+async def measure_floor(redis_url: str, prefix: str, source: OrderSource, repeat: int) -> None:
+    """Redis round trip, features, model and the whole scorer in-process."""
+    client = async_redis(redis_url)
+    keys = Keys(prefix)
+    scorer = Scorer(client, keys, WINDOW, top_k=5)
+    live = await scorer.current()
+    await client.script_load(APPEND_SCRIPT)
+
+    async def rtt(coro_fn) -> float:
+        await coro_fn()
+        samples = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            await coro_fn()
+            samples.append(time.perf_counter() - started)
+        return float(np.median(samples) * 1e6)
+
+    ping_us = await rtt(client.ping)
+
+    async def one_script() -> list:
+        record = order_record(Order(**source.next()))
+        k, a = script_keys(keys, live.fs_version, record), script_args(live.pointer, WINDOW, record)
+        return await client.evalsha(APPEND_SCRIPT_SHA, len(k), *k, *a)
+
+    script_us = await rtt(one_script)
+    order = Order(**source.next())
+    record = order_record(order)
+    k, a = script_keys(keys, live.fs_version, record), script_args(live.pointer, WINDOW, record)
+    reply = await client.evalsha(APPEND_SCRIPT_SHA, len(k), *k, *a)
+    histories = {e: decode_state(raw) if raw else [] for e, raw in zip(ENTITIES, reply[1:], strict=True)}
+    features_us = timed_us(lambda: serving_features(histories, record, WINDOW), repeat)
+    x = np.asarray(serving_features(histories, record, WINDOW))[live.feature_index][None, :]
+    booster = live.booster
+    inplace_us = timed_us(lambda: booster.inplace_predict(x, validate_features=False), repeat)
+    both_us = timed_us(lambda: score_matrix(live, x), repeat)
+    scorer_us = await rtt(lambda: scorer.predict([Order(**source.next())]))
+    trees = booster.num_boosted_rounds()
+    print(f"floor (median of {repeat}, {load_average()}):")
+    print(f"  Redis PING round trip                 {ping_us:8.1f} us")
+    print(f"  Redis scoring script (read + append)  {script_us:8.1f} us")
+    print(f"  serving_features, one order           {features_us:8.1f} us")
+    print(
+        f"  model: inplace_predict, one row       {inplace_us:8.1f} us   ({trees} trees, depth <= {depth_of(live)})"
+    )
+    print(f"  model: score + contributions, one row {both_us:8.1f} us")
+    print(f"  Scorer.predict in-process (all above) {scorer_us:8.1f} us")
+
+
+def depth_of(live) -> int:
+    return int(
+        json.loads(live.booster.save_config())["learner"]["gradient_booster"]["tree_train_param"]["max_depth"]
+    )
+
+
+# ---------------------------------------------------------------- load over HTTP
+
+
+async def send(session: aiohttp.ClientSession, url: str, order: dict) -> bool:
+    async with session.post(
+        url, data=json.dumps(order), headers={"Content-Type": "application/json"}
+    ) as response:
+        await response.read()
+        return response.status == 200
+
+
+async def open_loop(
+    base: str, source: OrderSource, meter: CpuMeter, rate: float, duration: float, max_count: int
+) -> None:
+    """Requests sent at a fixed rate regardless of answers; latency from each scheduled send time."""
+    count = min(int(rate * duration), max_count)
+    url, latencies, errors = f"{base}/predict", [], 0
+    connector = aiohttp.TCPConnector(limit=256)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        loop = asyncio.get_running_loop()
+        start = loop.time() + 0.05
+
+        async def one(i: int) -> None:
+            nonlocal errors
+            scheduled = start + i / rate
+            await asyncio.sleep(max(0.0, scheduled - loop.time()))
+            try:
+                ok = await asyncio.wait_for(send(session, url, source.next()), timeout=10)
+            except (TimeoutError, aiohttp.ClientError):
+                ok = False
+            errors += not ok
+            latencies.append(loop.time() - scheduled)
+
+        before = meter.read()
+        await asyncio.gather(*[one(i) for i in range(count)])
+        elapsed = loop.time() - start
+        after = meter.read()
+    print(
+        f"  {rate:6.0f} req/s x {count:5d}: {percentiles(latencies)}  throughput {count / elapsed:7.0f} req/s"
+        f"  errors {errors}  ({load_average()})\n    {CpuMeter.per_request(before, after, count)}"
+    )
+
+
+async def closed_loop(
+    base: str, source: OrderSource, meter: CpuMeter, concurrency: int, count: int, max_seconds: float
+) -> None:
+    """`concurrency` connections each sending the next request as soon as its answer arrives."""
+    url, latencies, errors, sent = f"{base}/predict", [], 0, 0
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        deadline = time.perf_counter() + max_seconds
+
+        async def worker() -> None:
+            nonlocal errors, sent
+            while sent < count and time.perf_counter() < deadline:
+                sent += 1
+                started = time.perf_counter()
+                try:
+                    ok = await send(session, url, source.next())
+                except aiohttp.ClientError:
+                    ok = False
+                errors += not ok
+                latencies.append(time.perf_counter() - started)
+
+        before, started = meter.read(), time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        elapsed, after = time.perf_counter() - started, meter.read()
+    print(
+        f"  saturation, {concurrency} connections x {len(latencies)}: {percentiles(latencies)}"
+        f"  throughput {len(latencies) / elapsed:7.0f} req/s  errors {errors}  ({load_average()})"
+        f"\n    {CpuMeter.per_request(before, after, len(latencies))}"
+    )
+
+
+async def run_load(base: str, source: OrderSource, meter: CpuMeter, args: argparse.Namespace) -> None:
+    async with aiohttp.ClientSession() as session:  # warm up every worker's model cache and connections
+        await asyncio.gather(*[send(session, f"{base}/predict", source.next()) for _ in range(200)])
+        one, before = [], meter.read()
+        for _ in range(args.single):
+            started = time.perf_counter()
+            await send(session, f"{base}/predict", source.next())
+            one.append(time.perf_counter() - started)
+        after = meter.read()
+    print(f"HTTP predict, one connection, sequential x {args.single}: {percentiles(one)}  ({load_average()})")
+    print(f"    {CpuMeter.per_request(before, after, args.single)}")
+    print("HTTP predict, open loop at fixed rates:")
+    for rate in args.rates:
+        await open_loop(base, source, meter, rate, args.duration, args.max_count)
+    print("HTTP predict, closed loop:")
+    await closed_loop(base, source, meter, args.concurrency, args.saturation_requests, args.duration * 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--url", help="base URL of a running service, e.g. http://127.0.0.1:8021" + API)
+    parser.add_argument("--workers", type=int, default=1, help="hopeit_server --workers (own service only)")
+    parser.add_argument(
+        "--log-level", help="run the own service with a copy of server.json at this log level"
+    )
+    parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[100, 500, 1000])
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per fixed-rate run")
+    parser.add_argument("--max-count", type=int, default=10_000, help="requests per fixed-rate run at most")
+    parser.add_argument("--single", type=int, default=1000, help="sequential requests on one connection")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--saturation-requests", type=int, default=20_000)
+    parser.add_argument("--orders", type=int, default=30_000, help="orders in the generated history")
+    parser.add_argument("--customers", type=int, default=1_000)
+    parser.add_argument("--rounds", type=int, default=200, help="boosting rounds of the bench model")
+    parser.add_argument("--depth", type=int, default=6)
+    args = parser.parse_args()
+    redis_url = os.environ.get("FRAUD_REDIS_URL", "redis://127.0.0.1:6379/0")
+    start = pd.Timestamp("2027-01-01", tz="UTC")
+    if args.url:
+        source = OrderSource(asyncio.run(combinations_from_service(args.url)), start)
+        asyncio.run(run_load(args.url, source, CpuMeter(None, redis_url), args))
+        return
+    prefix = f"fraudbench:{uuid4().hex}:"
+    log = REPO / "data" / "logs" / "bench-service.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    proc = None
+    try:
+        prepared = time.perf_counter()
+        orders, model_id = prepare_store(redis_url, prefix, args)
+        print(
+            f"setup: {len(orders):,} orders, model {model_id} ({args.rounds} rounds, depth {args.depth}) live under "
+            f"{prefix} in {time.perf_counter() - prepared:.1f} s; service workers: {args.workers}, "
+            f"log level: {args.log_level or 'as in config/server.json'}; cores: {os.cpu_count()}"
+        )
+        source = OrderSource(combinations_from(orders), start)
+        asyncio.run(measure_floor(redis_url, prefix, source, repeat=2000))
+        server = server_config(args.log_level, log.parent)
+        proc, base = start_service(redis_url, prefix, args.workers, log, server)
+        asyncio.run(run_load(base, source, CpuMeter(proc.pid, redis_url), args))
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        r = redis.Redis.from_url(redis_url)
+        stale = list(r.scan_iter(match=f"{prefix}*", count=1000))
+        for chunk in range(0, len(stale), 1000):
+            r.unlink(*stale[chunk : chunk + 1000])
+        print(
+            f"max RSS of the load generator: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+        )
+
+
+if __name__ == "__main__":
+    main()
