@@ -6,7 +6,7 @@
 __all__ = ['TRAINING_API', 'SERVICE_API', 'CONFIGS', 'call', 'start_service', 'wait_ready', 'run_pipeline', 'example_predictions',
            'main']
 
-# %% ../nbs/70_launcher.ipynb #9de7f157
+# %% ../nbs/70_launcher.ipynb #ff6d92ef
 import argparse
 import json
 import os
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .redis_server import redis_answers, start_embedded_redis, stop_embedded_redis
 
-# %% ../nbs/70_launcher.ipynb #9c8a2fc6
+# %% ../nbs/70_launcher.ipynb #602a72c9
 TRAINING_API = "/api/training-pipeline/0x2"
 SERVICE_API = "/api/fraud-service/0x2"
 CONFIGS = {
@@ -64,7 +64,7 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None
         time.sleep(0.25)
     raise TimeoutError(f"service on port {port} not ready after {timeout} s")
 
-# %% ../nbs/70_launcher.ipynb #e6bac524
+# %% ../nbs/70_launcher.ipynb #9a7dcb79
 def run_pipeline(params: dict, timeout: float) -> dict:
     """Start a run and follow it to its end, printing each step as it finishes."""
     base = f"http://127.0.0.1:{CONFIGS['training'][2]}{TRAINING_API}"
@@ -92,7 +92,7 @@ def example_predictions() -> list[dict]:
     """Score a known customer's next order, a big order from the same customer, and a cold-start order."""
     base = f"http://127.0.0.1:{CONFIGS['prediction'][2]}{SERVICE_API}"
     _, found = call(f"{base}/find-orders?prefix=&num_items=1")
-    known = found["items"][0]
+    known = {entity: found["items"][0][entity] for entity in ("customer_id", "email", "ip_addr")}
     now = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
     base_order = {"order_date": now, "location_lat": 40.4, "location_long": -3.7, **known}
     orders = [
@@ -118,11 +118,11 @@ def example_predictions() -> list[dict]:
         )
         print(
             f"  {order['order_id']}: amount {order['order_amount']:>8.2f} score {prediction['fraud_score']:.4f} "
-            f"is_fraud={prediction['is_fraud']} known={prediction['known_entities']} top: {top}"
+            f"is_fraud={prediction['is_fraud']} cold_start={prediction['cold_start']} top: {top}"
         )
     return results
 
-# %% ../nbs/70_launcher.ipynb #a4382b70
+# %% ../nbs/70_launcher.ipynb #c0f82123
 def main(argv: list[str] | None = None) -> None:
     """Run everything once, print a summary, stop what was started."""
     parser = argparse.ArgumentParser(description="fraud-poc: pipeline on a sample, then example predictions")
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         if redis_proc is not None:
             stop_embedded_redis(redis_proc)
 
-# %% ../nbs/70_launcher.ipynb #f1cb4c58
+# %% ../nbs/70_launcher.ipynb #7ff4ddb8
 #| eval: false
 if __name__ == "__main__":
     main()

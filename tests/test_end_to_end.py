@@ -1,19 +1,23 @@
-"""End to end: the training service started with `hopeit_server run --start-streams`, runs driven over HTTP
-through the real Redis streams, checked through pipeline-status, the model registry and the live feature store."""
+"""End to end: both services started with `hopeit_server run --start-streams`; pipeline runs driven over HTTP
+through the real Redis streams, checked through pipeline-status, the model registry and the live feature store;
+then predictions over HTTP from the model and features the pipeline made live."""
 
 import json
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import requests
+from conftest import Service, service_env
 
+from fraud_poc.features import compute_features
 from fraud_poc.redis_store import Keys
 from fraud_poc.sample_data import generate_orders
 
-from conftest import Service, service_env
-
 API = "/api/training-pipeline/0x2"
+SERVICE_API = "/api/fraud-service/0x2"
 SMALL = {"num_orders": 30_000, "num_customers": 600, "months": 3, "fraud_rate": 0.02, "seed": 7}
 
 
@@ -25,7 +29,9 @@ def data_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def training(key_prefix, data_root, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "training.log"
-    service = Service("training-pipeline.json", "openapi-training.json", service_env(key_prefix, data_root), log)
+    service = Service(
+        "training-pipeline.json", "openapi-training.json", service_env(key_prefix, data_root), log
+    )
     try:
         service.wait_ready()
         yield service
@@ -49,7 +55,9 @@ def wait_for(service: Service, run_id: str, until, timeout: float = 240.0) -> di
         if until(status):
             return status
         if finished(status):
-            raise AssertionError(f"run {run_id} ended without getting there: {json.dumps(status['steps'], indent=1)}")
+            raise AssertionError(
+                f"run {run_id} ended without getting there: {json.dumps(status['steps'], indent=1)}"
+            )
         time.sleep(0.5)
     raise TimeoutError(f"run {run_id} did not get there: {status}")
 
@@ -71,6 +79,17 @@ def write_orders(data_root: Path, name: str, frame) -> str:
 
 
 @pytest.fixture(scope="module")
+def prediction(key_prefix, data_root, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "prediction.log"
+    service = Service("fraud-service.json", "openapi-service.json", service_env(key_prefix, data_root), log)
+    try:
+        service.wait_ready()
+        yield service
+    finally:
+        service.stop()
+
+
+@pytest.fixture(scope="module")
 def first_run(training, redis_client, key_prefix) -> dict:
     run_id = start(training, "run-pipeline", SMALL)
     return wait_for(training, run_id, finished)
@@ -83,7 +102,9 @@ def test_pipeline_run_promotes_model_and_features(first_run, redis_client, key_p
     assert [s["state"] for s in status["steps"]] == ["done"] * 6
     assert steps["sample-data"]["rows_out"] == SMALL["num_orders"]
     assert steps["preprocess"]["rows_in"] == SMALL["num_orders"] == steps["feature-calc"]["rows_out"]
-    assert all(s["started"] and s["ended"] and s["attempts"] == 1 and s["error"] is None for s in steps.values())
+    assert all(
+        s["started"] and s["ended"] and s["attempts"] == 1 and s["error"] is None for s in steps.values()
+    )
     assert status["promoted"] is True and status["model_id"]
     assert status["metrics"]["average_precision"] >= 0.3
     model_dir = data_root / "models" / status["model_id"]
@@ -100,8 +121,12 @@ def test_pipeline_run_promotes_model_and_features(first_run, redis_client, key_p
 
 def test_model_failing_gate_leaves_live_untouched(training, first_run, redis_client, key_prefix, data_root):
     before = live(redis_client, key_prefix)
-    orders = generate_orders(num_orders=8000, num_customers=300, months=2, start_date="2025-03-01", fraud_rate=0.02, seed=3)
-    orders["is_fraud"] = orders["is_fraud"].sample(frac=1.0, random_state=0).to_numpy()  # labels without signal
+    orders = generate_orders(
+        num_orders=8000, num_customers=300, months=2, start_date="2025-03-01", fraud_rate=0.02, seed=3
+    )
+    orders["is_fraud"] = (
+        orders["is_fraud"].sample(frac=1.0, random_state=0).to_numpy()
+    )  # labels without signal
     run_id = start(training, "run-from-raw", {"path": write_orders(data_root, "noise.csv", orders)})
     status = wait_for(training, run_id, finished)
     assert status["state"] == "done" and status["promoted"] is False, status
@@ -112,7 +137,9 @@ def test_model_failing_gate_leaves_live_untouched(training, first_run, redis_cli
 
 def test_bad_raw_file_fails_run_and_dead_letters(training, first_run, redis_client, key_prefix, data_root):
     before = live(redis_client, key_prefix)
-    orders = generate_orders(num_orders=500, num_customers=50, months=1, start_date="2025-03-01", fraud_rate=0.02, seed=5)
+    orders = generate_orders(
+        num_orders=500, num_customers=50, months=1, start_date="2025-03-01", fraud_rate=0.02, seed=5
+    )
     orders.loc[3, "order_amount"] = -5.0
     run_id = start(training, "run-from-raw", {"path": write_orders(data_root, "negative.csv", orders)})
     status = wait_for(training, run_id, finished, timeout=120)
@@ -127,7 +154,9 @@ def test_bad_raw_file_fails_run_and_dead_letters(training, first_run, redis_clie
 
 
 def test_failed_step_is_delivered_again_and_run_completes(training, first_run, data_root):
-    orders = generate_orders(num_orders=6000, num_customers=200, months=2, start_date="2025-03-01", fraud_rate=0.03, seed=9)
+    orders = generate_orders(
+        num_orders=6000, num_customers=200, months=2, start_date="2025-03-01", fraud_rate=0.03, seed=9
+    )
     broken = orders.copy()
     broken["order_date"] = "not a date"
     path = write_orders(data_root, "fixed-later.csv", broken)
@@ -148,3 +177,59 @@ def test_run_from_raw_rejects_paths_outside_data_root(training, path):
 def test_unknown_run_is_404(training):
     response = requests.get(f"{training.base}{API}/pipeline-status", params={"run_id": "nope"}, timeout=10)
     assert response.status_code == 404 and "nope" in response.text
+
+
+def raw_orders(data_root: Path, run_id: str) -> pd.DataFrame:
+    files = sorted((data_root / "runs" / run_id / "raw").glob("*.parquet"))
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+def next_order(last: pd.Series, order_id: str, minutes: int, amount: float) -> dict:
+    return {
+        "order_id": order_id,
+        "order_date": (last["order_date"] + pd.Timedelta(minutes=minutes)).isoformat(),
+        "customer_id": last["customer_id"],
+        "email": last["email"],
+        "ip_addr": last["ip_addr"],
+        "order_amount": amount,
+        "location_lat": 40.4,
+        "location_long": -3.7,
+    }
+
+
+def test_prediction_uses_promoted_model_and_pipeline_state(prediction, first_run, data_root):
+    orders = raw_orders(data_root, first_run["run_id"]).sort_values(["order_date", "order_id"])
+    last = orders.iloc[-1]
+    new = next_order(last, "e2e-next-1", minutes=30, amount=987.65)
+    response = requests.post(f"{prediction.base}{SERVICE_API}/predict", json=new, timeout=10)
+    assert response.status_code == 200, response.text
+    scored = response.json()
+    assert (scored["model_id"], scored["feature_store_version"]) == (
+        first_run["model_id"],
+        first_run["run_id"],
+    )
+    assert scored["cold_start"] is False and 0.0 <= scored["fraud_score"] <= 1.0
+    appended = pd.DataFrame([{**new, "order_date": pd.Timestamp(new["order_date"])}])
+    expected = compute_features(pd.concat([orders, appended], ignore_index=True)).set_index("order_id")
+    got = pd.Series(scored["features"])
+    np.testing.assert_allclose(
+        got[expected.columns].to_numpy(), expected.loc["e2e-next-1"].to_numpy(), atol=1e-9
+    )
+    info = requests.get(f"{prediction.base}{SERVICE_API}/model-info", timeout=10).json()
+    assert json.dumps(first_run["model_id"]) in json.dumps(info)
+
+
+def test_new_promotion_switches_prediction_service_without_restart(
+    training, prediction, first_run, data_root
+):
+    run_id = start(training, "run-pipeline", SMALL)  # same data: the same model, not worse than the champion
+    status = wait_for(training, run_id, finished)
+    assert status["state"] == "done" and status["promoted"] is True, status
+    orders = raw_orders(data_root, run_id).sort_values(["order_date", "order_id"])
+    new = next_order(orders.iloc[-1], "e2e-next-2", minutes=45, amount=12.5)
+    response = requests.post(f"{prediction.base}{SERVICE_API}/predict", json=new, timeout=10)
+    assert response.status_code == 200, response.text
+    assert (response.json()["model_id"], response.json()["feature_store_version"]) == (
+        status["model_id"],
+        run_id,
+    )
