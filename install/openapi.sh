@@ -7,11 +7,16 @@ cd "$(dirname "$0")/.."
 BIN="${BIN:-.venv/bin}"
 VERSION=0.2.0
 mode="${1:-check}"
+declare -A TITLE=([training-pipeline]="Fraud Training Pipeline" [fraud-service]="Fraud Service")
+declare -A ABOUT=(
+  [training-pipeline]="fraud-poc training service: run the six-step pipeline (sample data to live model and feature store) and follow its runs"
+  [fraud-service]="fraud-poc prediction service: real-time fraud scores from the live XGBoost model and the Redis feature store"
+)
 for pair in training-pipeline:openapi-training "fraud-service:openapi-service"; do
   app="${pair%%:*}"; spec="config/${pair##*:}.json"
   configs="config/server.json,config/redis-streams.json,config/$app.json"
   if [ "$mode" = create ]; then
-    "$BIN/hopeit_openapi" create --title="fraud-poc $app" --description="fraud-poc $app API" \
+    "$BIN/hopeit_openapi" create --title="${TITLE[$app]}" --description="${ABOUT[$app]}" \
       --api-version="$VERSION" --config-files="$configs" --output-file="$spec"
   else
     out=$(mktemp)
