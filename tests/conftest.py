@@ -12,6 +12,7 @@ from uuid import uuid4
 import pytest
 import redis
 import requests
+from distributed import Client, LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("FRAUD_TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
@@ -34,6 +35,16 @@ def redis_client(key_prefix):
     yield client
     for key in client.scan_iter(match=f"{key_prefix}*", count=1000):
         client.unlink(key)
+
+
+@pytest.fixture(scope="session")
+def client():
+    """A real local Dask cluster (2 worker processes, 1 thread each), shared by the tests that need one."""
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, dashboard_address=":0", memory_limit="1GiB"
+    ) as cluster:
+        with Client(cluster, set_as_default=False) as dask_client:
+            yield dask_client
 
 
 def service_env(key_prefix: str, data_root: Path, redis_url: str = REDIS_URL) -> dict:

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import redis
-from distributed import Client, LocalCluster
 
 from fraud_poc.feature_store import (
     NotPromotable,
@@ -29,15 +28,6 @@ from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, STATE_FIELDS, feature_se
 
 REDIS_URL = os.environ.get("FRAUD_TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
 WINDOW = 4
-
-
-@pytest.fixture(scope="module")
-def client():
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, dashboard_address=":0", memory_limit="1GiB"
-    ) as cluster:
-        with Client(cluster, set_as_default=False) as c:
-            yield c
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import redis
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from fraud_poc.data_steps import calc_features, make_training_data, preprocess_orders, write_sample_data
 from fraud_poc.datasets import entity_dir, raw_dir, training_paths
@@ -26,15 +26,6 @@ REDIS_URL = os.environ.get("FRAUD_TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
 SETTINGS = TrainModelSettings(
     num_boost_round=80, early_stopping_rounds=10, max_depth=4, min_average_precision=0.2
 )
-
-
-@pytest.fixture(scope="module")
-def client():
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, dashboard_address=":0", memory_limit="1GiB"
-    ) as cluster:
-        with Client(cluster, set_as_default=False) as c:
-            yield c
 
 
 @pytest.fixture(scope="module")

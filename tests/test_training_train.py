@@ -4,7 +4,6 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
-from distributed import Client, LocalCluster
 
 from fraud_poc.schema import FEATURE_COLUMNS, LABEL
 from fraud_poc.train import (
@@ -74,15 +73,6 @@ def test_evaluate_per_scenario():
     }
     assert (metrics["true_positives"], metrics["false_positives"], metrics["false_negatives"]) == (3, 1, 1)
     assert metrics["precision"] == 0.75 and metrics["recall"] == 0.75 and metrics["f1"] == 0.75
-
-
-@pytest.fixture(scope="module")
-def client():
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, dashboard_address=":0", memory_limit="1GiB"
-    ) as cluster:
-        with Client(cluster, set_as_default=False) as c:
-            yield c
 
 
 def synthetic(n: int, seed: int) -> pd.DataFrame:

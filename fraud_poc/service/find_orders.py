@@ -12,7 +12,8 @@ from hopeit.app.api import event_api
 from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 
-from ..scoring import Scorer, ServiceUnavailable, scorer_for
+from ..scoring import Scorer, ServiceUnavailable
+from .common import event_scorer
 from fraud_poc.service_payloads import (
     ErrorResponse,
     FindOrdersQuery,
@@ -50,11 +51,8 @@ max_find_items = ServiceSettings().max_find_items
 
 async def __init_event__(context: EventContext) -> None:
     global scorer, max_find_items
-    redis = context.settings(key="redis", datatype=RedisSettings)
-    window = context.settings(key="feature_store", datatype=FeatureStoreSettings).window
-    service = context.settings(key="service", datatype=ServiceSettings)
-    scorer = scorer_for(redis.url, redis.key_prefix, window, service.top_contributions)
-    max_find_items = service.max_find_items
+    scorer = event_scorer(context)
+    max_find_items = context.settings(key="service", datatype=ServiceSettings).max_find_items
 
 
 async def __preprocess__(

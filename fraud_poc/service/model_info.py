@@ -10,7 +10,8 @@ from hopeit.app.api import event_api
 from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 
-from ..scoring import Scorer, ServiceUnavailable, scorer_for
+from ..scoring import Scorer, ServiceUnavailable
+from .common import event_scorer
 from ..service_payloads import ErrorResponse, ModelInfo, unavailable, unknown_query
 from ..settings import FeatureStoreSettings, RedisSettings, ServiceSettings
 
@@ -33,10 +34,7 @@ scorer: Scorer | None = None
 
 async def __init_event__(context: EventContext) -> None:
     global scorer
-    redis = context.settings(key="redis", datatype=RedisSettings)
-    window = context.settings(key="feature_store", datatype=FeatureStoreSettings).window
-    service = context.settings(key="service", datatype=ServiceSettings)
-    scorer = scorer_for(redis.url, redis.key_prefix, window, service.top_contributions)
+    scorer = event_scorer(context)
 
 
 async def __preprocess__(

@@ -10,7 +10,8 @@ from hopeit.app.api import event_api
 from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 
-from ..scoring import Scorer, ServiceUnavailable, scorer_for
+from ..scoring import Scorer, ServiceUnavailable
+from .common import event_scorer
 from fraud_poc.service_payloads import (
     BatchRequest,
     BatchResponse,
@@ -47,11 +48,8 @@ max_batch_size = ServiceSettings().max_batch_size
 
 async def __init_event__(context: EventContext) -> None:
     global scorer, max_batch_size
-    redis = context.settings(key="redis", datatype=RedisSettings)
-    window = context.settings(key="feature_store", datatype=FeatureStoreSettings).window
-    service = context.settings(key="service", datatype=ServiceSettings)
-    scorer = scorer_for(redis.url, redis.key_prefix, window, service.top_contributions)
-    max_batch_size = service.max_batch_size
+    scorer = event_scorer(context)
+    max_batch_size = context.settings(key="service", datatype=ServiceSettings).max_batch_size
 
 
 def check_batch_size(batch: BatchRequest, limit: int) -> BatchRequest | ErrorResponse:
