@@ -23,10 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import dask
 import psutil
 import redis
 from distributed import Client, LocalCluster
 
+from fraud_poc.dask_client import WORKER_MALLOC, release_worker_memory
 from fraud_poc.data_steps import calc_features, make_training_data, preprocess_orders, write_sample_data
 from fraud_poc.registry import model_id_for_run
 from fraud_poc.schema import WINDOW
@@ -186,13 +188,14 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     data_root = args.data_root or Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-    cluster = LocalCluster(
-        n_workers=args.workers,
-        threads_per_worker=args.threads,
-        processes=not args.in_process,
-        dashboard_address=":0",
-        memory_limit="6GiB",
-    )
+    with dask.config.set(WORKER_MALLOC):  # the services' local cluster settings (fraud_poc.dask_client)
+        cluster = LocalCluster(
+            n_workers=args.workers,
+            threads_per_worker=args.threads,
+            processes=not args.in_process,
+            dashboard_address=":0",
+            memory_limit="6GiB",
+        )
     client = Client(cluster, set_as_default=False)
     redis_url = os.environ.get("FRAUD_REDIS_URL", "redis://127.0.0.1:6379/0")
     key_prefix = f"fraudbench:{os.getpid()}:"
@@ -221,6 +224,7 @@ def main() -> None:
             with MemorySampler() as memory:
                 start = time.perf_counter()
                 result = step(run)
+                release_worker_memory(client)  # as the service does after every step
                 wall = time.perf_counter() - start
             cpu = cpu_seconds() - cpu_before
             total_wall, total_cpu, overall_peak = (

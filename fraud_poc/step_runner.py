@@ -5,13 +5,15 @@
 # %% auto #0
 __all__ = ['T', 'RunAlreadyFailed', 'run_step', 'run_pipeline_step']
 
-# %% ../nbs/26_step_runner.ipynb #795668ff
+# %% ../nbs/26_step_runner.ipynb #2d1a2da5
 import asyncio
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from distributed import Client
 
+from .dask_client import release_worker_memory
 from .payloads import StepState
 from .redis_store import Keys, async_redis
 from .run_status import get_run, now, update_step
@@ -19,7 +21,7 @@ from .settings import RedisSettings
 
 T = TypeVar("T")
 
-# %% ../nbs/26_step_runner.ipynb #5f0f49f3
+# %% ../nbs/26_step_runner.ipynb #784382e7
 class RunAlreadyFailed(RuntimeError):
     """A message arrived for a run that has failed for good: nothing to do."""
 
@@ -68,9 +70,20 @@ async def run_step(redis: aioredis.Redis, keys: Keys, run_id: str, step: str, wo
     return result
 
 
-async def run_pipeline_step(settings: RedisSettings, run_id: str, step: str, work: Callable[[], T]) -> T:
-    """`run_step` against the configured Redis and key prefix."""
-    return await run_step(async_redis(settings.url), Keys(settings.key_prefix), run_id, step, work)
+async def run_pipeline_step(
+    settings: RedisSettings, run_id: str, step: str, work: Callable[[], T], client: Client
+) -> T:
+    """`run_step` against the configured Redis and key prefix; the Dask workers free their memory after it."""
+
+    def work_then_release() -> T:
+        try:
+            return work()
+        finally:
+            release_worker_memory(client)
+
+    return await run_step(
+        async_redis(settings.url), Keys(settings.key_prefix), run_id, step, work_then_release
+    )
 
 
 def _rows(result: Any, name: str) -> int | None:

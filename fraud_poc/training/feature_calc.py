@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['calculate']
 
-# %% ../../nbs/56_feature_calc.ipynb #c6d7242d
+# %% ../../nbs/56_feature_calc.ipynb #42085ea2
 from functools import partial
 
 from hopeit.app.context import EventContext
@@ -16,7 +16,7 @@ from ..payloads import PipelineJob
 from ..settings import DaskSettings, FeatureStoreSettings, RedisSettings, StorageSettings
 from ..step_runner import run_pipeline_step
 
-# %% ../../nbs/56_feature_calc.ipynb #c6b9593f
+# %% ../../nbs/56_feature_calc.ipynb #9a9a00fa
 __steps__ = ["calculate"]
 
 
@@ -27,6 +27,6 @@ async def calculate(payload: PipelineJob, context: EventContext) -> PipelineJob:
     client = await dask_client_async(context.settings(key="dask", datatype=DaskSettings))
     work = partial(calc_features, client, storage.data_root, payload.run_id, feature_store.window)
     await run_pipeline_step(
-        context.settings(key="redis", datatype=RedisSettings), payload.run_id, "feature-calc", work
+        context.settings(key="redis", datatype=RedisSettings), payload.run_id, "feature-calc", work, client
     )
     return payload

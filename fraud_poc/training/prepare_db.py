@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['logger', 'extra', 'load_and_promote']
 
-# %% ../../nbs/59_prepare_db.ipynb #5d4b3c07
+# %% ../../nbs/59_prepare_db.ipynb #cad3218c
 from functools import partial
 
 from hopeit.app.context import EventContext
@@ -19,7 +19,7 @@ from ..settings import DaskSettings, FeatureStoreSettings, RedisSettings, Storag
 from ..step_runner import run_pipeline_step
 from ..training_steps import prepare_db_step
 
-# %% ../../nbs/59_prepare_db.ipynb #46d9876a
+# %% ../../nbs/59_prepare_db.ipynb #f266fd46
 __steps__ = ["load_and_promote"]
 
 logger, extra = app_extra_logger()
@@ -42,7 +42,7 @@ async def load_and_promote(payload: PipelineJob, context: EventContext) -> None:
         feature_store.window,
         feature_store.chunk_size,
     )
-    await run_pipeline_step(redis_settings, payload.run_id, "prepare-db", work)
+    await run_pipeline_step(redis_settings, payload.run_id, "prepare-db", work, client)
     redis, keys = async_redis(redis_settings.url), Keys(redis_settings.key_prefix)
     await update_run(redis, keys, payload.run_id, state=StepState.DONE, promoted=True)
     logger.info(context, "model promoted", extra=extra(run_id=payload.run_id, model_id=payload.model_id))

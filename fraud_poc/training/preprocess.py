@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['preprocess']
 
-# %% ../../nbs/55_preprocess.ipynb #85ffcf36
+# %% ../../nbs/55_preprocess.ipynb #c6fd5590
 from pathlib import Path
 from functools import partial
 
@@ -17,7 +17,7 @@ from ..payloads import PipelineJob
 from ..settings import DaskSettings, RedisSettings, StorageSettings
 from ..step_runner import run_pipeline_step
 
-# %% ../../nbs/55_preprocess.ipynb #add5cb4b
+# %% ../../nbs/55_preprocess.ipynb #3a073e24
 __steps__ = ["preprocess"]
 
 
@@ -33,6 +33,6 @@ async def preprocess(payload: PipelineJob, context: EventContext) -> PipelineJob
         Path(payload.raw_path) if payload.raw_path else None,
     )
     await run_pipeline_step(
-        context.settings(key="redis", datatype=RedisSettings), payload.run_id, "preprocess", work
+        context.settings(key="redis", datatype=RedisSettings), payload.run_id, "preprocess", work, client
     )
     return payload

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['generate_orders']
 
-# %% ../../nbs/54_sample_data.ipynb #eaf2ef52
+# %% ../../nbs/54_sample_data.ipynb #dc15bee8
 from dataclasses import asdict
 from functools import partial
 
@@ -17,7 +17,7 @@ from ..payloads import PipelineJob
 from ..settings import DaskSettings, RedisSettings, StorageSettings
 from ..step_runner import run_pipeline_step
 
-# %% ../../nbs/54_sample_data.ipynb #9460e709
+# %% ../../nbs/54_sample_data.ipynb #f7fcc6e6
 __steps__ = ["generate_orders"]
 
 
@@ -27,6 +27,6 @@ async def generate_orders(payload: PipelineJob, context: EventContext) -> Pipeli
     client = await dask_client_async(context.settings(key="dask", datatype=DaskSettings))
     work = partial(write_sample_data, client, storage.data_root, payload.run_id, **asdict(payload.sample))
     await run_pipeline_step(
-        context.settings(key="redis", datatype=RedisSettings), payload.run_id, "sample-data", work
+        context.settings(key="redis", datatype=RedisSettings), payload.run_id, "sample-data", work, client
     )
     return payload

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['logger', 'extra', 'train']
 
-# %% ../../nbs/58_train_model.ipynb #27968967
+# %% ../../nbs/58_train_model.ipynb #fa28336f
 from functools import partial
 
 from hopeit.app.context import EventContext
@@ -25,7 +25,7 @@ from fraud_poc.settings import (
 from ..step_runner import run_pipeline_step
 from ..training_steps import train_model_step
 
-# %% ../../nbs/58_train_model.ipynb #34e6d4db
+# %% ../../nbs/58_train_model.ipynb #f8bb98c6
 __steps__ = ["train"]
 
 logger, extra = app_extra_logger()
@@ -46,7 +46,7 @@ async def train(payload: PipelineJob, context: EventContext) -> PipelineJob | No
         context.settings(key="train_model", datatype=TrainModelSettings),
         context.settings(key="feature_store", datatype=FeatureStoreSettings).window,
     )
-    result = await run_pipeline_step(redis_settings, payload.run_id, "train-model", work)
+    result = await run_pipeline_step(redis_settings, payload.run_id, "train-model", work, client)
     redis, keys = async_redis(redis_settings.url), Keys(redis_settings.key_prefix)
     await update_run(
         redis,

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['split_data']
 
-# %% ../../nbs/57_training_data.ipynb #dfca847f
+# %% ../../nbs/57_training_data.ipynb #e050aa42
 from functools import partial
 
 from hopeit.app.context import EventContext
@@ -16,7 +16,7 @@ from ..payloads import PipelineJob
 from ..settings import DaskSettings, RedisSettings, StorageSettings, TrainingDataSettings
 from ..step_runner import run_pipeline_step
 
-# %% ../../nbs/57_training_data.ipynb #9246cace
+# %% ../../nbs/57_training_data.ipynb #779e9a33
 __steps__ = ["split_data"]
 
 
@@ -35,6 +35,6 @@ async def split_data(payload: PipelineJob, context: EventContext) -> PipelineJob
         training_data.seed,
     )
     await run_pipeline_step(
-        context.settings(key="redis", datatype=RedisSettings), payload.run_id, "training-data", work
+        context.settings(key="redis", datatype=RedisSettings), payload.run_id, "training-data", work, client
     )
     return payload
