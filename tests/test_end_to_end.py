@@ -45,13 +45,15 @@ def start(service: Service, event: str, body: dict) -> str:
     return response.json()["run_id"]
 
 
-def wait_for(service: Service, run_id: str, until, timeout: float = 240.0) -> dict:
-    """Poll pipeline-status until `until(status)` holds."""
+def wait_for(service: Service, run_id: str, until, timeout: float = 240.0, seen: set | None = None) -> dict:
+    """Poll pipeline-status until `until(status)` holds; `seen` collects the (step, state) pairs observed."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         response = requests.get(f"{service.base}{API}/pipeline-status", params={"run_id": run_id}, timeout=10)
         assert response.status_code == 200, response.text
         status = response.json()
+        if seen is not None:
+            seen.update((step["step"], step["state"]) for step in status["steps"])
         if until(status):
             return status
         if finished(status):
@@ -92,7 +94,10 @@ def prediction(key_prefix, data_root, tmp_path_factory):
 @pytest.fixture(scope="module")
 def first_run(training, redis_client, key_prefix) -> dict:
     run_id = start(training, "run-pipeline", SMALL)
-    return wait_for(training, run_id, finished)
+    seen: set = set()
+    status = wait_for(training, run_id, finished, seen=seen)
+    status["seen_while_running"] = seen
+    return status
 
 
 def test_pipeline_run_promotes_model_and_features(first_run, redis_client, key_prefix, data_root):
@@ -107,6 +112,10 @@ def test_pipeline_run_promotes_model_and_features(first_run, redis_client, key_p
     )
     assert status["promoted"] is True and status["model_id"]
     assert status["metrics"]["average_precision"] >= 0.3
+    # pipeline-status answered while steps ran (the work runs on Dask, off the service's event loop)
+    assert {"feature-calc", "train-model"} <= {
+        step for step, state in status["seen_while_running"] if state == "running"
+    }
     model_dir = data_root / "models" / status["model_id"]
     metadata = json.loads((model_dir / "metadata.json").read_text())
     assert metadata["run_id"] == status["run_id"] and (model_dir / "model.ubj").stat().st_size > 0
