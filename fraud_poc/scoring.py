@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['EPOCH', 'Record', 'APPEND_SCRIPT', 'APPEND_SCRIPT_SHA', 'Call', 'APPROX_CONTRIBUTIONS', 'MAX_SWITCHES', 'logger',
-           'order_record', 'append_record', 'script_keys', 'script_args', 'run_script_calls', 'ScriptBatcher',
-           'ServiceUnavailable', 'NoLiveModel', 'StoreUnavailable', 'LiveModel', 'load_live_model', 'score_matrix',
-           'top_contributions', 'ModelBatcher', 'history_of', 'Scorer', 'scorer_for']
+           'order_record', 'append_record', 'script_keys', 'script_args', 'run_script_calls', 'fail_waiting',
+           'ScriptBatcher', 'ServiceUnavailable', 'NoLiveModel', 'StoreUnavailable', 'LiveModel', 'load_live_model',
+           'score_matrix', 'top_contributions', 'ModelBatcher', 'history_of', 'Scorer', 'scorer_for']
 
 # %% ../nbs/30_scoring.ipynb #e6ef7b90
 import asyncio
@@ -138,6 +138,13 @@ async def run_script_calls(client: aioredis.Redis, calls: list[Call]) -> list:
     raise AssertionError("unreachable")
 
 
+def fail_waiting(futures: list[asyncio.Future], error: BaseException) -> None:
+    """Fail every request still waiting on one of `futures` with `error`."""
+    for future in futures:
+        if not future.done():
+            future.set_exception(error)
+
+
 class ScriptBatcher:
     """Runs the script calls of all requests that arrive in the same event-loop turn in one pipeline."""
 
@@ -162,9 +169,7 @@ class ScriptBatcher:
         try:
             replies = await run_script_calls(self.client, [call for calls, _ in waiting for call in calls])
         except Exception as e:  # Redis unreachable: every waiting request gets the error
-            for _, future in waiting:
-                if not future.done():
-                    future.set_exception(e)
+            fail_waiting([future for _, future in waiting], e)
             return
         start = 0
         for calls, future in waiting:
@@ -294,9 +299,7 @@ class ModelBatcher:
             try:
                 scores, contributions = score_matrix(model, np.vstack([x for x, _ in group]))
             except Exception as e:  # each waiting request fails with the model's error
-                for _, future in group:
-                    if not future.done():
-                        future.set_exception(e)
+                fail_waiting([future for _, future in group], e)
                 continue
             start = 0
             for x, future in group:
