@@ -115,7 +115,7 @@ def print_training_details(
     if prepare is not None and prepare.loaded:
         print(
             f"prepare-db: {prepare.total_states:,} entity states {prepare.counts}; "
-            f"read + latest orders + encode {prepare.encode_seconds:.2f} s, Redis write {prepare.write_seconds:.2f} s "
+            f"read {prepare.read_seconds:.2f} s, Redis write {prepare.write_seconds:.2f} s "
             f"= {prepare.states_per_second:,.0f} states/s written; whole step {prepare.total_states / prepare_wall:,.0f} states/s"
         )
 

@@ -41,13 +41,7 @@ import xgboost as xgb
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fraud_poc.feature_store import (  # noqa: E402
-    decode_state,
-    entity_states,
-    switch_live,
-    upload_model,
-    write_entity_states,
-)
+from fraud_poc.feature_store import switch_live, upload_model, write_entity_states  # noqa: E402
 from fraud_poc.features import compute_features, serving_features  # noqa: E402
 from fraud_poc.redis_store import Keys, async_redis  # noqa: E402
 from fraud_poc.registry import model_metadata  # noqa: E402
@@ -63,6 +57,7 @@ from fraud_poc.scoring import (  # noqa: E402
     script_keys,
 )
 from fraud_poc.service_payloads import Order  # noqa: E402
+from fraud_poc.serving_state import decode_state, entity_states  # noqa: E402
 from fraud_poc.train import choose_threshold  # noqa: E402
 
 API = "/api/fraud-service/0x2"

@@ -33,11 +33,13 @@ from fraud_poc.datasets import (
     read_dataset,
     read_orders_file,
     replace_atomically,
+    serving_state_dir,
     training_paths,
     write_parquet,
 )
 from .sample_data import CustomerPopulation, MonthSpec, generate_month, make_population, month_specs
 from .schema import ENTITIES, FEATURE_COLUMNS, LABEL, RAW_COLUMNS, SCENARIO
+from .serving_state import ENCODED_COLUMNS, encoded_states
 from .training_data import check_split_sizes, holdout_cutoff, holdout_rows, training_rows
 from fraud_poc.validation import (
     add_missing_scenario,
@@ -177,10 +179,30 @@ FEATURES_OUTPUT_COLUMNS: list[str] = ["order_id", "order_date", LABEL, SCENARIO,
 _CARRIED = ["order_id", "order_date", LABEL, SCENARIO, "order_amount"]
 
 
-def _features_with(orders: pd.DataFrame, by: str, window: int, carried: list[str]) -> pd.DataFrame:
-    """Columns `carried` of `orders` and, row for row, entity `by`'s features."""
-    entity = features.entity_features(orders, by, window).drop(columns="order_id")
-    return pd.concat([orders[carried].reset_index(drop=True), entity], axis=1)
+def _features_and_state(
+    orders: pd.DataFrame, by: str, window: int, carried: list[str]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Columns `carried` of `orders` with, row for row, entity `by`'s features; and the encoded state of each value."""
+    entity, latest = features.entity_features_and_state(orders, by, window)
+    with_features = pd.concat(
+        [orders[carried].reset_index(drop=True), entity.drop(columns="order_id")], axis=1
+    )
+    return with_features, encoded_states(latest, by, window)
+
+
+def _by_entity_outputs(
+    orders: dd.DataFrame, by: str, window: int, carried: list[str]
+) -> tuple[dd.DataFrame, dd.DataFrame]:
+    """`_features_and_state` over the partitions of a per-entity dataset: (features, encoded states), one task each."""
+    meta_features, meta_states = _features_and_state(orders._meta, by, window, carried)
+    pairs = [
+        delayed(_features_and_state, nout=2, pure=True)(part, by, window, carried)
+        for part in orders.to_delayed()
+    ]
+    return (
+        dd.from_delayed([pair[0] for pair in pairs], meta=meta_features, verify_meta=False),
+        dd.from_delayed([pair[1] for pair in pairs], meta=meta_states, verify_meta=False),
+    )
 
 
 def _id_array(ids: pd.Series) -> pa.Array:
@@ -202,28 +224,34 @@ def align_features(left: pd.DataFrame, *others: pd.DataFrame) -> pd.DataFrame:
 
 # %% ../nbs/21_data_steps.ipynb #82f9548d
 def calc_features(client: Client, data_root: str | Path, run_id: str, window: int) -> StepResult:
-    """Step 3: compute every order's features from the per-entity datasets and write `features/`."""
+    """Step 3: compute every order's features from the per-entity datasets; write `features/` and `serving_state/`."""
     for entity in ENTITIES:
         if not entity_dir(data_root, run_id, entity).is_dir():
             raise FileNotFoundError(f"no orders by {entity} for run {run_id!r}: run step preprocess first")
     first, *others = ENTITIES
     by_first = read_by_entity(data_root, run_id, first, [*features.FEATURE_INPUT_COLUMNS, LABEL, SCENARIO])
-    meta = _features_with(by_first._meta, first, window, _CARRIED)
-    left = by_first.map_partitions(_features_with, first, window, _CARRIED, meta=meta)
-    aligned_others = []
+    left, states = _by_entity_outputs(by_first, first, window, _CARRIED)
+    states_by_entity, aligned_others = {first: states}, []
     for by in others:
         orders = read_by_entity(data_root, run_id, by, list(features.FEATURE_INPUT_COLUMNS))
-        carried = ["order_id", first]
-        meta_by = _features_with(orders._meta, by, window, carried)
-        entity = orders.map_partitions(_features_with, by, window, carried, meta=meta_by)
+        entity, states_by_entity[by] = _by_entity_outputs(orders, by, window, ["order_id", first])
         shuffled = entity.shuffle(on=first, npartitions=by_first.npartitions, shuffle_method="tasks")
         aligned_others.append(shuffled.drop(columns=first))
-    out_meta = align_features(meta, *(other._meta for other in aligned_others))[FEATURES_OUTPUT_COLUMNS]
+    out_meta = align_features(left._meta, *(other._meta for other in aligned_others))[FEATURES_OUTPUT_COLUMNS]
     joined = left.map_partitions(align_features, *aligned_others, meta=out_meta, align_dataframes=False)
     joined = joined[FEATURES_OUTPUT_COLUMNS]
-    with replace_atomically(features_dir(data_root, run_id)) as tmp:
-        write = joined.to_parquet(str(tmp), compute=False, **parquet_write_options(FEATURES_OUTPUT_COLUMNS))
-        rows, _ = client.gather(client.compute([by_first.shape[0], write]))
+    with (
+        replace_atomically(features_dir(data_root, run_id)) as tmp,
+        replace_atomically(serving_state_dir(data_root, run_id)) as tmp_state,
+    ):
+        writes = [
+            joined.to_parquet(str(tmp), compute=False, **parquet_write_options(FEATURES_OUTPUT_COLUMNS))
+        ]
+        writes += [
+            frame.to_parquet(str(tmp_state / by), compute=False, **parquet_write_options(ENCODED_COLUMNS))
+            for by, frame in states_by_entity.items()
+        ]
+        rows, *_ = client.gather(client.compute([by_first.shape[0], *writes]))
     return StepResult(
         rows_in=int(rows), rows_out=int(rows), details={"window": window, "partitions": by_first.npartitions}
     )

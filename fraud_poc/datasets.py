@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['ORDER_FILE_SUFFIXES', 'DICTIONARY_COLUMNS', 'run_dir', 'raw_dir', 'raw_file_name', 'entity_dir', 'features_dir',
-           'training_dir', 'training_paths', 'model_dir', 'replace_atomically', 'resolve_inside', 'list_order_files',
-           'read_orders_file', 'parquet_write_options', 'write_parquet', 'read_dataset']
+           'serving_state_dir', 'training_dir', 'training_paths', 'model_dir', 'replace_atomically', 'resolve_inside',
+           'list_order_files', 'read_orders_file', 'parquet_write_options', 'write_parquet', 'read_dataset']
 
 # %% ../nbs/20_datasets.ipynb #3f9f7519
 import os
@@ -60,6 +60,11 @@ def entity_dir(data_root: str | Path, run_id: str, entity: str) -> Path:
 def features_dir(data_root: str | Path, run_id: str) -> Path:
     """Step 3 output: every order with its features, label and scenario."""
     return run_dir(data_root, run_id) / "features"
+
+
+def serving_state_dir(data_root: str | Path, run_id: str) -> Path:
+    """Step 3 output beside the features: per entity (a subfolder each), the encoded serving state of every value."""
+    return run_dir(data_root, run_id) / "serving_state"
 
 
 def training_dir(data_root: str | Path, run_id: str) -> Path:

@@ -7,7 +7,7 @@ __all__ = ['DAY_US', 'FEATURE_INPUT_COLUMNS', 'SHUFFLE_METHOD', 'window_features
            'timestamps_us', 'timestamp_us', 'entity_features', 'distinct_orders', 'compute_features',
            'drop_duplicate_orders', 'partition_by_entity', 'entity_features_meta', 'entity_features_dask',
            'join_entity_features', 'features_dask', 'usable_history', 'serving_features', 'known_entities',
-           'latest_orders', 'to_state_records']
+           'latest_orders', 'entity_features_and_state', 'to_state_records']
 
 # %% ../nbs/10_features.ipynb #6274fab9
 import itertools
@@ -133,21 +133,31 @@ def _lag_views(values: np.ndarray, window: int) -> np.ndarray:
     return sliding_window_view(padded, len(values))[::-1]
 
 
+def _group_rows(time_order: np.ndarray, by_codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows grouped by entity code, each group in (ts_us, order_id) order, given the rows' time order.
+
+    Returns (row positions in that order, each row's index within its group, rows of its group after it).
+    """
+    order = time_order[np.argsort(by_codes[time_order], kind="stable")]
+    groups = by_codes[order]
+    n = len(order)
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]]) if n else np.zeros(0, np.int64)
+    sizes = np.diff(np.r_[starts, n])
+    position = np.arange(n) - np.repeat(starts, sizes)
+    return order, position, np.repeat(sizes, sizes) - 1 - position
+
+
 def _write_entity_features(
-    time_order: np.ndarray,
-    by_codes: np.ndarray,
+    order: np.ndarray,
+    position: np.ndarray,
     ts_us: np.ndarray,
     amount: np.ndarray,
     other_codes: Sequence[np.ndarray],
     window: int,
     out: np.ndarray,
 ) -> None:
-    """Write one entity's features of every row into `out` (n_features, n), given the rows' (ts_us, order_id) order."""
-    order = time_order[np.argsort(by_codes[time_order], kind="stable")]
-    groups = by_codes[order]
+    """Write one entity's features of every row into `out` (n_features, n), given `_group_rows`' order and positions."""
     n = len(order)
-    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]]) if n else np.zeros(0, np.int64)
-    position = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))  # index within its group
     amount_lags = _lag_views(amount[order], window)
     ts_lags = _lag_views(ts_us[order], window)
     code_lags = [_lag_views(codes[order], window) for codes in other_codes]
@@ -166,19 +176,19 @@ def _check_columns(orders: pd.DataFrame, columns: Sequence[str], caller: str) ->
         raise ValueError(f"{caller}: orders lack column(s) {missing}")
 
 
-def entity_features(orders: pd.DataFrame, by: str, window: int = WINDOW) -> pd.DataFrame:
-    """`order_id` + entity `by`'s feature columns, row for row, of orders that hold all orders of their `by` values.
-
-    `order_id`s must be distinct (see `distinct_orders`).
-    """
+def _entity_features(
+    orders: pd.DataFrame, by: str, window: int, caller: str
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
+    """`entity_features`, and for the latest orders: the rows' ts_us, their grouped order, rows after each in its group."""
     others, window = other_entities(by), check_window(window)
-    _check_columns(orders, FEATURE_INPUT_COLUMNS, "entity_features")
+    _check_columns(orders, FEATURE_INPUT_COLUMNS, caller)
     columns = entity_feature_columns(by)
     ts_us = timestamps_us(orders["order_date"])
+    order, position, after = _group_rows(_time_order(ts_us, orders["order_id"]), _codes(orders[by]))
     features = np.empty((len(columns), len(orders)))
     _write_entity_features(
-        _time_order(ts_us, orders["order_id"]),
-        _codes(orders[by]),
+        order,
+        position,
         ts_us,
         orders["order_amount"].to_numpy(np.float64),
         [_codes(orders[col]) for col in others],
@@ -187,7 +197,15 @@ def entity_features(orders: pd.DataFrame, by: str, window: int = WINDOW) -> pd.D
     )
     result = pd.DataFrame(features.T, columns=columns, copy=False)
     result.insert(0, "order_id", orders["order_id"].reset_index(drop=True))
-    return result
+    return result, ts_us, order, after
+
+
+def entity_features(orders: pd.DataFrame, by: str, window: int = WINDOW) -> pd.DataFrame:
+    """`order_id` + entity `by`'s feature columns, row for row, of orders that hold all orders of their `by` values.
+
+    `order_id`s must be distinct (see `distinct_orders`).
+    """
+    return _entity_features(orders, by, window, "entity_features")[0]
 
 # %% ../nbs/10_features.ipynb #3959be62
 def distinct_orders(orders: pd.DataFrame) -> pd.DataFrame:
@@ -211,8 +229,9 @@ def compute_features(orders: pd.DataFrame, window: int = WINDOW) -> pd.DataFrame
     for by in ENTITIES:
         width = len(entity_feature_columns(by))
         others = [codes[col] for col in other_entities(by)]
+        order, position, _ = _group_rows(time_order, codes[by])
         _write_entity_features(
-            time_order, codes[by], ts_us, amount, others, window, features[start : start + width]
+            order, position, ts_us, amount, others, window, features[start : start + width]
         )
         start += width
     result = pd.DataFrame(features.T, columns=FEATURE_COLUMNS, copy=False)
@@ -354,29 +373,31 @@ def known_entities(histories: Mapping[str, Sequence[Sequence]], order: Sequence)
     return {by: bool(usable_history(histories.get(by, ()), order, 2)) for by in ENTITIES}
 
 # %% ../nbs/10_features.ipynb #4012b3f3
+def _state_rows(orders: pd.DataFrame, ts_us: np.ndarray, rows: np.ndarray) -> pd.DataFrame:
+    """The `STATE_FIELDS` columns of the given rows, in that order."""
+    latest = orders.iloc[rows].reset_index(drop=True)
+    latest["ts_us"] = ts_us[rows]
+    return latest[list(STATE_FIELDS)]
+
+
 def latest_orders(orders: pd.DataFrame, by: str, window: int = WINDOW) -> pd.DataFrame:
-    """The last W orders of every `by` value: `STATE_FIELDS` columns, sorted by (`by`, `ts_us`, `order_id`)."""
+    """The last W orders of every `by` value: `STATE_FIELDS` columns, each value's orders together in (`ts_us`, `order_id`) order."""
     other_entities(by)
     window = check_window(window)
     _check_columns(orders, FEATURE_INPUT_COLUMNS, "latest_orders")
     orders = distinct_orders(orders[list(FEATURE_INPUT_COLUMNS)])
     ts_us = timestamps_us(orders["order_date"])
-    keys = pa.table(
-        {
-            "by": pa.array(orders[by], from_pandas=True),
-            "ts_us": ts_us,
-            "order_id": pa.array(orders["order_id"], from_pandas=True),
-        }
-    )
-    order = pc.sort_indices(keys, sort_keys=[(key, "ascending") for key in keys.column_names]).to_numpy()
-    groups = _codes(orders[by])[order]
-    n = len(order)
-    ends = np.flatnonzero(np.r_[groups[1:] != groups[:-1], True]) if n else np.zeros(0, np.int64)
-    from_end = np.repeat(ends, np.diff(np.r_[-1, ends])) - np.arange(n)  # 0 for the last order of its group
-    keep = order[from_end < window]
-    latest = orders.iloc[keep].reset_index(drop=True)
-    latest["ts_us"] = ts_us[keep]
-    return latest[list(STATE_FIELDS)]
+    order, _, after = _group_rows(_time_order(ts_us, orders["order_id"]), _codes(orders[by]))
+    return _state_rows(orders, ts_us, order[after < window])
+
+
+def entity_features_and_state(
+    orders: pd.DataFrame, by: str, window: int = WINDOW
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`entity_features(orders, by, window)` and `latest_orders(orders, by, window)`, sorting the orders once."""
+    window = check_window(window)
+    features, ts_us, order, after = _entity_features(orders, by, window, "entity_features_and_state")
+    return features, _state_rows(orders, ts_us, order[after < window])
 
 
 def to_state_records(latest: pd.DataFrame, by: str) -> Iterator[tuple[object, list[tuple]]]:

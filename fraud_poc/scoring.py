@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import xgboost as xgb
 
-from .feature_store import decode_state
+from .serving_state import decode_state
 from .features import serving_features, timestamp_us
 from .redis_store import Keys, async_redis
 from .schema import ENTITIES, FEATURE_COLUMNS, FEATURE_SET_VERSION

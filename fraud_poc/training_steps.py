@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.dataset as pads
 from distributed import Client
 
-from .datasets import entity_dir, read_dataset, training_paths
+from .datasets import entity_dir, read_dataset, serving_state_dir, training_paths
 from fraud_poc.feature_store import (
     live_pointer,
     switch_live,
@@ -26,7 +26,6 @@ from fraud_poc.feature_store import (
     version_meta,
     write_feature_version,
 )
-from .features import FEATURE_INPUT_COLUMNS, latest_orders
 from .redis_store import Keys, sync_redis
 from fraud_poc.registry import (
     PromotionDecision,
@@ -235,9 +234,7 @@ class PrepareResult:
     counts: dict[str, int]
     total_states: int
     loaded: bool
-    encode_seconds: (
-        float | None
-    )  # read the per-entity datasets, compute the latest orders, encode (None: not loaded)
+    read_seconds: float | None  # read the encoded states of step 3 onto the workers (None: not loaded)
     write_seconds: float | None  # write the states to Redis
     states_per_second: float | None  # states / write_seconds
     live: dict[str, Any]
@@ -252,10 +249,12 @@ class PrepareResult:
         return self.total_states
 
 
-def serving_states(data_root: str | Path, run_id: str, by: str, window: int) -> dd.DataFrame:
-    """Lazy frame of the last `window` orders of every value of `by` (STATE_FIELDS columns), partitioned by `by`."""
-    orders = read_dataset(entity_dir(data_root, run_id, by), list(FEATURE_INPUT_COLUMNS))
-    return orders.map_partitions(latest_orders, by, window, meta=latest_orders(orders._meta, by, window))
+def serving_states(data_root: str | Path, run_id: str, by: str) -> dd.DataFrame:
+    """Lazy frame of step 3's encoded states of every value of `by` (`value`, `state`), one partition per file."""
+    folder = serving_state_dir(data_root, run_id) / by
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no serving state of {by} for run {run_id!r}: run step feature-calc first")
+    return read_dataset(folder)
 
 
 def count_rows(path: Path) -> int:
@@ -281,7 +280,7 @@ def prepare_db_step(
     )  # fail early
     meta, load = version_meta(r, keys, version), None
     if meta is None:
-        frames = {by: serving_states(data_root, run_id, by, window) for by in ENTITIES}
+        frames = {by: serving_states(data_root, run_id, by) for by in ENTITIES}
         load = write_feature_version(client, frames, redis_url, keys, version, run_id, window, chunk_size)
         meta = load.meta
     upload_model(r, keys, model_id, booster_ubj, stored_metadata)
@@ -297,7 +296,7 @@ def prepare_db_step(
         counts=meta["counts"],
         total_states=meta["total_states"],
         loaded=load is not None,
-        encode_seconds=None if load is None else round(load.encode_seconds, 3),
+        read_seconds=None if load is None else round(load.read_seconds, 3),
         write_seconds=None if load is None else round(load.write_seconds, 3),
         states_per_second=None if load is None else round(load.states_per_second, 1),
         rows_in=count_rows(entity_dir(data_root, run_id, ENTITIES[0])),

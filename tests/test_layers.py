@@ -6,7 +6,16 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fraud_poc"
-PURE = ["schema", "features", "sample_data", "validation", "training_data", "train", "report"]
+PURE = [
+    "schema",
+    "features",
+    "serving_state",
+    "sample_data",
+    "validation",
+    "training_data",
+    "train",
+    "report",
+]
 STORES = [
     "datasets",
     "feature_store",

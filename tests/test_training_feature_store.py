@@ -12,8 +12,6 @@ import redis
 
 from fraud_poc.feature_store import (
     NotPromotable,
-    decode_state,
-    encode_state,
     find_values,
     live_pointer,
     promote,
@@ -25,6 +23,7 @@ from fraud_poc.feature_store import (
 )
 from fraud_poc.redis_store import Keys
 from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, STATE_FIELDS, feature_set_fingerprint
+from fraud_poc.serving_state import decode_state, encode_state, encoded_states
 
 REDIS_URL = os.environ.get("FRAUD_TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
 WINDOW = 4
@@ -56,8 +55,12 @@ def orders(n: int, seed: int, amount_base: float) -> pd.DataFrame:
 
 
 def partitioned_by(frame: pd.DataFrame, by: str, n: int = 4) -> dd.DataFrame:
+    """The encoded states of `frame`'s orders by `by`, in `n` partitions by value (as feature-calc writes them)."""
     part = pd.util.hash_array(frame[by].to_numpy(dtype=object)) % n
-    return dd.from_map(lambda piece: piece, [frame[part == p] for p in range(n)], meta=frame.iloc[:0])
+    pieces = [frame[part == p] for p in range(n)]
+    return dd.from_map(
+        encoded_states, pieces, args=[by, WINDOW], meta=encoded_states(frame.iloc[:0], by, WINDOW)
+    )
 
 
 def expected_state(frame: pd.DataFrame, by: str, value: str) -> list[tuple]:
@@ -160,12 +163,12 @@ def test_load_failing_midway_leaves_previous_version_live(client, store):
     def read_part(i: int) -> pd.DataFrame:
         if i == 3:
             raise OSError("orders_by_email/part.3.parquet: truncated file")
-        return orders(100, seed=10 + i, amount_base=0.0)
+        return encoded_states(orders(100, seed=10 + i, amount_base=0.0), "email", WINDOW)
 
     frames = {
         by: partitioned_by(orders(400, seed=6, amount_base=0.0), by) for by in ("customer_id", "ip_addr")
     }
-    frames["email"] = dd.from_map(read_part, range(5), meta=good.iloc[:0])
+    frames["email"] = dd.from_map(read_part, range(5), meta=encoded_states(good.iloc[:0], "email", WINDOW))
     with pytest.raises(OSError, match="truncated file"):
         write_feature_version(client, frames, REDIS_URL, keys, "v2", "run-2", WINDOW, chunk_size=50)
     assert live_pointer(r, keys)["fs_version"] == "v1"

@@ -12,12 +12,13 @@ import redis
 from distributed import Client
 
 from fraud_poc.data_steps import calc_features, make_training_data, preprocess_orders, write_sample_data
-from fraud_poc.datasets import entity_dir, raw_dir, training_paths
-from fraud_poc.feature_store import decode_state, live_pointer, version_meta
+from fraud_poc.datasets import raw_dir, serving_state_dir, training_paths
+from fraud_poc.feature_store import live_pointer, version_meta
 from fraud_poc.features import latest_orders
 from fraud_poc.redis_store import Keys
 from fraud_poc.registry import list_models, load_booster, load_metadata
 from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, LABEL, SCENARIO, STATE_FIELDS, WINDOW
+from fraud_poc.serving_state import decode_state
 from fraud_poc.settings import TrainModelSettings
 from fraud_poc.train import average_precision
 from fraud_poc.training_steps import prepare_db_step, train_model_step
@@ -181,12 +182,18 @@ def test_prepare_db_failing_midway_leaves_live_untouched(client, runs):
         train_model_step(
             client, broken, "run-2", REDIS_URL, keys.prefix, TrainModelSettings(min_average_precision=0.0)
         )
-        victim = sorted(entity_dir(broken, "run-2", "email").glob("*.parquet"))[-1]
+        victim = sorted((serving_state_dir(broken, "run-2") / "email").glob("*.parquet"))[-1]
         victim.write_bytes(victim.read_bytes()[:200])  # a truncated file: that partition cannot be read
         with pytest.raises(Exception, match="(?i)parquet|arrow|invalid|magic"):
             prepare_db_step(client, broken, "run-2", "xgb-run-2", REDIS_URL, keys.prefix, WINDOW, 500)
         assert live_pointer(r, keys) == live_before
         assert list(r.scan_iter(match=keys.fs_prefix("run-2") + "*")) == []
+        assert sorted(r.scan_iter(match=keys.prefix + "*")) == keys_before
+        shutil.rmtree(serving_state_dir(broken, "run-2") / "email")  # feature-calc never ran to the end
+        with pytest.raises(
+            FileNotFoundError, match="no serving state of email .* run step feature-calc first"
+        ):
+            prepare_db_step(client, broken, "run-2", "xgb-run-2", REDIS_URL, keys.prefix, WINDOW, 500)
         assert sorted(r.scan_iter(match=keys.prefix + "*")) == keys_before
     finally:
         for key in r.scan_iter(match=f"{keys.prefix}*", count=1000):
