@@ -71,7 +71,7 @@ class FeatureStoreSettings:
     """Step 6 and serving: window size and bulk-load chunking."""
 
     window: int = 10
-    chunk_size: int = 500
+    chunk_size: int = 2000
 
 
 @dataobject
