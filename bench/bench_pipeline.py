@@ -46,7 +46,7 @@ class BenchRun:
     num_orders: int
     num_customers: int
     months: int
-    rows_per_partition: int = 300_000
+    rows_per_partition: int = 150_000
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "fraudbench:"
 
@@ -174,7 +174,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="threads per worker")
     parser.add_argument(
-        "--rows-per-partition", type=int, default=300_000, help="of the per-entity datasets (step 2)"
+        "--rows-per-partition", type=int, default=150_000, help="of the per-entity datasets (step 2)"
     )
     parser.add_argument(
         "--steps", type=int, default=len(STEPS), help="run only the first N steps (4: the data steps)"
