@@ -6,6 +6,8 @@
 __all__ = ['event_scorer']
 
 # %% ../../nbs/39_service_common.ipynb #c8da6f7a
+import gc
+
 from hopeit.app.context import EventContext
 
 from ..scoring import Scorer, scorer_for
@@ -17,4 +19,5 @@ def event_scorer(context: EventContext) -> Scorer:
     redis = context.settings(key="redis", datatype=RedisSettings)
     window = context.settings(key="feature_store", datatype=FeatureStoreSettings).window
     service = context.settings(key="service", datatype=ServiceSettings)
+    gc.freeze()  # the app is loaded: full collections no longer walk it (see above)
     return scorer_for(redis.url, redis.key_prefix, window, service.top_contributions)
