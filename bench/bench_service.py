@@ -9,8 +9,9 @@ It prints, in one run:
 - the floor: Redis round trip (PING, and the scoring script), `serving_features` for one order, and the
   model's single-row score and contributions;
 - the scorer in-process (everything but HTTP and hopeit);
-- over HTTP with an aiohttp client on 127.0.0.1: open-loop runs at fixed request rates (latency measured from
-  each request's scheduled send time, so queueing counts) and a closed-loop run at saturation.
+- over HTTP on 127.0.0.1, with a minimal keep-alive HTTP/1.1 client on uvloop (requests prepared before the
+  clock starts): open-loop runs at fixed request rates (latency measured from each request's scheduled send
+  time, so queueing counts) and a closed-loop run at saturation.
 
 Everything is bounded in count and time. The load generator shares the machine's cores with the service and
 Redis; its own CPU use is printed too.
@@ -28,6 +29,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from uuid import uuid4
@@ -36,6 +38,7 @@ import aiohttp
 import numpy as np
 import pandas as pd
 import redis
+import uvloop
 import xgboost as xgb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,7 +175,7 @@ def server_config(log_level: str | None, workdir: Path) -> Path:
 
 
 def start_service(
-    redis_url: str, prefix: str, workers: int, log: Path, server: Path
+    redis_url: str, prefix: str, workers: int, worker_class: str | None, log: Path, server: Path
 ) -> tuple[subprocess.Popen, str]:
     """`hopeit_server run` with the service's config on a free port; returns the process and the API base URL."""
     port = free_port()
@@ -191,6 +194,8 @@ def start_service(
     cmd += [f"--api-file={REPO / 'config' / 'openapi-service.json'}", "--start-streams", f"--port={port}"]
     if workers > 1:
         cmd += [f"--workers={workers}"]
+    if worker_class:
+        cmd += [f"--worker-class={worker_class}"]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}{API}"
     deadline = time.monotonic() + 60
@@ -307,40 +312,113 @@ def depth_of(live) -> int:
 # ---------------------------------------------------------------- load over HTTP
 
 
-async def send(session: aiohttp.ClientSession, url: str, order: dict) -> bool:
-    async with session.post(
-        url, data=json.dumps(order), headers={"Content-Type": "application/json"}
-    ) as response:
-        await response.read()
-        return response.status == 200
+class HttpConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection: sends a prepared request, reads the status and a Content-Length body.
+
+    A minimal client so that the load generator's own CPU per request (shared cores) stays small.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = bytes(self.buffer[:end]).lower()
+        at = head.find(b"content-length:")
+        length = int(head[at + 15 :].split(b"\r\n", 1)[0]) if at >= 0 else 0
+        if len(self.buffer) < end + 4 + length:
+            return
+        del self.buffer[: end + 4 + length]
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(int(head[9:12]))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError(f"connection closed: {exc}"))
+
+    async def request(self, data: bytes) -> int:
+        """Send one prepared request; the response's status code."""
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(data)
+        return await self.waiter
+
+
+class Target:
+    """The predict endpoint: prepared request bytes and new connections to it."""
+
+    def __init__(self, base: str):
+        url = urllib.parse.urlsplit(f"{base}/predict")
+        self.host, self.port, self.path = url.hostname, url.port or 80, url.path
+
+    def request(self, order: dict) -> bytes:
+        body = json.dumps(order).encode()
+        head = (
+            f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        return head.encode() + body
+
+    def requests(self, source: OrderSource, count: int) -> list[bytes]:
+        return [self.request(source.next()) for _ in range(count)]
+
+    async def connect(self) -> HttpConnection:
+        _, connection = await asyncio.get_running_loop().create_connection(
+            HttpConnection, self.host, self.port
+        )
+        return connection
+
+
+async def send(connection: HttpConnection, data: bytes, timeout: float = 10.0) -> bool:
+    try:
+        return await asyncio.wait_for(connection.request(data), timeout) == 200
+    except (TimeoutError, ConnectionError, RuntimeError):  # RuntimeError: uvloop, transport already closed
+        return False
 
 
 async def open_loop(
-    base: str, source: OrderSource, meter: CpuMeter, rate: float, duration: float, max_count: int
+    target: Target, source: OrderSource, meter: CpuMeter, rate: float, duration: float, max_count: int
 ) -> None:
     """Requests sent at a fixed rate regardless of answers; latency from each scheduled send time."""
     count = min(int(rate * duration), max_count)
-    url, latencies, errors = f"{base}/predict", [], 0
-    connector = aiohttp.TCPConnector(limit=256)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        loop = asyncio.get_running_loop()
-        start = loop.time() + 0.05
+    prepared = target.requests(source, count)  # built before the clock starts
+    idle: list[HttpConnection] = [await target.connect() for _ in range(8)]
+    latencies, errors = [], 0
+    loop = asyncio.get_running_loop()
 
-        async def one(i: int) -> None:
-            nonlocal errors
-            scheduled = start + i / rate
-            await asyncio.sleep(max(0.0, scheduled - loop.time()))
-            try:
-                ok = await asyncio.wait_for(send(session, url, source.next()), timeout=10)
-            except (TimeoutError, aiohttp.ClientError):
-                ok = False
-            errors += not ok
-            latencies.append(loop.time() - scheduled)
+    async def one(data: bytes, scheduled: float) -> None:
+        nonlocal errors
+        while idle and idle[-1].transport.is_closing():  # closed by the server while idle
+            idle.pop()
+        connection = idle.pop() if idle else await target.connect()
+        ok = await send(connection, data)
+        errors += not ok
+        latencies.append(time.perf_counter() - scheduled)
+        if ok:
+            idle.append(connection)
+        else:
+            connection.transport.close()
 
-        before = meter.read()
-        await asyncio.gather(*[one(i) for i in range(count)])
-        elapsed = loop.time() - start
-        after = meter.read()
+    before, start = meter.read(), time.perf_counter() + 0.05
+    tasks = []
+    for i, data in enumerate(prepared):
+        scheduled = start + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(loop.create_task(one(data, scheduled)))
+    await asyncio.gather(*tasks)
+    elapsed, after = time.perf_counter() - start, meter.read()
+    for connection in idle:
+        connection.transport.close()
     print(
         f"  {rate:6.0f} req/s x {count:5d}: {percentiles(latencies)}  throughput {count / elapsed:7.0f} req/s"
         f"  errors {errors}  ({load_average()})\n    {CpuMeter.per_request(before, after, count)}"
@@ -348,29 +426,31 @@ async def open_loop(
 
 
 async def closed_loop(
-    base: str, source: OrderSource, meter: CpuMeter, concurrency: int, count: int, max_seconds: float
+    target: Target, source: OrderSource, meter: CpuMeter, concurrency: int, count: int, max_seconds: float
 ) -> None:
     """`concurrency` connections each sending the next request as soon as its answer arrives."""
-    url, latencies, errors, sent = f"{base}/predict", [], 0, 0
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        deadline = time.perf_counter() + max_seconds
+    prepared = iter(target.requests(source, count))
+    connections = [await target.connect() for _ in range(concurrency)]
+    latencies, errors = [], 0
+    deadline = time.perf_counter() + max_seconds
 
-        async def worker() -> None:
-            nonlocal errors, sent
-            while sent < count and time.perf_counter() < deadline:
-                sent += 1
-                started = time.perf_counter()
-                try:
-                    ok = await send(session, url, source.next())
-                except aiohttp.ClientError:
-                    ok = False
-                errors += not ok
-                latencies.append(time.perf_counter() - started)
+    async def worker(connection: HttpConnection) -> None:
+        nonlocal errors
+        for data in prepared:
+            started = time.perf_counter()
+            ok = await send(connection, data)
+            errors += not ok
+            latencies.append(time.perf_counter() - started)
+            if not ok:
+                connection = await target.connect()
+            if started > deadline:
+                return
 
-        before, started = meter.read(), time.perf_counter()
-        await asyncio.gather(*[worker() for _ in range(concurrency)])
-        elapsed, after = time.perf_counter() - started, meter.read()
+    before, started = meter.read(), time.perf_counter()
+    await asyncio.gather(*[worker(connection) for connection in connections])
+    elapsed, after = time.perf_counter() - started, meter.read()
+    for connection in connections:
+        connection.transport.close()
     print(
         f"  saturation, {concurrency} connections x {len(latencies)}: {percentiles(latencies)}"
         f"  throughput {len(latencies) / elapsed:7.0f} req/s  errors {errors}  ({load_average()})"
@@ -379,27 +459,36 @@ async def closed_loop(
 
 
 async def run_load(base: str, source: OrderSource, meter: CpuMeter, args: argparse.Namespace) -> None:
-    async with aiohttp.ClientSession() as session:  # warm up every worker's model cache and connections
-        await asyncio.gather(*[send(session, f"{base}/predict", source.next()) for _ in range(200)])
-        one, before = [], meter.read()
-        for _ in range(args.single):
-            started = time.perf_counter()
-            await send(session, f"{base}/predict", source.next())
-            one.append(time.perf_counter() - started)
-        after = meter.read()
+    target = Target(base)
+    warm = [await target.connect() for _ in range(16)]  # every worker's model cache and connections
+    await asyncio.gather(
+        *[send(c, data) for c, data in zip(warm * 13, target.requests(source, 208), strict=True)]
+    )
+    for connection in warm:
+        connection.transport.close()
+    connection, one = await target.connect(), []
+    prepared = target.requests(source, args.single)
+    before = meter.read()
+    for data in prepared:
+        started = time.perf_counter()
+        await send(connection, data)
+        one.append(time.perf_counter() - started)
+    after = meter.read()
+    connection.transport.close()
     print(f"HTTP predict, one connection, sequential x {args.single}: {percentiles(one)}  ({load_average()})")
     print(f"    {CpuMeter.per_request(before, after, args.single)}")
     print("HTTP predict, open loop at fixed rates:")
     for rate in args.rates:
-        await open_loop(base, source, meter, rate, args.duration, args.max_count)
+        await open_loop(target, source, meter, rate, args.duration, args.max_count)
     print("HTTP predict, closed loop:")
-    await closed_loop(base, source, meter, args.concurrency, args.saturation_requests, args.duration * 2)
+    await closed_loop(target, source, meter, args.concurrency, args.saturation_requests, args.duration * 2)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--url", help="base URL of a running service, e.g. http://127.0.0.1:8021" + API)
     parser.add_argument("--workers", type=int, default=1, help="hopeit_server --workers (own service only)")
+    parser.add_argument("--worker-class", help="hopeit_server --worker-class, e.g. GunicornUVLoopWebWorker")
     parser.add_argument(
         "--log-level", help="run the own service with a copy of server.json at this log level"
     )
@@ -418,7 +507,7 @@ def main() -> None:
     start = pd.Timestamp("2027-01-01", tz="UTC")
     if args.url:
         source = OrderSource(asyncio.run(combinations_from_service(args.url)), start)
-        asyncio.run(run_load(args.url, source, CpuMeter(None, redis_url), args))
+        uvloop.run(run_load(args.url, source, CpuMeter(None, redis_url), args))
         return
     prefix = f"fraudbench:{uuid4().hex}:"
     log = REPO / "data" / "logs" / "bench-service.log"
@@ -429,14 +518,15 @@ def main() -> None:
         orders, model_id = prepare_store(redis_url, prefix, args)
         print(
             f"setup: {len(orders):,} orders, model {model_id} ({args.rounds} rounds, depth {args.depth}) live under "
-            f"{prefix} in {time.perf_counter() - prepared:.1f} s; service workers: {args.workers}, "
+            f"{prefix} in {time.perf_counter() - prepared:.1f} s; service workers: {args.workers} "
+            f"({args.worker_class or 'GunicornWebWorker'}), "
             f"log level: {args.log_level or 'as in config/server.json'}; cores: {os.cpu_count()}"
         )
         source = OrderSource(combinations_from(orders), start)
         asyncio.run(measure_floor(redis_url, prefix, source, repeat=2000))
         server = server_config(args.log_level, log.parent)
-        proc, base = start_service(redis_url, prefix, args.workers, log, server)
-        asyncio.run(run_load(base, source, CpuMeter(proc.pid, redis_url), args))
+        proc, base = start_service(redis_url, prefix, args.workers, args.worker_class, log, server)
+        uvloop.run(run_load(base, source, CpuMeter(proc.pid, redis_url), args))
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
