@@ -48,7 +48,7 @@ training-service: install
 	. config/env.sh && $(BIN)/hopeit_server run --config-files=config/server.json,config/redis-streams.json,config/training-pipeline.json --api-file=config/openapi-training.json --start-streams --port=8020
 
 prediction-service: install
-	. config/env.sh && $(BIN)/hopeit_server run --config-files=config/server.json,config/redis-streams.json,config/fraud-service.json --api-file=config/openapi-service.json --start-streams --port=8021
+	. config/env.sh && $(BIN)/hopeit_server run --config-files=config/server-prediction.json,config/redis-streams.json,config/fraud-service.json --api-file=config/openapi-service.json --start-streams --port=8021 --worker-class=GunicornUVLoopWebWorker
 
 bench: install
 	. config/env.sh && $(BIN)/python bench/bench_pipeline.py && $(BIN)/python bench/bench_service.py

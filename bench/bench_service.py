@@ -2,8 +2,8 @@
 
 By default it sets everything up itself: a generated order history, a model trained on its batch features,
 their serving state loaded as a feature-store version under a key prefix of its own in the configured Redis
-($FRAUD_REDIS_URL), and `hopeit_server run` on a free port (`--workers N` for gunicorn workers). `--url`
-points it at a running service instead (one with a live model; orders are built from `find-orders`).
+($FRAUD_REDIS_URL), and the prediction service as the README runs it, on a free port (`--workers N` for N
+processes). `--url` points it at a running service instead (one with a live model; orders are built from `find-orders`).
 
 It prints, in one run:
 - the floor: Redis round trip (PING, and the scoring script), `serving_features` for one order, and the
@@ -31,6 +31,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from uuid import uuid4
 
@@ -46,6 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from fraud_poc.feature_store import switch_live, upload_model, write_entity_states  # noqa: E402
 from fraud_poc.features import compute_features, serving_features  # noqa: E402
+from fraud_poc.launcher import SERVICES  # noqa: E402
 from fraud_poc.redis_store import Keys, async_redis  # noqa: E402
 from fraud_poc.registry import model_metadata  # noqa: E402
 from fraud_poc.sample_data import generate_orders  # noqa: E402
@@ -162,11 +164,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_config(log_level: str | None, workdir: Path) -> Path:
-    """config/server.json, or a copy of it with another log level (to measure what per-request logging costs)."""
-    path = REPO / "config" / "server.json"
+def server_config(log_level: str | None, workdir: Path) -> Path | None:
+    """None (the service's own server config), or a copy of it at another log level (what request logs cost)."""
     if log_level is None:
-        return path
+        return None
+    path = REPO / SERVICES["prediction"].config_files[0]
     config = json.loads(path.read_text())
     config["logging"]["log_level"] = log_level
     copy = workdir / f"server-{log_level.lower()}.json"
@@ -174,10 +176,22 @@ def server_config(log_level: str | None, workdir: Path) -> Path:
     return copy
 
 
+def service_command(port: int, workers: int, worker_class: str | None, server: Path | None) -> list[str]:
+    """The prediction service's command as the README gives it, with the bench's changes."""
+    args = SERVICES["prediction"].args(port, REPO)
+    if server is not None:
+        args[1] = args[1].replace(str(REPO / SERVICES["prediction"].config_files[0]), str(server))
+    if worker_class is not None:
+        args = [a for a in args if not a.startswith("--worker-class=")] + [f"--worker-class={worker_class}"]
+    if workers > 1:
+        args += [f"--workers={workers}"]
+    return [str(Path(sys.executable).parent / "hopeit_server"), *args]
+
+
 def start_service(
-    redis_url: str, prefix: str, workers: int, worker_class: str | None, log: Path, server: Path
+    redis_url: str, prefix: str, workers: int, worker_class: str | None, log: Path, server: Path | None
 ) -> tuple[subprocess.Popen, str]:
-    """`hopeit_server run` with the service's config on a free port; returns the process and the API base URL."""
+    """The prediction service on a free port; returns the process and the API base URL."""
     port = free_port()
     env = {
         **os.environ,
@@ -187,15 +201,8 @@ def start_service(
     }
     env.setdefault("FRAUD_DATA_ROOT", str(REPO / "data"))
     env.setdefault("DASK_SCHEDULER_ADDRESS", "")
-    configs = ",".join(
-        [str(server), *(str(REPO / "config" / f) for f in ("redis-streams.json", "fraud-service.json"))]
-    )
-    cmd = [str(Path(sys.executable).parent / "hopeit_server"), "run", f"--config-files={configs}"]
-    cmd += [f"--api-file={REPO / 'config' / 'openapi-service.json'}", "--start-streams", f"--port={port}"]
-    if workers > 1:
-        cmd += [f"--workers={workers}"]
-    if worker_class:
-        cmd += [f"--worker-class={worker_class}"]
+    cmd = service_command(port, workers, worker_class, server)
+    print("service:", " ".join(cmd[1:]).replace(f"{REPO}/", ""))
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}{API}"
     deadline = time.monotonic() + 60
@@ -377,11 +384,26 @@ class Target:
         return connection
 
 
-async def send(connection: HttpConnection, data: bytes, timeout: float = 10.0) -> bool:
+class Errors(Counter):
+    """Failed requests by kind: an HTTP status other than 200, or the exception's name."""
+
+    def __str__(self) -> str:
+        return f"errors {sum(self.values())}" + (f" {dict(self)}" if self else "")
+
+
+async def send(connection: HttpConnection, data: bytes, errors: Errors, timeout: float = 10.0) -> bool:
+    """Send one request; whether it was answered 200 (anything else is counted in `errors`)."""
     try:
-        return await asyncio.wait_for(connection.request(data), timeout) == 200
-    except (TimeoutError, ConnectionError, RuntimeError):  # RuntimeError: uvloop, transport already closed
-        return False
+        status = await asyncio.wait_for(connection.request(data), timeout)
+    except (
+        TimeoutError,
+        ConnectionError,
+        RuntimeError,
+    ) as e:  # RuntimeError: uvloop, transport already closed
+        status = type(e).__name__
+    if status != 200:
+        errors[status] += 1
+    return status == 200
 
 
 async def open_loop(
@@ -391,16 +413,14 @@ async def open_loop(
     count = min(int(rate * duration), max_count)
     prepared = target.requests(source, count)  # built before the clock starts
     idle: list[HttpConnection] = [await target.connect() for _ in range(8)]
-    latencies, errors = [], 0
+    latencies, errors = [], Errors()
     loop = asyncio.get_running_loop()
 
     async def one(data: bytes, scheduled: float) -> None:
-        nonlocal errors
         while idle and idle[-1].transport.is_closing():  # closed by the server while idle
             idle.pop()
         connection = idle.pop() if idle else await target.connect()
-        ok = await send(connection, data)
-        errors += not ok
+        ok = await send(connection, data, errors)
         latencies.append(time.perf_counter() - scheduled)
         if ok:
             idle.append(connection)
@@ -421,7 +441,7 @@ async def open_loop(
         connection.transport.close()
     print(
         f"  {rate:6.0f} req/s x {count:5d}: {percentiles(latencies)}  throughput {count / elapsed:7.0f} req/s"
-        f"  errors {errors}  ({load_average()})\n    {CpuMeter.per_request(before, after, count)}"
+        f"  {errors}  ({load_average()})\n    {CpuMeter.per_request(before, after, count)}"
     )
 
 
@@ -431,15 +451,13 @@ async def closed_loop(
     """`concurrency` connections each sending the next request as soon as its answer arrives."""
     prepared = iter(target.requests(source, count))
     connections = [await target.connect() for _ in range(concurrency)]
-    latencies, errors = [], 0
+    latencies, errors = [], Errors()
     deadline = time.perf_counter() + max_seconds
 
     async def worker(connection: HttpConnection) -> None:
-        nonlocal errors
         for data in prepared:
             started = time.perf_counter()
-            ok = await send(connection, data)
-            errors += not ok
+            ok = await send(connection, data, errors)
             latencies.append(time.perf_counter() - started)
             if not ok:
                 connection = await target.connect()
@@ -453,7 +471,7 @@ async def closed_loop(
         connection.transport.close()
     print(
         f"  saturation, {concurrency} connections x {len(latencies)}: {percentiles(latencies)}"
-        f"  throughput {len(latencies) / elapsed:7.0f} req/s  errors {errors}  ({load_average()})"
+        f"  throughput {len(latencies) / elapsed:7.0f} req/s  {errors}  ({load_average()})"
         f"\n    {CpuMeter.per_request(before, after, len(latencies))}"
     )
 
@@ -461,9 +479,13 @@ async def closed_loop(
 async def run_load(base: str, source: OrderSource, meter: CpuMeter, args: argparse.Namespace) -> None:
     target = Target(base)
     warm = [await target.connect() for _ in range(16)]  # every worker's model cache and connections
-    await asyncio.gather(
-        *[send(c, data) for c, data in zip(warm * 13, target.requests(source, 208), strict=True)]
-    )
+    warm_errors, requests = Errors(), target.requests(source, 13 * len(warm))
+
+    async def warm_up(connection: HttpConnection, mine: list[bytes]) -> None:
+        for data in mine:  # one request at a time per connection
+            await send(connection, data, warm_errors)
+
+    await asyncio.gather(*[warm_up(c, requests[i :: len(warm)]) for i, c in enumerate(warm)])
     for connection in warm:
         connection.transport.close()
     connection, one = await target.connect(), []
@@ -471,11 +493,14 @@ async def run_load(base: str, source: OrderSource, meter: CpuMeter, args: argpar
     before = meter.read()
     for data in prepared:
         started = time.perf_counter()
-        await send(connection, data)
+        await send(connection, data, warm_errors)
         one.append(time.perf_counter() - started)
     after = meter.read()
     connection.transport.close()
-    print(f"HTTP predict, one connection, sequential x {args.single}: {percentiles(one)}  ({load_average()})")
+    print(
+        f"HTTP predict, one connection, sequential x {args.single}: {percentiles(one)}  "
+        f"warm-up and sequential {warm_errors}  ({load_average()})"
+    )
     print(f"    {CpuMeter.per_request(before, after, args.single)}")
     print("HTTP predict, open loop at fixed rates:")
     for rate in args.rates:
@@ -488,9 +513,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--url", help="base URL of a running service, e.g. http://127.0.0.1:8021" + API)
     parser.add_argument("--workers", type=int, default=1, help="hopeit_server --workers (own service only)")
-    parser.add_argument("--worker-class", help="hopeit_server --worker-class, e.g. GunicornUVLoopWebWorker")
+    parser.add_argument("--worker-class", help="hopeit_server --worker-class instead of the README's")
     parser.add_argument(
-        "--log-level", help="run the own service with a copy of server.json at this log level"
+        "--log-level", help="run the own service with a copy of its server config at this level"
     )
     parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[100, 500, 1000])
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per fixed-rate run")
@@ -518,9 +543,7 @@ def main() -> None:
         orders, model_id = prepare_store(redis_url, prefix, args)
         print(
             f"setup: {len(orders):,} orders, model {model_id} ({args.rounds} rounds, depth {args.depth}) live under "
-            f"{prefix} in {time.perf_counter() - prepared:.1f} s; service workers: {args.workers} "
-            f"({args.worker_class or 'GunicornWebWorker'}), "
-            f"log level: {args.log_level or 'as in config/server.json'}; cores: {os.cpu_count()}"
+            f"{prefix} in {time.perf_counter() - prepared:.1f} s; cores: {os.cpu_count()}"
         )
         source = OrderSource(combinations_from(orders), start)
         asyncio.run(measure_floor(redis_url, prefix, source, repeat=2000))

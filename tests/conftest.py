@@ -14,6 +14,8 @@ import redis
 import requests
 from distributed import Client, LocalCluster
 
+from fraud_poc.launcher import SERVICES
+
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("FRAUD_TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
 
@@ -62,12 +64,11 @@ def service_env(key_prefix: str, data_root: Path, redis_url: str = REDIS_URL) ->
 class Service:
     """A `hopeit_server run --start-streams` subprocess on a free port."""
 
-    def __init__(self, app_config: str, api_file: str, env: dict, log: Path):
+    def __init__(self, name: str, env: dict, log: Path):
+        """`name`: "training" or "prediction", run as the README says (`fraud_poc.launcher.SERVICES`)."""
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        config_files = f"config/server.json,config/redis-streams.json,config/{app_config}"
-        cmd = [str(Path(sys.executable).parent / "hopeit_server"), "run", f"--config-files={config_files}"]
-        cmd += [f"--api-file=config/{api_file}", "--start-streams", f"--port={self.port}"]
+        cmd = [str(Path(sys.executable).parent / "hopeit_server"), *SERVICES[name].args(self.port)]
         self.log = log
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 

@@ -29,9 +29,7 @@ def data_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def training(key_prefix, data_root, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "training.log"
-    service = Service(
-        "training-pipeline.json", "openapi-training.json", service_env(key_prefix, data_root), log
-    )
+    service = Service("training", service_env(key_prefix, data_root), log)
     try:
         service.wait_ready()
         yield service
@@ -83,7 +81,7 @@ def write_orders(data_root: Path, name: str, frame) -> str:
 @pytest.fixture(scope="module")
 def prediction(key_prefix, data_root, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "prediction.log"
-    service = Service("fraud-service.json", "openapi-service.json", service_env(key_prefix, data_root), log)
+    service = Service("prediction", service_env(key_prefix, data_root), log)
     try:
         service.wait_ready()
         yield service

@@ -29,6 +29,7 @@ import xgboost as xgb
 
 from fraud_poc.feature_store import switch_live, upload_model, write_entity_states
 from fraud_poc.features import compute_features
+from fraud_poc.launcher import SERVICES
 from fraud_poc.redis_store import Keys
 from fraud_poc.registry import model_metadata
 from fraud_poc.sample_data import generate_orders
@@ -132,11 +133,7 @@ def start_service(redis_url: str, prefix: str, workdir: Path) -> Service:
         "DASK_SCHEDULER_ADDRESS": "",
         "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
     }
-    configs = ",".join(
-        str(REPO / "config" / f) for f in ("server.json", "redis-streams.json", "fraud-service.json")
-    )
-    cmd = [str(Path(sys.executable).parent / "hopeit_server"), "run", f"--config-files={configs}"]
-    cmd += [f"--api-file={REPO / 'config' / 'openapi-service.json'}", "--start-streams", f"--port={port}"]
+    cmd = [str(Path(sys.executable).parent / "hopeit_server"), *SERVICES["prediction"].args(port, REPO)]
     log = workdir / "service.log"
     proc = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     return Service(proc, f"http://127.0.0.1:{port}{API}", Keys(prefix), redis_url, log)
