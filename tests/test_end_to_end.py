@@ -21,6 +21,18 @@ SERVICE_API = "/api/fraud-service/0x2"
 SMALL = {"num_orders": 30_000, "num_customers": 600, "months": 3, "fraud_rate": 0.02, "seed": 7}
 
 
+def running(name: str, key_prefix: str, data_root: Path, tmp_path_factory):
+    """One of the two services, ready, for the length of a fixture; stopped after."""
+    service = Service(
+        name, service_env(key_prefix, data_root), tmp_path_factory.mktemp("logs") / f"{name}.log"
+    )
+    try:
+        service.wait_ready()
+        yield service
+    finally:
+        service.stop()
+
+
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
@@ -28,13 +40,7 @@ def data_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def training(key_prefix, data_root, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "training.log"
-    service = Service("training", service_env(key_prefix, data_root), log)
-    try:
-        service.wait_ready()
-        yield service
-    finally:
-        service.stop()
+    yield from running("training", key_prefix, data_root, tmp_path_factory)
 
 
 def start(service: Service, event: str, body: dict) -> str:
@@ -80,13 +86,7 @@ def write_orders(data_root: Path, name: str, frame) -> str:
 
 @pytest.fixture(scope="module")
 def prediction(key_prefix, data_root, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "prediction.log"
-    service = Service("prediction", service_env(key_prefix, data_root), log)
-    try:
-        service.wait_ready()
-        yield service
-    finally:
-        service.stop()
+    yield from running("prediction", key_prefix, data_root, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
