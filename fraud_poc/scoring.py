@@ -25,6 +25,7 @@ import xgboost as xgb
 from .serving_state import decode_state
 from .features import serving_features, timestamp_us
 from .redis_store import Keys, async_redis
+from .row_predictor import RowPredictor
 from .schema import ENTITIES, FEATURE_COLUMNS, FEATURE_SET_VERSION
 from .service_payloads import Contribution, KnownEntities, KnownOrder, ModelInfo, Order, Prediction
 
@@ -195,6 +196,9 @@ class StoreUnavailable(ServiceUnavailable):
     """Redis did not answer, or the live model cannot be loaded from it."""
 
 
+APPROX_CONTRIBUTIONS = True  # Saabas attributions, not exact TreeSHAP: see "Score and contributions"
+
+
 @dataclass(frozen=True)
 class LiveModel:
     """A loaded model and the live pointer it was loaded for."""
@@ -205,6 +209,7 @@ class LiveModel:
     run_id: str | None
     promoted_at: str | None
     booster: xgb.Booster
+    predictor: RowPredictor  # the booster's calls for a few rows at a time
     threshold: float
     feature_columns: list[str]
     feature_index: np.ndarray  # position of each model feature in FEATURE_COLUMNS
@@ -242,6 +247,7 @@ def load_live_model(pointer: bytes, booster_raw: bytes, metadata_raw: bytes, win
         run_id=live.get("run_id"),
         promoted_at=live.get("promoted_at"),
         booster=booster,
+        predictor=RowPredictor(booster, approx_contributions=APPROX_CONTRIBUTIONS),
         threshold=float(metadata["threshold"]),
         feature_columns=columns,
         feature_index=np.array([FEATURE_COLUMNS.index(c) for c in columns]),
@@ -250,20 +256,9 @@ def load_live_model(pointer: bytes, booster_raw: bytes, metadata_raw: bytes, win
     )
 
 # %% ../nbs/30_scoring.ipynb #979d9a54
-APPROX_CONTRIBUTIONS = True
-
-
 def score_matrix(model: LiveModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Fraud scores (n,) and contributions (n, features + 1; the last column is the bias) of the model input."""
-    booster = model.booster
-    scores = booster.inplace_predict(x, validate_features=False)
-    contributions = booster.predict(
-        xgb.DMatrix(x, nthread=1),
-        pred_contribs=True,
-        approx_contribs=APPROX_CONTRIBUTIONS,
-        validate_features=False,
-    )
-    return scores, contributions
+    return model.predictor.scores(x), model.predictor.contributions(x)
 
 
 def top_contributions(

@@ -10,6 +10,7 @@ PURE = [
     "schema",
     "features",
     "serving_state",
+    "row_predictor",
     "sample_data",
     "validation",
     "training_data",
