@@ -21,6 +21,8 @@ Redis; its own CPU use is printed too.
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import json
 import os
 import resource
@@ -76,11 +78,11 @@ def load_average() -> str:
 class CpuMeter:
     """CPU seconds used by the service's processes (the server and its workers) and by Redis."""
 
-    def __init__(self, service_pid: int | None, redis_url: str):
-        self.service_pid, self.redis = service_pid, redis.Redis.from_url(redis_url)
+    def __init__(self, service_pids: list[int], redis_url: str):
+        self.service_pids, self.redis = set(service_pids), redis.Redis.from_url(redis_url)
 
     def _service(self) -> float:
-        if self.service_pid is None:
+        if not self.service_pids:
             return float("nan")
         ticks = os.sysconf("SC_CLK_TCK")
         total = 0
@@ -90,7 +92,7 @@ class CpuMeter:
             except OSError:
                 continue
             pid, ppid = int(stat.parent.name), int(fields[1])
-            if self.service_pid in (pid, ppid):
+            if pid in self.service_pids or ppid in self.service_pids:
                 total += int(fields[11]) + int(fields[12])  # utime + stime
         return total / ticks
 
@@ -295,7 +297,8 @@ async def measure_floor(redis_url: str, prefix: str, source: OrderSource, repeat
     features_us = timed_us(lambda: serving_features(histories, record, WINDOW), repeat)
     x = np.asarray(serving_features(histories, record, WINDOW))[live.feature_index][None, :]
     booster = live.booster
-    inplace_us = timed_us(lambda: booster.inplace_predict(x, validate_features=False), repeat)
+    python_us = timed_us(lambda: booster.inplace_predict(x, validate_features=False), repeat)
+    inplace_us = timed_us(lambda: live.predictor.scores(x), repeat)
     both_us = timed_us(lambda: score_matrix(live, x), repeat)
     scorer_us = await rtt(lambda: scorer.predict([Order(**source.next())]))
     trees = booster.num_boosted_rounds()
@@ -304,7 +307,8 @@ async def measure_floor(redis_url: str, prefix: str, source: OrderSource, repeat
     print(f"  Redis scoring script (read + append)  {script_us:8.1f} us")
     print(f"  serving_features, one order           {features_us:8.1f} us")
     print(
-        f"  model: inplace_predict, one row       {inplace_us:8.1f} us   ({trees} trees, depth <= {depth_of(live)})"
+        f"  model: in-place score, one row        {inplace_us:8.1f} us   ({trees} trees, depth <= {depth_of(live)};"
+        f" Booster.inplace_predict {python_us:.1f} us)"
     )
     print(f"  model: score + contributions, one row {both_us:8.1f} us")
     print(f"  Scorer.predict in-process (all above) {scorer_us:8.1f} us")
@@ -360,16 +364,20 @@ class HttpConnection(asyncio.Protocol):
 
 
 class Target:
-    """The predict endpoint: prepared request bytes and new connections to it."""
+    """The predict endpoint of one or more replicas: prepared request bytes, and new connections spread over
+    the replicas in turn (as a load balancer would)."""
 
-    def __init__(self, base: str):
-        url = urllib.parse.urlsplit(f"{base}/predict")
-        self.host, self.port, self.path = url.hostname, url.port or 80, url.path
+    def __init__(self, bases: list[str]):
+        urls = [urllib.parse.urlsplit(f"{base}/predict") for base in bases]
+        self.addresses = [(url.hostname, url.port or 80) for url in urls]
+        self.host, self.path, self.connections = urls[0].hostname, urls[0].path, 0
+        if any(url.path != self.path for url in urls):
+            raise ValueError(f"replicas must serve the same API path: {bases}")
 
     def request(self, order: dict) -> bytes:
         body = json.dumps(order).encode()
         head = (
-            f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"POST {self.path} HTTP/1.1\r\nHost: {self.host}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
         )
         return head.encode() + body
@@ -378,9 +386,9 @@ class Target:
         return [self.request(source.next()) for _ in range(count)]
 
     async def connect(self) -> HttpConnection:
-        _, connection = await asyncio.get_running_loop().create_connection(
-            HttpConnection, self.host, self.port
-        )
+        host, port = self.addresses[self.connections % len(self.addresses)]
+        self.connections += 1
+        _, connection = await asyncio.get_running_loop().create_connection(HttpConnection, host, port)
         return connection
 
 
@@ -476,8 +484,30 @@ async def closed_loop(
     )
 
 
-async def run_load(base: str, source: OrderSource, meter: CpuMeter, args: argparse.Namespace) -> None:
-    target = Target(base)
+@contextlib.contextmanager
+def collector_paused():
+    """The load generator's own cyclic garbage collector off while it measures: a full collection of its heap
+    (pandas, XGBoost, the prepared requests) stalls its event loop for up to ~100 ms, which would show up as
+    service latency in every request due meanwhile."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+async def run_load(bases: list[str], source: OrderSource, meter: CpuMeter, args: argparse.Namespace) -> None:
+    target = Target(bases)
+    with collector_paused():
+        await measure_load(target, source, meter, args)
+
+
+async def measure_load(
+    target: Target, source: OrderSource, meter: CpuMeter, args: argparse.Namespace
+) -> None:
     warm = [await target.connect() for _ in range(16)]  # every worker's model cache and connections
     warm_errors, requests = Errors(), target.requests(source, 13 * len(warm))
 
@@ -511,7 +541,14 @@ async def run_load(base: str, source: OrderSource, meter: CpuMeter, args: argpar
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--url", help="base URL of a running service, e.g. http://127.0.0.1:8021" + API)
+    parser.add_argument(
+        "--url",
+        action="append",
+        help="base URL of a running service, e.g. http://127.0.0.1:8021" + API + " (repeat for replicas)",
+    )
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="services started, each on its own port (own service only)"
+    )
     parser.add_argument("--workers", type=int, default=1, help="hopeit_server --workers (own service only)")
     parser.add_argument("--worker-class", help="hopeit_server --worker-class instead of the README's")
     parser.add_argument(
@@ -531,13 +568,13 @@ def main() -> None:
     redis_url = os.environ.get("FRAUD_REDIS_URL", "redis://127.0.0.1:6379/0")
     start = pd.Timestamp("2027-01-01", tz="UTC")
     if args.url:
-        source = OrderSource(asyncio.run(combinations_from_service(args.url)), start)
-        uvloop.run(run_load(args.url, source, CpuMeter(None, redis_url), args))
+        source = OrderSource(asyncio.run(combinations_from_service(args.url[0])), start)
+        uvloop.run(run_load(args.url, source, CpuMeter([], redis_url), args))
         return
     prefix = f"fraudbench:{uuid4().hex}:"
     log = REPO / "data" / "logs" / "bench-service.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    proc = None
+    procs: list[subprocess.Popen] = []
     try:
         prepared = time.perf_counter()
         orders, model_id = prepare_store(redis_url, prefix, args)
@@ -548,11 +585,21 @@ def main() -> None:
         source = OrderSource(combinations_from(orders), start)
         asyncio.run(measure_floor(redis_url, prefix, source, repeat=2000))
         server = server_config(args.log_level, log.parent)
-        proc, base = start_service(redis_url, prefix, args.workers, args.worker_class, log, server)
-        uvloop.run(run_load(base, source, CpuMeter(proc.pid, redis_url), args))
+        bases = []
+        for replica in range(args.replicas):
+            replica_log = log.with_name(f"{log.stem}-{replica}{log.suffix}") if args.replicas > 1 else log
+            proc, base = start_service(
+                redis_url, prefix, args.workers, args.worker_class, replica_log, server
+            )
+            procs.append(proc)
+            bases.append(base)
+        if args.replicas > 1:
+            print(f"{args.replicas} replicas, connections spread over them in turn")
+        uvloop.run(run_load(bases, source, CpuMeter([p.pid for p in procs], redis_url), args))
     finally:
-        if proc is not None:
+        for proc in procs:
             proc.send_signal(signal.SIGTERM)
+        for proc in procs:
             proc.wait(timeout=60)
         r = redis.Redis.from_url(redis_url)
         stale = list(r.scan_iter(match=f"{prefix}*", count=1000))
