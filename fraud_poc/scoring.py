@@ -24,6 +24,7 @@ import xgboost as xgb
 
 from .serving_state import decode_state
 from .features import serving_features, timestamp_us
+from .redis_pipe import RedisPipe
 from .redis_store import Keys, async_redis
 from .row_predictor import RowPredictor
 from .schema import ENTITIES, FEATURE_COLUMNS, FEATURE_SET_VERSION
@@ -121,21 +122,20 @@ def script_args(pointer: bytes, window: int, record: Record) -> list[Any]:
 Call = tuple[list[str], list[Any]]
 
 
-async def run_script_calls(client: aioredis.Redis, calls: list[Call]) -> list:
+async def run_script_calls(pipe: RedisPipe, calls: list[Call]) -> list:
     """Replies of the script calls (KEYS, ARGV) in one round trip; a failed call's reply is its exception."""
     replies: list = [None] * len(calls)
     todo = list(range(len(calls)))
     for attempt in (1, 2):
-        pipe = client.pipeline(transaction=False)
-        for i in todo:
-            keys, args = calls[i]
-            pipe.evalsha(APPEND_SCRIPT_SHA, len(keys), *keys, *args)
-        for i, reply in zip(todo, await pipe.execute(raise_on_error=False), strict=True):
+        commands = [
+            ("EVALSHA", APPEND_SCRIPT_SHA, len(calls[i][0]), *calls[i][0], *calls[i][1]) for i in todo
+        ]
+        for i, reply in zip(todo, await pipe.execute(commands), strict=True):
             replies[i] = reply
         todo = [i for i in todo if isinstance(replies[i], redis.exceptions.NoScriptError)]
         if not todo or attempt == 2:
             return replies
-        await client.script_load(APPEND_SCRIPT)
+        await pipe.execute([("SCRIPT", "LOAD", APPEND_SCRIPT)])
     raise AssertionError("unreachable")
 
 
@@ -149,8 +149,8 @@ def fail_waiting(futures: list[asyncio.Future], error: BaseException) -> None:
 class ScriptBatcher:
     """Runs the script calls of all requests that arrive in the same event-loop turn in one pipeline."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
-        self.client = client
+    def __init__(self, pipe: RedisPipe) -> None:
+        self.pipe = pipe
         self._waiting: list[tuple[list[Call], asyncio.Future]] = []
         self._flushes: set[asyncio.Task] = set()
 
@@ -168,7 +168,7 @@ class ScriptBatcher:
     async def _flush(self) -> None:
         waiting, self._waiting = self._waiting, []
         try:
-            replies = await run_script_calls(self.client, [call for calls, _ in waiting for call in calls])
+            replies = await run_script_calls(self.pipe, [call for calls, _ in waiting for call in calls])
         except Exception as e:  # Redis unreachable: every waiting request gets the error
             fail_waiting([future for _, future in waiting], e)
             return
@@ -322,12 +322,12 @@ def history_of(raw: bytes | None) -> list[tuple]:
 class Scorer:
     """Scores orders against the live model and the live feature-store version in Redis."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, window: int, top_k: int):
+    def __init__(self, redis: aioredis.Redis, pipe: RedisPipe, keys: Keys, window: int, top_k: int):
         self.redis, self.keys, self.window, self.top_k = redis, keys, window, top_k
         self.live: LiveModel | None = None
         self._switching = asyncio.Lock()
         self._batcher = ModelBatcher()
-        self._scripts = ScriptBatcher(redis)
+        self._scripts = ScriptBatcher(pipe)
 
     async def _call(self, fn, *args, **kwargs):
         """A Redis call; unreachable Redis becomes StoreUnavailable."""
@@ -491,5 +491,5 @@ def scorer_for(url: str, key_prefix: str, window: int, top_k: int) -> Scorer:
     """The process's shared Scorer for this Redis and prefix."""
     key = (url, key_prefix, window, top_k)
     if key not in _scorers:
-        _scorers[key] = Scorer(async_redis(url), Keys(key_prefix), window, top_k)
+        _scorers[key] = Scorer(async_redis(url), RedisPipe(url), Keys(key_prefix), window, top_k)
     return _scorers[key]

@@ -27,6 +27,7 @@ STORES = [
     "step_runner",
     "delivery",
     "redis_store",
+    "redis_pipe",
     "redis_server",
     "dask_client",
     "scoring",
