@@ -80,16 +80,15 @@ def load_average() -> str:
 
 
 class CpuMeter:
-    """CPU seconds used by the service's processes (the server and its workers) and by Redis."""
+    """CPU seconds used by the service's processes (each server and its workers) and by Redis."""
 
     def __init__(self, service_pids: list[int], redis_url: str):
         self.service_pids, self.redis = set(service_pids), redis.Redis.from_url(redis_url)
 
-    def _service(self) -> float:
-        if not self.service_pids:
-            return float("nan")
+    def _service(self) -> dict[int, float]:
+        """CPU seconds of each service process so far."""
         ticks = os.sysconf("SC_CLK_TCK")
-        total = 0
+        used = {}
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
                 fields = stat.read_text().rsplit(")", 1)[1].split()
@@ -97,21 +96,28 @@ class CpuMeter:
                 continue
             pid, ppid = int(stat.parent.name), int(fields[1])
             if pid in self.service_pids or ppid in self.service_pids:
-                total += int(fields[11]) + int(fields[12])  # utime + stime
-        return total / ticks
+                used[pid] = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+        return used
 
     def _redis(self) -> float:
         info = self.redis.info("cpu")
         return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
-    def read(self) -> tuple[float, float, float]:
+    def read(self) -> tuple[dict[int, float], float, float]:
         return self._service(), self._redis(), time.process_time()
 
     @staticmethod
     def per_request(before: tuple, after: tuple, requests: int) -> str:
-        service, store, client = ((b - a) / requests * 1e6 for a, b in zip(before, after, strict=True))
+        """CPU per request of the service, Redis and the generator; with several service processes, the share
+        of the service's CPU each one used (how evenly the load was spread)."""
+        by_process = [after[0][pid] - before[0].get(pid, 0.0) for pid in after[0]]
+        busy = sorted((used for used in by_process if used > 0.01 * sum(by_process)), reverse=True)
+        service = sum(by_process) / requests * 1e6 if by_process else float("nan")
+        store, client = ((b - a) / requests * 1e6 for a, b in zip(before[1:], after[1:], strict=True))
+        shares = f" ({' / '.join(f'{used / sum(busy):.0%}' for used in busy)})" if len(busy) > 1 else ""
         return (
-            f"CPU per request: service {service:.0f} us, Redis {store:.0f} us, load generator {client:.0f} us"
+            f"CPU per request: service {service:.0f} us{shares}, Redis {store:.0f} us,"
+            f" load generator {client:.0f} us"
         )
 
 
