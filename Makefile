@@ -51,7 +51,7 @@ prediction-service: install
 	. config/env.sh && $(BIN)/hopeit_server run --config-files=config/server-prediction.json,config/redis-streams.json,config/fraud-service.json --api-file=config/openapi-service.json --start-streams --port=8021 --worker-class=GunicornUVLoopWebWorker
 
 bench: install
-	. config/env.sh && $(BIN)/python bench/bench_pipeline.py && $(BIN)/python bench/bench_service.py
+	. config/env.sh && $(BIN)/python bench/bench_pipeline.py && $(BIN)/python bench/bench_service.py && $(BIN)/python bench/bench_service.py --replicas 2
 
 lab: install
 	$(BIN)/jupyter lab nbs
