@@ -4,10 +4,11 @@
 
 # %% auto #0
 __all__ = ['RedisSettings', 'DaskSettings', 'StorageSettings', 'TrainingDataSettings', 'TrainModelSettings',
-           'FeatureStoreSettings', 'ServiceSettings', 'DeliverySettings']
+           'FeatureStoreSettings', 'ServiceSettings', 'DeliverySettings', 'SecuritySettings']
 
 # %% ../nbs/01_settings.ipynb #61b2f1bc
 from hopeit.dataobjects import dataclass, dataobject, field
+from pydantic import SecretStr
 
 # %% ../nbs/01_settings.ipynb #6425bee0
 @dataobject
@@ -95,3 +96,13 @@ class DeliverySettings:
     retry_after_seconds: float = 3.0
     stale_after_seconds: float = 1900.0  # above the longest step timeout: the process died
     max_deliveries: int = 3
+
+
+@dataobject
+@dataclass
+class SecuritySettings:
+    """Who may call what: the API token (`FRAUD_API_TOKEN`; empty refuses every protected call) and the switches."""
+
+    api_token: SecretStr = field(default_factory=lambda: SecretStr(""))
+    find_orders_enabled: bool = False  # find-orders hands out customer ids, emails and IPs
+    predict_requires_token: bool = False  # predict and predict-batch behind the token too

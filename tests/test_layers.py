@@ -80,6 +80,7 @@ def test_stores_import_no_events(module):
 def test_every_module_is_classified():
     modules = {p.stem for p in PACKAGE.glob("*.py") if not p.stem.startswith("_")}
     contracts = {"settings", "payloads", "service_payloads", "launcher"}
+    contracts |= {"auth"}  # the events' token check and log masking: hopeit, aiohttp, no stores
     assert modules - set(PURE) - set(STORES) - contracts == set()
 
 
