@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test check-sync nbtest pytest lint openapi-check run training-service prediction-service bench lab clean-nbs
+.PHONY: install test check-sync nbtest pytest lint openapi-check run up training-service prediction-service bench lab clean-nbs
 
 install: $(STAMP)
 
@@ -43,6 +43,10 @@ openapi-check: install
 ## The main job: both services, the whole pipeline on a sample, example predictions and a summary.
 run: install
 	. config/env.sh && $(BIN)/python -m fraud_poc.launcher
+
+## Both services (Redis ensured, as for `make run`), with an API token, until Ctrl-C.
+up: install
+	. config/env.sh && $(BIN)/python -m fraud_poc.launcher --serve
 
 training-service: install
 	. config/env.sh && $(BIN)/hopeit_server run --config-files=config/server.json,config/redis-streams.json,config/training-pipeline.json --api-file=config/openapi-training.json --start-streams --port=8020

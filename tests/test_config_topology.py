@@ -19,6 +19,7 @@ def training_app():
     }.items():
         os.environ.setdefault(name, value)
     os.environ.setdefault("DASK_SCHEDULER_ADDRESS", "")
+    os.environ.setdefault("FRAUD_API_TOKEN", "")
     return config("config/training-pipeline.json")
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-from conftest import Service, service_env
+from conftest import AUTH, Service, service_env
 
 from fraud_poc.features import compute_features
 from fraud_poc.redis_store import Keys
@@ -44,7 +44,7 @@ def training(key_prefix, data_root, tmp_path_factory):
 
 
 def start(service: Service, event: str, body: dict) -> str:
-    response = requests.post(f"{service.base}{API}/{event}", json=body, timeout=10)
+    response = requests.post(f"{service.base}{API}/{event}", json=body, headers=AUTH, timeout=10)
     assert response.status_code == 200, response.text
     return response.json()["run_id"]
 
@@ -175,7 +175,9 @@ def test_failed_step_is_delivered_again_and_run_completes(training, first_run, d
 
 @pytest.mark.parametrize("path", ["../outside.csv", "/etc/passwd", "user/../../x.csv"])
 def test_run_from_raw_rejects_paths_outside_data_root(training, path):
-    response = requests.post(f"{training.base}{API}/run-from-raw", json={"path": path}, timeout=10)
+    response = requests.post(
+        f"{training.base}{API}/run-from-raw", json={"path": path}, headers=AUTH, timeout=10
+    )
     assert response.status_code == 400 and "data root" in response.text
 
 

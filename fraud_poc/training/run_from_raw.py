@@ -6,8 +6,7 @@
 __all__ = ['logger', 'extra', 'start_run']
 
 # %% ../../nbs/51_run_from_raw.ipynb #9e59e691
-from hopeit.app.api import event_api
-from hopeit.app.context import EventContext, PostprocessHook
+from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
 from hopeit.app.errors import BadRequest
 from hopeit.app.logger import app_extra_logger
 
@@ -15,19 +14,32 @@ from ..datasets import resolve_inside
 from ..payloads import PipelineJob, RawDataRequest, RunStarted
 from ..redis_store import Keys, async_redis
 from ..run_status import create_run
-from ..settings import RedisSettings, StorageSettings
+from ..auth import check_token, secured_api
+from ..service_payloads import ErrorResponse
+from ..settings import RedisSettings, SecuritySettings, StorageSettings
 from .run_pipeline import new_run_id
 
 # %% ../../nbs/51_run_from_raw.ipynb #f91efc6c
 __steps__ = ["start_run"]
 
-__api__ = event_api(
+__api__ = secured_api(
     summary="Run steps 2-6 on your own orders (parquet or CSV) under the data root",
     payload=(RawDataRequest, "path of a file or folder, relative to the data root"),
     responses={200: (RunStarted, "the new run's id"), 400: (str, "the path is not usable")},
 )
 
 logger, extra = app_extra_logger()
+
+
+async def __preprocess__(
+    payload: RawDataRequest, context: EventContext, request: PreprocessHook
+) -> RawDataRequest | ErrorResponse:
+    """The request, or a 401 without the API token: then nothing is registered or started."""
+    refused = check_token(request, context.settings(key="security", datatype=SecuritySettings))
+    if refused is not None:
+        request.set_status(refused.status)
+        return refused
+    return payload
 
 
 async def start_run(payload: RawDataRequest, context: EventContext) -> PipelineJob:

@@ -9,19 +9,20 @@ __all__ = ['logger', 'extra', 'new_run_id', 'start_run']
 from datetime import UTC, datetime
 from uuid import uuid4
 
-from hopeit.app.api import event_api
-from hopeit.app.context import EventContext, PostprocessHook
+from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 
 from ..payloads import PipelineJob, RunStarted, SampleDataParams
 from ..redis_store import Keys, async_redis
 from ..run_status import create_run
-from ..settings import RedisSettings
+from ..auth import check_token, secured_api
+from ..service_payloads import ErrorResponse
+from ..settings import RedisSettings, SecuritySettings
 
 # %% ../../nbs/50_run_pipeline.ipynb #82f35f04
 __steps__ = ["start_run"]
 
-__api__ = event_api(
+__api__ = secured_api(
     summary="Run the whole pipeline (steps 1-6) on generated sample data",
     payload=(SampleDataParams, "sample-data generator parameters"),
     responses={200: (RunStarted, "the new run's id; poll pipeline-status with it")},
@@ -33,6 +34,17 @@ logger, extra = app_extra_logger()
 def new_run_id() -> str:
     """Sortable, unique run id: UTC time and a random suffix."""
     return f"{datetime.now(tz=UTC):%Y%m%d-%H%M%S}-{uuid4().hex[:6]}"
+
+
+async def __preprocess__(
+    payload: SampleDataParams, context: EventContext, request: PreprocessHook
+) -> SampleDataParams | ErrorResponse:
+    """The request, or a 401 without the API token: then nothing is registered or started."""
+    refused = check_token(request, context.settings(key="security", datatype=SecuritySettings))
+    if refused is not None:
+        request.set_status(refused.status)
+        return refused
+    return payload
 
 
 async def start_run(payload: SampleDataParams, context: EventContext) -> PipelineJob:
