@@ -20,7 +20,7 @@ from hopeit.app.api import event_api
 from hopeit.app.context import PreprocessHook
 from hopeit.dataobjects.payload import Payload
 
-from .masking import install_log_masking, register_secret
+from .masking import install_log_masking, mask_console, register_secret
 from .service_payloads import ErrorResponse
 from .settings import SecuritySettings
 
@@ -99,6 +99,7 @@ def secured_api(*, optional: bool = False, **event_api_args) -> Callable[..., di
         declare_token_scheme_only()
         install_token_errors()
         install_log_masking()
+        mask_console()
         return spec
 
     return api_spec
@@ -161,6 +162,7 @@ def token_notice(service: str, security: SecuritySettings, protected: list[str])
 def announce_security(service: str, security: SecuritySettings, protected: list[str]) -> tuple[bool, str]:
     """Mask the logs, register the token as a secret and print `token_notice` to stderr; returns it for the log."""
     install_log_masking()
+    mask_console()
     usable, notice = token_notice(service, security, protected)
     if usable:
         register_secret(security.api_token.get_secret_value())
