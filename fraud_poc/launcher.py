@@ -182,7 +182,9 @@ def example_predictions() -> list[dict]:
 
 # %% ../nbs/70_launcher.ipynb #64060660
 def serve_until_interrupted(services: dict[str, subprocess.Popen]) -> None:
-    """`make up`: wait until Ctrl-C (or until a service exits, which is an error)."""
+    """`make up`: wait until Ctrl-C or SIGTERM (or until a service exits, which is an error)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     print("serving until Ctrl-C")
     try:
         while all(proc.poll() is None for proc in services.values()):
