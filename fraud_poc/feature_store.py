@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import dask.dataframe as dd
+import msgpack
 import pandas as pd
 import redis
 from distributed import Client, Future, wait
@@ -64,11 +65,6 @@ def order_index_entries(states: list[bytes]) -> dict[str, bytes]:
         for state in states
         for rec in msgpack.unpackb(state, raw=False)
     }
-
-
-def _unused() -> None:
-    pass
-    return len(values)
 
 
 def write_encoded_states(
