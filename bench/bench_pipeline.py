@@ -31,7 +31,7 @@ from distributed import Client, LocalCluster
 from fraud_poc.dask_client import WORKER_MALLOC, release_worker_memory
 from fraud_poc.data_steps import calc_features, make_training_data, preprocess_orders, write_sample_data
 from fraud_poc.registry import model_id_for_run
-from fraud_poc.schema import WINDOW
+from fraud_poc.schema import LABEL_DELAY_DAYS, WINDOW
 from fraud_poc.settings import FeatureStoreSettings, TrainModelSettings
 from fraud_poc.training_steps import PrepareResult, TrainResult, prepare_db_step, train_model_step
 
@@ -70,7 +70,7 @@ STEPS: list[tuple[str, Callable[[BenchRun], object]]] = [
         "preprocess",
         lambda run: preprocess_orders(run.client, run.data_root, run.run_id, None, run.rows_per_partition),
     ),
-    ("feature-calc", lambda run: calc_features(run.client, run.data_root, run.run_id, WINDOW)),
+    ("feature-calc", lambda run: calc_features(run.client, run.data_root, run.run_id, WINDOW, LABEL_DELAY_DAYS)),
     ("training-data", lambda run: make_training_data(run.client, run.data_root, run.run_id, 30, 0.5, 42)),
     (
         "train-model",

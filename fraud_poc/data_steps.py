@@ -38,7 +38,7 @@ from fraud_poc.datasets import (
     write_parquet,
 )
 from .sample_data import CustomerPopulation, MonthSpec, generate_month, make_population, month_specs
-from .schema import ENTITIES, FEATURE_COLUMNS, LABEL, RAW_COLUMNS, SCENARIO
+from .schema import ENTITIES, FEATURE_COLUMNS, LABEL, LABEL_DATE, RAW_COLUMNS, SCENARIO
 from .serving_state import ENCODED_COLUMNS, encoded_states
 from .training_data import check_split_sizes, holdout_cutoff, holdout_rows, training_rows
 from fraud_poc.validation import (
@@ -95,7 +95,11 @@ def write_sample_data(
 
 # %% ../nbs/21_data_steps.ipynb #4093ce7a
 _ORDERS_META = pd.DataFrame({column: pd.Series(dtype=dtype) for column, dtype in RAW_COLUMNS.items()}).assign(
-    **{LABEL: pd.Series(dtype=bool), SCENARIO: pd.Series(dtype="string")}
+    **{
+        LABEL: pd.Series(dtype=bool),
+        LABEL_DATE: pd.Series(dtype="datetime64[us, UTC]"),
+        SCENARIO: pd.Series(dtype="string"),
+    }
 )
 
 
@@ -180,23 +184,23 @@ _CARRIED = ["order_id", "order_date", LABEL, SCENARIO, "order_amount"]
 
 
 def _features_and_state(
-    orders: pd.DataFrame, by: str, window: int, carried: list[str]
+    orders: pd.DataFrame, by: str, window: int, label_delay_days: int, carried: list[str]
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Columns `carried` of `orders` with, row for row, entity `by`'s features; and the encoded state of each value."""
-    entity, latest = features.entity_features_and_state(orders, by, window)
+    entity, latest = features.entity_features_and_state(orders, by, window, label_delay_days)
     with_features = pd.concat(
         [orders[carried].reset_index(drop=True), entity.drop(columns="order_id")], axis=1
     )
-    return with_features, encoded_states(latest, by, window)
+    return with_features, encoded_states(latest, by)
 
 
 def _by_entity_outputs(
-    orders: dd.DataFrame, by: str, window: int, carried: list[str]
+    orders: dd.DataFrame, by: str, window: int, label_delay_days: int, carried: list[str]
 ) -> tuple[dd.DataFrame, dd.DataFrame]:
     """`_features_and_state` over the partitions of a per-entity dataset: (features, encoded states), one task each."""
-    meta_features, meta_states = _features_and_state(orders._meta, by, window, carried)
+    meta_features, meta_states = _features_and_state(orders._meta, by, window, label_delay_days, carried)
     pairs = [
-        delayed(_features_and_state, nout=2, pure=True)(part, by, window, carried)
+        delayed(_features_and_state, nout=2, pure=True)(part, by, window, label_delay_days, carried)
         for part in orders.to_delayed()
     ]
     return (
@@ -223,23 +227,32 @@ def align_features(left: pd.DataFrame, *others: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(columns, axis=1)
 
 # %% ../nbs/21_data_steps.ipynb #82f9548d
-def calc_features(client: Client, data_root: str | Path, run_id: str, window: int) -> StepResult:
+def _features_output(left: pd.DataFrame, *others: pd.DataFrame) -> pd.DataFrame:
+    """`align_features`, columns in `FEATURES_OUTPUT_COLUMNS` order."""
+    return align_features(left, *others)[FEATURES_OUTPUT_COLUMNS]
+
+
+def calc_features(
+    client: Client, data_root: str | Path, run_id: str, window: int, label_delay_days: int
+) -> StepResult:
     """Step 3: compute every order's features from the per-entity datasets; write `features/` and `serving_state/`."""
     for entity in ENTITIES:
         if not entity_dir(data_root, run_id, entity).is_dir():
             raise FileNotFoundError(f"no orders by {entity} for run {run_id!r}: run step preprocess first")
     first, *others = ENTITIES
-    by_first = read_by_entity(data_root, run_id, first, [*features.FEATURE_INPUT_COLUMNS, LABEL, SCENARIO])
-    left, states = _by_entity_outputs(by_first, first, window, _CARRIED)
+    inputs = [*features.FEATURE_INPUT_COLUMNS, LABEL, LABEL_DATE]
+    by_first = read_by_entity(data_root, run_id, first, [*inputs, SCENARIO])
+    left, states = _by_entity_outputs(by_first, first, window, label_delay_days, _CARRIED)
     states_by_entity, aligned_others = {first: states}, []
     for by in others:
-        orders = read_by_entity(data_root, run_id, by, list(features.FEATURE_INPUT_COLUMNS))
-        entity, states_by_entity[by] = _by_entity_outputs(orders, by, window, ["order_id", first])
+        orders = read_by_entity(data_root, run_id, by, inputs)
+        entity, states_by_entity[by] = _by_entity_outputs(
+            orders, by, window, label_delay_days, ["order_id", first]
+        )
         shuffled = entity.shuffle(on=first, npartitions=by_first.npartitions, shuffle_method="tasks")
         aligned_others.append(shuffled.drop(columns=first))
-    out_meta = align_features(left._meta, *(other._meta for other in aligned_others))[FEATURES_OUTPUT_COLUMNS]
-    joined = left.map_partitions(align_features, *aligned_others, meta=out_meta, align_dataframes=False)
-    joined = joined[FEATURES_OUTPUT_COLUMNS]
+    out_meta = _features_output(left._meta, *(other._meta for other in aligned_others))
+    joined = left.map_partitions(_features_output, *aligned_others, meta=out_meta, align_dataframes=False)
     with (
         replace_atomically(features_dir(data_root, run_id)) as tmp,
         replace_atomically(serving_state_dir(data_root, run_id)) as tmp_state,
@@ -253,7 +266,9 @@ def calc_features(client: Client, data_root: str | Path, run_id: str, window: in
         ]
         rows, *_ = client.gather(client.compute([by_first.shape[0], *writes]))
     return StepResult(
-        rows_in=int(rows), rows_out=int(rows), details={"window": window, "partitions": by_first.npartitions}
+        rows_in=int(rows),
+        rows_out=int(rows),
+        details={"window": window, "label_delay_days": label_delay_days, "partitions": by_first.npartitions},
     )
 
 # %% ../nbs/21_data_steps.ipynb #48a17570

@@ -39,6 +39,10 @@ class Keys:
         """Sorted set (all scores 0) of an entity's values, for prefix search."""
         return f"{self.fs_prefix(version)}index:{entity}"
 
+    def fs_orders(self, version: str) -> str:
+        """Hash of every order in the version's states: order_id -> msgpack [ts_us, customer_id, email, ip_addr]."""
+        return f"{self.fs_prefix(version)}orders"
+
     def fs_meta(self, version: str) -> str:
         """JSON metadata of a feature-store version, written last: its presence means the load completed."""
         return f"{self.fs_prefix(version)}meta"

@@ -23,7 +23,7 @@ from typing import Any
 import xgboost as xgb
 
 from .datasets import model_dir
-from .schema import FEATURE_COLUMNS, FEATURE_SET_VERSION, WINDOW, feature_set_fingerprint
+from .schema import FEATURE_COLUMNS, FEATURE_SET_VERSION, LABEL_DELAY_DAYS, WINDOW, feature_set_fingerprint
 
 # %% ../nbs/23_registry.ipynb #85d3266e
 MODEL_FILE = "model.ubj"
@@ -67,6 +67,7 @@ def model_metadata(
     training: dict[str, Any],
     window: int = WINDOW,
     created: datetime | None = None,
+    label_delay_days: int = LABEL_DELAY_DAYS,
 ) -> dict[str, Any]:
     """Everything stored beside a model: what it is, what it was trained on, how good it is."""
     return {
@@ -76,7 +77,8 @@ def model_metadata(
         "feature_columns": list(FEATURE_COLUMNS),
         "feature_set_version": FEATURE_SET_VERSION,
         "window": window,
-        "feature_set_fingerprint": feature_set_fingerprint(FEATURE_COLUMNS, window),
+        "label_delay_days": label_delay_days,
+        "feature_set_fingerprint": feature_set_fingerprint(FEATURE_COLUMNS, window, label_delay_days),
         "threshold": metrics["threshold"],
         "params": params,
         "training": training,

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['DATE_RANGE', 'Text', 'OrderDate', 'Amount', 'Coordinate', 'T', 'Order', 'BatchRequest', 'KnownEntities',
            'Contribution', 'Prediction', 'BatchResponse', 'KnownOrder', 'FindOrdersQuery', 'FoundOrders', 'ModelInfo',
-           'FieldError', 'ErrorResponse', 'bad_request', 'unavailable', 'field_errors', 'parse_body', 'unknown_query',
-           'query_int']
+           'LabelReport', 'LabelRecorded', 'FieldError', 'ErrorResponse', 'bad_request', 'unavailable', 'field_errors',
+           'parse_body', 'unknown_query', 'query_int']
 
 # %% ../nbs/06_service_payloads.ipynb #71e93f3c
 from datetime import UTC, datetime
@@ -148,6 +148,29 @@ class ModelInfo:
     feature_columns: list[str]
     metrics: dict[str, Any]
     metadata: dict[str, Any]
+
+# %% ../nbs/06_service_payloads.ipynb #5591485f
+@dataobject(unsafe=True)
+@dataclass
+class LabelReport:
+    """A confirmed label: fraud (a chargeback, a confirmation) or legitimate (a correction)."""
+
+    order_id: Text
+    is_fraud: Annotated[bool, field(strict=True)]
+    label_date: Optional[OrderDate] = None
+
+
+@dataobject
+@dataclass
+class LabelRecorded:
+    """What `report-label` did: the label as stored and how many of the order's three states it changed."""
+
+    order_id: str
+    is_fraud: bool
+    label_date: datetime
+    order_date: datetime
+    states_changed: int  # 0 for a repeat, or for an order no state holds any more
+    feature_store_version: str
 
 # %% ../nbs/06_service_payloads.ipynb #5fabf752
 @dataobject

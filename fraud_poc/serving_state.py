@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .schema import STATE_FIELDS
+from .schema import NO_FRAUD, STATE_FIELDS
 
 # %% ../nbs/16_serving_state.ipynb #441c877e
 def encode_state(records: Iterable[Sequence[Any]]) -> bytes:
@@ -22,11 +22,11 @@ def encode_state(records: Iterable[Sequence[Any]]) -> bytes:
     return msgpack.packb([list(record) for record in records], use_bin_type=True)
 
 
-def decode_state(data: bytes) -> list[tuple[str, int, str, str, str, float]]:
-    """State records from msgpack bytes, with `ts_us` as int and `order_amount` as float."""
+def decode_state(data: bytes) -> list[tuple[str, int, str, str, str, float, int]]:
+    """State records from msgpack bytes, with `ts_us` and `fraud_ts` as int and `order_amount` as float."""
     return [
-        (str(order_id), int(ts_us), str(customer), str(email), str(ip), float(amount))
-        for order_id, ts_us, customer, email, ip, amount in msgpack.unpackb(data, raw=False)
+        (str(order_id), int(ts_us), str(customer), str(email), str(ip), float(amount), int(fraud_ts))
+        for order_id, ts_us, customer, email, ip, amount, fraud_ts in msgpack.unpackb(data, raw=False)
     ]
 
 # %% ../nbs/16_serving_state.ipynb #d0046ff8
@@ -41,8 +41,8 @@ def _grouped_in_time_order(values: np.ndarray, ts_us: np.ndarray, order_ids: np.
     return bool((~same | later).all()) and runs == len(pd.unique(values))
 
 
-def entity_states(states: pd.DataFrame, by: str, window: int) -> tuple[list[str], list[bytes]]:
-    """Per distinct value of `by`: the value and its encoded state (last `window` orders by `(ts_us, order_id)`)."""
+def entity_states(states: pd.DataFrame, by: str) -> tuple[list[str], list[bytes]]:
+    """Per distinct value of `by`: the value and its encoded state (its rows, by `(ts_us, order_id)`)."""
     frame = states
     values = frame[by].to_numpy(dtype=object)
     if not _grouped_in_time_order(
@@ -52,25 +52,17 @@ def entity_states(states: pd.DataFrame, by: str, window: int) -> tuple[list[str]
         values = frame[by].to_numpy(dtype=object)
     if len(values) == 0:
         return [], []
-    is_first = np.r_[True, values[1:] != values[:-1]]
-    starts = np.flatnonzero(is_first)
+    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
     ends = np.r_[starts[1:], len(values)]
-    keep = np.arange(len(values)) >= (ends - window)[np.cumsum(is_first) - 1]
-    kept_ends = np.cumsum(keep)[ends - 1]
-    kept_starts = np.r_[0, kept_ends[:-1]]
-    kept = frame.loc[keep] if not keep.all() else frame
-    rows = list(zip(*(kept[col].tolist() for col in STATE_FIELDS), strict=True))
+    rows = list(zip(*(frame[col].tolist() for col in STATE_FIELDS), strict=True))
     packer = msgpack.Packer(use_bin_type=True)
-    payloads = [
-        packer.pack(rows[start:end])
-        for start, end in zip(kept_starts.tolist(), kept_ends.tolist(), strict=True)
-    ]
+    payloads = [packer.pack(rows[start:end]) for start, end in zip(starts.tolist(), ends.tolist(), strict=True)]
     return values[starts].tolist(), payloads
 
 
-def encoded_states(states: pd.DataFrame, by: str, window: int) -> pd.DataFrame:
+def encoded_states(states: pd.DataFrame, by: str) -> pd.DataFrame:
     """`entity_states` as a frame: `value` and `state` (msgpack bytes), one row per distinct value of `by`."""
-    values, payloads = entity_states(states, by, window)
+    values, payloads = entity_states(states, by)
     return pd.DataFrame(
         {
             "value": pd.array(values, dtype="str"),

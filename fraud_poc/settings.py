@@ -69,9 +69,10 @@ class TrainModelSettings:
 @dataobject
 @dataclass
 class FeatureStoreSettings:
-    """Step 6 and serving: window size and bulk-load chunking."""
+    """Steps 3 and 6 and serving: window size, label delay δ (SPEC 2.2) and bulk-load chunking."""
 
     window: int = 10
+    label_delay_days: int = field(default=7, ge=1, le=365)
     chunk_size: int = 2000
 
 

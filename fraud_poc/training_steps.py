@@ -40,7 +40,7 @@ from fraud_poc.registry import (
     save_model,
 )
 from .report import report_pngs
-from .schema import ENTITIES, FEATURE_COLUMNS, LABEL, SCENARIO, WINDOW, feature_set_fingerprint
+from .schema import ENTITIES, FEATURE_COLUMNS, LABEL, LABEL_DELAY_DAYS, SCENARIO, WINDOW, feature_set_fingerprint
 from .settings import TrainModelSettings
 from fraud_poc.train import (
     average_precision,
@@ -111,6 +111,7 @@ def _train_and_register(
     model_id: str,
     settings: TrainModelSettings,
     window: int,
+    label_delay_days: int,
 ) -> dict[str, Any]:
     """Train, evaluate on the holdout, write model + metadata + report to the registry; returns the metadata."""
     train_path, holdout_path = training_paths(data_root, run_id)
@@ -143,7 +144,14 @@ def _train_and_register(
         "workers": len(client.nthreads()),
     }
     metadata = model_metadata(
-        model_id, run_id, params, evaluate(y, scores, scenarios, threshold), data_sizes, training, window
+        model_id,
+        run_id,
+        params,
+        evaluate(y, scores, scenarios, threshold),
+        data_sizes,
+        training,
+        window,
+        label_delay_days=label_delay_days,
     )
     save_model(
         data_root,
@@ -163,6 +171,7 @@ def champion_average_precision(
     run_id: str,
     metadata: dict[str, Any],
     window: int,
+    label_delay_days: int = LABEL_DELAY_DAYS,
 ) -> tuple[str | None, float | None]:
     """The live model's id and its average precision on this run's holdout (None if it uses another feature set)."""
     r = sync_redis(redis_url)
@@ -176,7 +185,7 @@ def champion_average_precision(
     raw_booster, raw_metadata = r.hmget(keys.model(champion_id), ["booster", "metadata"])
     if raw_booster is None or raw_metadata is None:
         raise RuntimeError(f"the live model {champion_id} is missing from Redis ({keys.model(champion_id)})")
-    fingerprint = feature_set_fingerprint(FEATURE_COLUMNS, window)
+    fingerprint = feature_set_fingerprint(FEATURE_COLUMNS, window, label_delay_days)
     if json.loads(raw_metadata)["feature_set_fingerprint"] != fingerprint:
         return champion_id, None
     holdout = read_dataset(training_paths(data_root, run_id)[1], [*FEATURE_COLUMNS, LABEL, SCENARIO])
@@ -192,6 +201,7 @@ def train_model_step(
     key_prefix: str,
     settings: TrainModelSettings,
     window: int = WINDOW,
+    label_delay_days: int = LABEL_DELAY_DAYS,
 ) -> TrainResult:
     """Step 5: train (or reuse this run's registered model), then gate it against the live champion."""
     model_id = model_id_for_run(run_id)
@@ -199,11 +209,11 @@ def train_model_step(
     metadata = (
         load_metadata(data_root, model_id)
         if reused
-        else _train_and_register(client, data_root, run_id, model_id, settings, window)
+        else _train_and_register(client, data_root, run_id, model_id, settings, window, label_delay_days)
     )
     metrics = metadata["metrics"]
     champion_id, champion_ap = champion_average_precision(
-        client, redis_url, Keys(key_prefix), data_root, run_id, metadata, window
+        client, redis_url, Keys(key_prefix), data_root, run_id, metadata, window, label_delay_days
     )
     decision: PromotionDecision = promotion_gate(
         metrics["average_precision"], settings.min_average_precision, champion_id, champion_ap
@@ -271,6 +281,7 @@ def prepare_db_step(
     key_prefix: str,
     window: int,
     chunk_size: int,
+    label_delay_days: int = LABEL_DELAY_DAYS,
 ) -> PrepareResult:
     """Step 6: load the run's serving state as version `run_id`, upload the model, switch both live, drop the old version."""
     r, keys, version = sync_redis(redis_url), Keys(key_prefix), run_id
@@ -281,7 +292,9 @@ def prepare_db_step(
     meta, load = version_meta(r, keys, version), None
     if meta is None:
         frames = {by: serving_states(data_root, run_id, by) for by in ENTITIES}
-        load = write_feature_version(client, frames, redis_url, keys, version, run_id, window, chunk_size)
+        load = write_feature_version(
+            client, frames, redis_url, keys, version, run_id, window, chunk_size, label_delay_days
+        )
         meta = load.meta
     upload_model(r, keys, model_id, booster_ubj, stored_metadata)
     pointer = live_pointer(r, keys)

@@ -10,7 +10,7 @@ __all__ = ['InvalidOrdersError', 'validate_orders', 'drop_duplicate_orders', 'ad
 import numpy as np
 import pandas as pd
 
-from .schema import LABEL, RAW_COLUMNS, SCENARIO
+from .schema import LABEL, LABEL_DATE, MAX_ORDER_AMOUNT, RAW_COLUMNS, SCENARIO
 
 # %% ../nbs/12_validation.ipynb #3216402d
 class InvalidOrdersError(ValueError):
@@ -123,19 +123,37 @@ def _as_bool(values: pd.Series, source: str, column: str) -> pd.Series:
 
 # %% ../nbs/12_validation.ipynb #2754fd48
 def _check_amounts(amounts: pd.Series, source: str) -> None:
-    """Raise if any order amount is negative."""
-    negative = (amounts < 0).to_numpy()
-    if negative.any():
-        first = _first(negative)
-        problem = f"{negative.sum()} negative value(s), first {amounts.iloc[first]} at row index {first}"
-        raise InvalidOrdersError(source, "order_amount", problem)
+    """Raise if any order amount is negative or above `MAX_ORDER_AMOUNT`."""
+    for bad, what in ((amounts < 0, "negative"), (amounts > MAX_ORDER_AMOUNT, f"above {MAX_ORDER_AMOUNT:g}")):
+        bad = bad.to_numpy()
+        if bad.any():
+            first = _first(bad)
+            problem = f"{bad.sum()} {what} value(s), first {amounts.iloc[first]} at row index {first}"
+            raise InvalidOrdersError(source, "order_amount", problem)
+
+
+def _as_label_dates(values: pd.Series, order_dates: pd.Series, source: str) -> pd.Series:
+    """`label_date` as datetime64[us, UTC], null where not given; never before the order's own date."""
+    if _is_text(values):
+        values = values.astype("string").str.strip().replace("", pd.NA)
+    given = values.notna().to_numpy()
+    stamps = pd.Series(pd.NaT, index=values.index, dtype="datetime64[us, UTC]")
+    if given.any():
+        stamps[given] = _as_utc_timestamp(values[given], source, LABEL_DATE)
+    early = (stamps < order_dates.set_axis(values.index)).to_numpy()
+    if early.any():
+        first = _first(early)
+        problem = f"{early.sum()} label date(s) before their order_date, first at row index {first}"
+        raise InvalidOrdersError(source, LABEL_DATE, problem)
+    return stamps
 
 # %% ../nbs/12_validation.ipynb #4210e9dc
 _CONVERTERS = {"string": _as_text, "float64": _as_float, "datetime64[us, UTC]": _as_utc_timestamp}
 
 
 def validate_orders(df: pd.DataFrame, source: str, require_label: bool) -> pd.DataFrame:
-    """Raw orders checked against the schema and normalised to its dtypes; raises InvalidOrdersError."""
+    """Raw orders checked against the schema and normalised to its dtypes, with `label_date` (null where not
+    given); raises InvalidOrdersError."""
     if len(df) == 0:
         raise InvalidOrdersError(source, None, "empty input: no orders")
     for column in RAW_COLUMNS:
@@ -148,6 +166,10 @@ def validate_orders(df: pd.DataFrame, source: str, require_label: bool) -> pd.Da
     _check_amounts(out["order_amount"], source)
     if LABEL in df.columns:
         out[LABEL] = _as_bool(df[LABEL], source, LABEL)
+    if LABEL_DATE in df.columns:
+        out[LABEL_DATE] = _as_label_dates(df[LABEL_DATE], out["order_date"], source)
+    else:
+        out[LABEL_DATE] = pd.Series(pd.NaT, index=df.index, dtype="datetime64[us, UTC]")
     if SCENARIO in df.columns:
         out[SCENARIO] = df[SCENARIO].astype("string").fillna("")
     return pd.DataFrame({column: values.array for column, values in out.items()})

@@ -1,28 +1,28 @@
-"""The vectorised features against a plain per-order implementation written from SPEC 2, on pandas, Dask and serving."""
+"""The vectorised features against a plain per-order implementation written from SPEC 2 and 2.2, in batch and serving."""
 
 import math
 
-import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
-from distributed import Client, LocalCluster
 
-from fraud_poc.features import (
-    compute_features,
-    features_dask,
-    latest_orders,
-    serving_features,
-    timestamp_us,
-    to_state_records,
-)
-from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, STATE_FIELDS
+from fraud_poc.features import compute_features, latest_orders, serving_features, timestamp_us, to_state_records
+from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, NO_FRAUD, STATE_FIELDS, TIME_WINDOWS_DAYS
 
 DAY = pd.Timedelta(hours=24)
 
 
-def reference_features(orders: pd.DataFrame, window: int) -> pd.DataFrame:
-    """SPEC 2 literally: for each order, H = the last `window` orders of its entity value up to and including it."""
+def label_counts_from(order: dict, delay: pd.Timedelta) -> pd.Timestamp | None:
+    """SPEC 2.2: when a fraud label counts (label_date, else order_date + delay); None for a legitimate order."""
+    if not order.get("is_fraud"):
+        return None
+    given = order.get("label_date")
+    return order["order_date"] + delay if given is None or pd.isna(given) else given
+
+
+def reference_features(orders: pd.DataFrame, window: int, label_delay_days: int = 7) -> pd.DataFrame:
+    """SPEC 2 and 2.2 literally: H = the last `window` orders of the entity value up to and including the order;
+    the time windows and matured windows by date, labels counted from their label date."""
     first_seen: dict[str, dict] = {}
     for order in orders.to_dict("records"):
         first_seen.setdefault(order["order_id"], order)  # duplicates: the first occurrence wins
@@ -67,15 +67,28 @@ def reference_features(orders: pd.DataFrame, window: int) -> pd.DataFrame:
                 (o["order_date"] - prev["order_date"]).total_seconds() if prev else -1.0
             )
             row[f"n_orders_24h_by_{by}"] = sum(r["order_date"] > o["order_date"] - DAY for r in history)
+            t, delay = o["order_date"], pd.Timedelta(days=label_delay_days)
+            same = by_value[by][o[by]]
+            for days in TIME_WINDOWS_DAYS:
+                span = pd.Timedelta(days=days)
+                recent = [r for r in same if key(r) <= key(o) and r["order_date"] > t - span]
+                matured = [r for r in same if t - delay - span < r["order_date"] <= t - delay]
+                fraud = [r for r in matured if (when := label_counts_from(r, delay)) is not None and when <= t]
+                row[f"n_orders_{days}d_by_{by}"] = len(recent)
+                row[f"amount_mean_{days}d_by_{by}"] = math.fsum(r["order_amount"] for r in recent) / len(recent)
+                row[f"n_matured_{days}d_by_{by}"] = len(matured)
+                row[f"n_fraud_{days}d_by_{by}"] = len(fraud)
+                row[f"risk_{days}d_by_{by}"] = len(fraud) / len(matured) if matured else 0.0
         rows.append(row)
     return pd.DataFrame(rows, columns=["order_id", *FEATURE_COLUMNS])
 
 
-def random_orders(n: int, seed: int) -> pd.DataFrame:
-    """Orders on an hourly grid over 6 days (many equal timestamps, many exactly 24 h apart), few entity values,
-    ~5% repeated order_ids with other contents, some sub-second times, extra columns."""
+def random_orders(n: int, seed: int, days: int = 6) -> pd.DataFrame:
+    """Orders on an hourly grid over `days` days (many equal timestamps, many exactly 24 h apart), few entity values,
+    ~5% repeated order_ids with other contents, some sub-second times, extra columns; 5% fraud, half of it with a
+    label_date 0-200 hours after the order (some exactly on a window's edge)."""
     rng = np.random.default_rng(seed)
-    hours = rng.integers(0, 6 * 24, n)
+    hours = rng.integers(0, days * 24, n)
     micros = np.where(rng.random(n) < 0.1, rng.integers(0, 1_000_000, n), 0)
     order_date = pd.Timestamp("2024-05-01", tz="UTC") + pd.to_timedelta(
         hours * 3600 * 10**6 + micros, unit="us"
@@ -90,7 +103,10 @@ def random_orders(n: int, seed: int) -> pd.DataFrame:
             "location_lat": rng.normal(size=n),
             "location_long": rng.normal(size=n),
             "order_amount": np.round(rng.lognormal(3.0, 1.2, n), 2) * (rng.random(n) > 0.02),  # some zeros
-            "is_fraud": rng.random(n) < 0.02,
+            "is_fraud": (fraud := rng.random(n) < 0.05),
+            "label_date": (order_date + pd.to_timedelta(rng.integers(0, 200, n), unit="h")).where(
+                fraud & (rng.random(n) < 0.5)
+            ),
         }
     )
 
@@ -111,13 +127,44 @@ def orders() -> pd.DataFrame:
     return random_orders(3000, seed=2024)
 
 
+@pytest.fixture(scope="module")
+def months() -> pd.DataFrame:
+    """Two months of orders: every time window and matured window fills and slides."""
+    return random_orders(1500, seed=7, days=60)
+
+
 @pytest.mark.parametrize("window", [10, 3])
 def test_compute_features_matches_reference(orders, window):
-    expected = reference_features(orders, window)
+    expected = reference_features(orders, window, label_delay_days=1)
     assert len(expected) == orders["order_id"].nunique() < len(orders)
     assert expected["n_orders_by_customer_id"].max() == window  # windows are full and slide
     assert (expected["secs_since_prev_by_email"] == 0).sum() > 10  # equal timestamps occur
-    assert_same_features(compute_features(orders, window), expected)
+    assert expected["n_fraud_1d_by_ip_addr"].max() > 0  # confirmed fraud counts
+    assert_same_features(compute_features(orders, window, label_delay_days=1), expected)
+
+
+@pytest.mark.parametrize("label_delay_days", [7, 2])
+def test_time_windows_match_reference_over_months(months, label_delay_days):
+    expected = reference_features(months, 10, label_delay_days)
+    assert expected["n_matured_30d_by_customer_id"].max() > 20 and expected["risk_30d_by_ip_addr"].max() > 0
+    assert_same_features(compute_features(months, 10, label_delay_days), expected)
+
+
+def test_point_in_time(months):
+    """A label dated after an order, and every order after it, change none of that order's features."""
+    distinct = months.drop_duplicates("order_id").sort_values(["order_date", "order_id"], ignore_index=True)
+    cut = len(distinct) // 2
+    base = compute_features(distinct).set_index("order_id").loc[distinct["order_id"].iloc[:cut]]
+    t_cut = distinct["order_date"].iloc[cut - 1]
+    relabelled = distinct.copy()
+    later_labels = relabelled["label_date"] > t_cut
+    relabelled.loc[later_labels, "label_date"] = relabelled.loc[later_labels, "label_date"] + pd.Timedelta(days=9)
+    late = relabelled["order_date"] > t_cut - pd.Timedelta(days=5)  # fraud after the cut-off's last order
+    relabelled.loc[late, "is_fraud"] = ~relabelled.loc[late, "is_fraud"]
+    assert later_labels.any() and late.any()
+    for variant in (distinct.iloc[:cut], relabelled):
+        features = compute_features(variant).set_index("order_id").loc[base.index]
+        pd.testing.assert_frame_equal(features, base)
 
 
 def _first_wins(shuffled: pd.DataFrame, original: pd.DataFrame) -> pd.DataFrame:
@@ -133,14 +180,22 @@ def test_compute_features_input_order_only_decides_duplicates(orders):
     pd.testing.assert_frame_equal(shuffled.set_index("order_id").sort_index(), expected)
 
 
-def test_serving_matches_reference_for_orders_in_time_order(orders):
-    distinct = orders.drop_duplicates("order_id").sort_values(["order_date", "order_id"], ignore_index=True)
+@pytest.mark.parametrize("fixture", ["orders", "months"])
+def test_serving_matches_reference_for_orders_in_time_order(fixture, request):
+    """Each order scored from the serving state of the orders before it (labels as known at the time)."""
+    frame = request.getfixturevalue(fixture)
+    distinct = frame.drop_duplicates("order_id").sort_values(["order_date", "order_id"], ignore_index=True)
     expected = reference_features(distinct, 10).set_index("order_id")
-    for i in range(0, len(distinct), 97):
+    for i in range(0, len(distinct), 37):
         state = {by: dict(to_state_records(latest_orders(distinct.iloc[:i], by), by)) for by in ENTITIES}
         order = distinct.iloc[i]
         record = tuple(
-            order[field] if field != "ts_us" else timestamp_us(order["order_date"]) for field in STATE_FIELDS
+            NO_FRAUD
+            if field == "fraud_ts"
+            else timestamp_us(order["order_date"])
+            if field == "ts_us"
+            else order[field]
+            for field in STATE_FIELDS
         )
         histories = {by: state[by].get(order[by], []) for by in ENTITIES}
         np.testing.assert_allclose(
@@ -149,17 +204,3 @@ def test_serving_matches_reference_for_orders_in_time_order(orders):
             rtol=0,
             atol=1e-9,
         )
-
-
-def test_dask_on_local_cluster_matches_compute_features(orders):
-    expected = (
-        compute_features(orders).sort_values("order_id", ignore_index=True).astype({"order_id": object})
-    )
-    ddf = dd.from_pandas(orders, npartitions=4, sort=False)
-    with (
-        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
-        Client(cluster) as client,
-    ):
-        result = client.compute(features_dask(ddf, npartitions=3)).result()
-    result = result.sort_values("order_id", ignore_index=True).astype({"order_id": object})
-    pd.testing.assert_frame_equal(result, expected, check_exact=True)

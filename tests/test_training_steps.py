@@ -17,7 +17,7 @@ from fraud_poc.feature_store import live_pointer, version_meta
 from fraud_poc.features import latest_orders
 from fraud_poc.redis_store import Keys
 from fraud_poc.registry import list_models, load_booster, load_metadata
-from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, LABEL, SCENARIO, STATE_FIELDS, WINDOW
+from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, LABEL, LABEL_DELAY_DAYS, SCENARIO, STATE_FIELDS, WINDOW
 from fraud_poc.serving_state import decode_state
 from fraud_poc.settings import TrainModelSettings
 from fraud_poc.train import average_precision
@@ -44,7 +44,7 @@ def run_steps_1_to_4(
     """The real steps 1-4 of a small run; returns the run's orders (as generated)."""
     write_sample_data(client, data_root, run_id, num_orders, num_customers, 2, "2025-01-01", 0.03, seed)
     preprocess_orders(client, data_root, run_id, None)
-    calc_features(client, data_root, run_id, WINDOW)
+    calc_features(client, data_root, run_id, WINDOW, LABEL_DELAY_DAYS)
     make_training_data(client, data_root, run_id, 15, 0.5, 1)
     return pd.concat(
         [pd.read_parquet(f) for f in sorted(raw_dir(data_root, run_id).glob("*.parquet"))], ignore_index=True

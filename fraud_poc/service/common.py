@@ -17,7 +17,13 @@ from ..settings import FeatureStoreSettings, RedisSettings, ServiceSettings
 def event_scorer(context: EventContext) -> Scorer:
     """The process's shared scorer, from the event's `redis`, `feature_store` and `service` settings."""
     redis = context.settings(key="redis", datatype=RedisSettings)
-    window = context.settings(key="feature_store", datatype=FeatureStoreSettings).window
+    feature_store = context.settings(key="feature_store", datatype=FeatureStoreSettings)
     service = context.settings(key="service", datatype=ServiceSettings)
     gc.freeze()  # the app is loaded: full collections no longer walk it (see above)
-    return scorer_for(redis.url, redis.key_prefix, window, service.top_contributions)
+    return scorer_for(
+        redis.url,
+        redis.key_prefix,
+        feature_store.window,
+        service.top_contributions,
+        feature_store.label_delay_days,
+    )

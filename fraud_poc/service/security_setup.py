@@ -21,7 +21,7 @@ logger, extra = app_extra_logger()
 def protected_endpoints(security: SecuritySettings) -> list[str]:
     """The endpoints that check the token with these settings."""
     predict = ["predict", "predict-batch"] if security.predict_requires_token else []
-    return (["find-orders"] if security.find_orders_enabled else []) + predict
+    return ["report-label", *(["find-orders"] if security.find_orders_enabled else []), *predict]
 
 
 async def announce(payload: None, context: EventContext) -> None:

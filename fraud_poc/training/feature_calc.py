@@ -25,7 +25,14 @@ async def calculate(payload: PipelineJob, context: EventContext) -> PipelineJob:
     storage = context.settings(key="storage", datatype=StorageSettings)
     feature_store = context.settings(key="feature_store", datatype=FeatureStoreSettings)
     client = await dask_client_async(context.settings(key="dask", datatype=DaskSettings))
-    work = partial(calc_features, client, storage.data_root, payload.run_id, feature_store.window)
+    work = partial(
+        calc_features,
+        client,
+        storage.data_root,
+        payload.run_id,
+        feature_store.window,
+        feature_store.label_delay_days,
+    )
     await run_pipeline_step(
         context.settings(key="redis", datatype=RedisSettings), payload.run_id, "feature-calc", work, client
     )

@@ -35,6 +35,7 @@ async def train(payload: PipelineJob, context: EventContext) -> PipelineJob | No
     """Train and gate; pass the job (with the model id) to prepare-db only if the model may be promoted."""
     redis_settings = context.settings(key="redis", datatype=RedisSettings)
     storage = context.settings(key="storage", datatype=StorageSettings)
+    feature_store = context.settings(key="feature_store", datatype=FeatureStoreSettings)
     client = await dask_client_async(context.settings(key="dask", datatype=DaskSettings))
     work = partial(
         train_model_step,
@@ -44,7 +45,8 @@ async def train(payload: PipelineJob, context: EventContext) -> PipelineJob | No
         redis_settings.url,
         redis_settings.key_prefix,
         context.settings(key="train_model", datatype=TrainModelSettings),
-        context.settings(key="feature_store", datatype=FeatureStoreSettings).window,
+        feature_store.window,
+        feature_store.label_delay_days,
     )
     result = await run_pipeline_step(redis_settings, payload.run_id, "train-model", work, client)
     redis, keys = async_redis(redis_settings.url), Keys(redis_settings.key_prefix)
