@@ -32,7 +32,7 @@ from fraud_poc.dask_client import WORKER_MALLOC, release_worker_memory
 from fraud_poc.data_steps import calc_features, make_training_data, preprocess_orders, write_sample_data
 from fraud_poc.registry import model_id_for_run
 from fraud_poc.schema import LABEL_DELAY_DAYS, WINDOW
-from fraud_poc.settings import FeatureStoreSettings, TrainModelSettings
+from fraud_poc.settings import FeatureStoreSettings, TrainingDataSettings, TrainModelSettings
 from fraud_poc.training_steps import PrepareResult, TrainResult, prepare_db_step, train_model_step
 
 
@@ -70,8 +70,14 @@ STEPS: list[tuple[str, Callable[[BenchRun], object]]] = [
         "preprocess",
         lambda run: preprocess_orders(run.client, run.data_root, run.run_id, None, run.rows_per_partition),
     ),
-    ("feature-calc", lambda run: calc_features(run.client, run.data_root, run.run_id, WINDOW, LABEL_DELAY_DAYS)),
-    ("training-data", lambda run: make_training_data(run.client, run.data_root, run.run_id, 30, 0.5, 42)),
+    (
+        "feature-calc",
+        lambda run: calc_features(run.client, run.data_root, run.run_id, WINDOW, LABEL_DELAY_DAYS),
+    ),
+    (
+        "training-data",
+        lambda run: make_training_data(run.client, run.data_root, run.run_id, TrainingDataSettings()),
+    ),
     (
         "train-model",
         lambda run: train_model_step(

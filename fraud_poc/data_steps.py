@@ -38,9 +38,17 @@ from fraud_poc.datasets import (
     write_parquet,
 )
 from .sample_data import CustomerPopulation, MonthSpec, generate_month, make_population, month_specs
+from .settings import TrainingDataSettings
 from .schema import ENTITIES, FEATURE_COLUMNS, LABEL, LABEL_DATE, RAW_COLUMNS, SCENARIO
 from .serving_state import ENCODED_COLUMNS, encoded_states
-from .training_data import check_split_sizes, holdout_cutoff, holdout_rows, training_rows
+from fraud_poc.training_data import (
+    SPLIT_PARTS,
+    check_split_sizes,
+    holdout_rows,
+    split_bounds,
+    training_rows,
+    tuning_rows,
+)
 from fraud_poc.validation import (
     add_missing_scenario,
     drop_rows,
@@ -273,46 +281,45 @@ def calc_features(
 
 # %% ../nbs/21_data_steps.ipynb #48a17570
 def make_training_data(
-    client: Client,
-    data_root: str | Path,
-    run_id: str,
-    validation_days: int,
-    non_fraud_fraction: float,
-    seed: int,
+    client: Client, data_root: str | Path, run_id: str, settings: TrainingDataSettings
 ) -> StepResult:
-    """Step 4: write `training/train.parquet` (non-fraud subsampled) and `training/holdout.parquet` (last days)."""
+    """Step 4: write `training/{train,tuning,holdout}.parquet`: warm-up days dropped, non-fraud subsampled in train."""
     if not features_dir(data_root, run_id).is_dir():
         raise FileNotFoundError(f"no features for run {run_id!r}: run step feature-calc first")
     folder = features_dir(data_root, run_id)
-    latest = client.compute(read_dataset(folder, ["order_date"])["order_date"].max()).result()
+    dates = read_dataset(folder, ["order_date"])["order_date"]
+    earliest, latest = client.compute([dates.min(), dates.max()], sync=True)
+    bounds = split_bounds(
+        earliest, latest, settings.validation_days, settings.tuning_days, settings.warmup_days
+    )
     orders = read_dataset(folder)
-    cutoff = holdout_cutoff(latest, validation_days)
-    train = orders.map_partitions(training_rows, cutoff, non_fraud_fraction, seed, meta=orders._meta)
-    holdout = orders.map_partitions(holdout_rows, cutoff, meta=orders._meta)
-    train_path, holdout_path = training_paths(data_root, run_id)
-    with replace_atomically(train_path.parent) as tmp:
+    parts = {
+        "train": orders.map_partitions(
+            training_rows, bounds, settings.non_fraud_fraction, settings.seed, meta=orders._meta
+        ),
+        "tuning": orders.map_partitions(tuning_rows, bounds, meta=orders._meta),
+        "holdout": orders.map_partitions(holdout_rows, bounds, meta=orders._meta),
+    }
+    paths = dict(zip(SPLIT_PARTS, training_paths(data_root, run_id), strict=True))
+    with replace_atomically(paths["train"].parent) as tmp:
         counts = [
             orders.shape[0],
-            (orders["order_date"] <= cutoff).sum(),
-            train.shape[0],
-            holdout.shape[0],
-            train[LABEL].sum(),
-            holdout[LABEL].sum(),
+            *(parts[p].shape[0] for p in SPLIT_PARTS),
+            *(parts[p][LABEL].sum() for p in SPLIT_PARTS),
         ]
         options = parquet_write_options(orders.columns)
         writes = [
-            train.to_parquet(str(tmp / train_path.name), compute=False, **options),
-            holdout.to_parquet(str(tmp / holdout_path.name), compute=False, **options),
+            parts[p].to_parquet(str(tmp / paths[p].name), compute=False, **options) for p in SPLIT_PARTS
         ]
-        n_in, n_older, n_train, n_holdout, train_fraud, holdout_fraud = client.gather(
-            client.compute(counts + writes)
-        )[:6]
-        check_split_sizes(n_older, n_train, n_holdout, validation_days, non_fraud_fraction)
+        n_in, *sizes = (int(n) for n in client.gather(client.compute(counts + writes))[: len(counts)])
+        rows = dict(zip(SPLIT_PARTS, sizes[:3], strict=True))
+        fraud = dict(zip(SPLIT_PARTS, sizes[3:], strict=True))
+        check_split_sizes(rows, fraud)
     details = {
-        "cutoff": cutoff.isoformat(),
-        "train_rows": int(n_train),
-        "holdout_rows": int(n_holdout),
-        "train_fraud": int(train_fraud),
-        "holdout_fraud": int(holdout_fraud),
+        "train_from": bounds.train_from.isoformat(),
+        "tuning_start": bounds.tuning_start.isoformat(),
+        "holdout_start": bounds.holdout_start.isoformat(),
+        **{f"{part}_rows": rows[part] for part in SPLIT_PARTS},
+        **{f"{part}_fraud": fraud[part] for part in SPLIT_PARTS},
     }
-    return StepResult(rows_in=int(n_in), rows_out=int(n_train + n_holdout), details=details)
+    return StepResult(rows_in=n_in, rows_out=sum(rows.values()), details=details)

@@ -72,10 +72,10 @@ def training_dir(data_root: str | Path, run_id: str) -> Path:
     return run_dir(data_root, run_id) / "training"
 
 
-def training_paths(data_root: str | Path, run_id: str) -> tuple[Path, Path]:
-    """(train, holdout) parquet datasets of step 4."""
+def training_paths(data_root: str | Path, run_id: str) -> tuple[Path, Path, Path]:
+    """(train, tuning, holdout) parquet datasets of step 4."""
     folder = training_dir(data_root, run_id)
-    return folder / "train.parquet", folder / "holdout.parquet"
+    return folder / "train.parquet", folder / "tuning.parquet", folder / "holdout.parquet"
 
 
 def model_dir(data_root: str | Path, model_id: str) -> Path:

@@ -98,14 +98,18 @@ def window_features(
     return np.array(columns, dtype=np.float64)
 
 # %% ../nbs/10_features.ipynb #9893fc68
-_FIXED_POINT = 256.0  # amounts summed exactly as int64 multiples of 1/256 (amounts up to MAX_ORDER_AMOUNT fit)
+_FIXED_POINT = (
+    256.0  # amounts summed exactly as int64 multiples of 1/256 (amounts up to MAX_ORDER_AMOUNT fit)
+)
 
 
 def _window_sums(amount: np.ndarray, start: np.ndarray, stop: np.ndarray) -> np.ndarray:
     """Sum of `amount[start:stop]` for every (start, stop) pair, correctly rounded but in rare ties."""
     scaled = np.floor(amount * _FIXED_POINT)
     if not (np.isfinite(scaled) & (np.abs(scaled) < 2.0**62)).all():
-        raise ValueError(f"order_amount must be finite and at most {MAX_ORDER_AMOUNT:g} for the time-window sums")
+        raise ValueError(
+            f"order_amount must be finite and at most {MAX_ORDER_AMOUNT:g} for the time-window sums"
+        )
     whole = np.r_[0, np.cumsum(scaled.astype(np.int64))]
     rest = np.r_[0, np.cumsum((amount - scaled / _FIXED_POINT).astype(np.longdouble))]
     return (whole[stop] - whole[start]) / _FIXED_POINT + (rest[stop] - rest[start]).astype(np.float64)
@@ -158,7 +162,10 @@ def time_window_features(
         span = days * DAY_US
         start = first_at_or_after(rows, ts_us - span + 1)  # ts > t - d
         n_orders = position - start + 1
-        matured = first_at_or_after(rows, ts_us - delay - span + 1), first_at_or_after(rows, ts_us - delay + 1)
+        matured = (
+            first_at_or_after(rows, ts_us - delay - span + 1),
+            first_at_or_after(rows, ts_us - delay + 1),
+        )
         n_matured = matured[1] - matured[0]
         counts_from = first_at_or_after(fraud, np.maximum(fraud_ts[fraud], ts_us[fraud] + delay))
         counts_until = np.maximum(first_at_or_after(fraud, ts_us[fraud] + delay + span), counts_from)
@@ -467,14 +474,18 @@ def state_horizon_us(label_delay_days: int = LABEL_DELAY_DAYS) -> int:
     return (max(TIME_WINDOWS_DAYS) + check_label_delay(label_delay_days)) * DAY_US
 
 
-def _kept_rows(order: np.ndarray, after: np.ndarray, ts_us: np.ndarray, window: int, label_delay_days: int) -> np.ndarray:
+def _kept_rows(
+    order: np.ndarray, after: np.ndarray, ts_us: np.ndarray, window: int, label_delay_days: int
+) -> np.ndarray:
     """Rows of the serving state, in `_group_rows`' order: each value's last W orders and those within the horizon."""
     sorted_ts = ts_us[order]
     newest = sorted_ts[np.arange(len(order)) + after]
     return order[(after < window) | (sorted_ts > newest - state_horizon_us(label_delay_days))]
 
 
-def _state_rows(orders: pd.DataFrame, ts_us: np.ndarray, fraud_ts: np.ndarray, rows: np.ndarray) -> pd.DataFrame:
+def _state_rows(
+    orders: pd.DataFrame, ts_us: np.ndarray, fraud_ts: np.ndarray, rows: np.ndarray
+) -> pd.DataFrame:
     """The `STATE_FIELDS` columns of the given rows, in that order."""
     latest = orders.iloc[rows].reset_index(drop=True)
     latest["ts_us"] = ts_us[rows]

@@ -23,7 +23,13 @@ from typing import Any
 import xgboost as xgb
 
 from .datasets import model_dir
-from .schema import FEATURE_COLUMNS, FEATURE_SET_VERSION, LABEL_DELAY_DAYS, WINDOW, feature_set_fingerprint
+from fraud_poc.schema import (
+    FEATURE_COLUMNS,
+    FEATURE_SET_VERSION,
+    LABEL_DELAY_DAYS,
+    WINDOW,
+    feature_set_fingerprint,
+)
 
 # %% ../nbs/23_registry.ipynb #85d3266e
 MODEL_FILE = "model.ubj"

@@ -279,9 +279,7 @@ def _amount_anomaly_part(rng: np.random.Generator, pop: CustomerPopulation, spec
     return part
 
 
-def _compromised_ip_part(
-    rng: np.random.Generator, pop: CustomerPopulation, spec: MonthSpec, n: int
-) -> _Part:
+def _compromised_ip_part(rng: np.random.Generator, pop: CustomerPopulation, spec: MonthSpec, n: int) -> _Part:
     """A shared public IP compromised for 10-25 days: ordinary-looking orders of its own users, many of them fraud."""
     sizes = _burst_sizes(rng, n, 30, 150)
     days = rng.integers(10, 26, len(sizes))

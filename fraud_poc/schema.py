@@ -24,7 +24,9 @@ RAW_COLUMNS: dict[str, str] = {
     "order_amount": "float64",
 }
 LABEL = "is_fraud"  # required for training, absent for scoring
-LABEL_DATE = "label_date"  # optional: when a fraud label became known; null means order_date + label_delay_days
+LABEL_DATE = (
+    "label_date"  # optional: when a fraud label became known; null means order_date + label_delay_days
+)
 SCENARIO = "fraud_scenario"  # generator only: which fraud scenario produced a fraud row ("" for legitimate)
 ENTITIES: tuple[str, ...] = ("customer_id", "email", "ip_addr")
 WINDOW = 10  # W: orders per entity value in a feature window, the order itself included

@@ -173,7 +173,6 @@ end
 return {live, 'ok', order[1], changed}
 """
 
-
 # %% ../nbs/30_scoring.ipynb #b9afe205
 Call = tuple[list[str], list[Any]]
 
@@ -525,12 +524,16 @@ class Scorer:
                 break
             await self._switch(reply[0])
         else:
-            raise StoreUnavailable(f"the live model changed {MAX_SWITCHES} times during one request; try again")
+            raise StoreUnavailable(
+                f"the live model changed {MAX_SWITCHES} times during one request; try again"
+            )
         if reply[1] == b"unknown":
             raise UnknownOrder(f"order_id {order_id!r} is not known to the live feature store")
         order_date = EPOCH + timedelta(microseconds=int(reply[2]))
         if reply[1] == b"early":
-            raise ValueError(f"label_date {label_date.isoformat()} is before the order's date {order_date.isoformat()}")
+            raise ValueError(
+                f"label_date {label_date.isoformat()} is before the order's date {order_date.isoformat()}"
+            )
         return LabelRecorded(
             order_id=order_id,
             is_fraud=is_fraud,

@@ -56,7 +56,9 @@ def entity_states(states: pd.DataFrame, by: str) -> tuple[list[str], list[bytes]
     ends = np.r_[starts[1:], len(values)]
     rows = list(zip(*(frame[col].tolist() for col in STATE_FIELDS), strict=True))
     packer = msgpack.Packer(use_bin_type=True)
-    payloads = [packer.pack(rows[start:end]) for start, end in zip(starts.tolist(), ends.tolist(), strict=True)]
+    payloads = [
+        packer.pack(rows[start:end]) for start, end in zip(starts.tolist(), ends.tolist(), strict=True)
+    ]
     return values[starts].tolist(), payloads
 
 

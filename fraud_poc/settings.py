@@ -42,9 +42,13 @@ class StorageSettings:
 @dataobject
 @dataclass
 class TrainingDataSettings:
-    """Step 4: time-based split and subsampling of non-fraud in the training part."""
+    """Step 4: time-based split (warm-up, training, tuning, holdout) and subsampling of non-fraud in training."""
 
-    validation_days: int = 30
+    validation_days: int = 30  # the holdout: the most recent days, for the reported metrics and the gate
+    tuning_days: int = field(default=15, ge=1, le=365)  # before the holdout: early stopping and threshold
+    warmup_days: int = field(
+        default=30, ge=0, le=365
+    )  # the first days: history for features, not training rows
     non_fraud_fraction: float = field(default=0.5, gt=0.0, le=1.0)
     seed: int = 42
 

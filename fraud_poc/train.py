@@ -31,7 +31,7 @@ BASE_PARAMS: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class TrainedModel:
-    """A booster cut at its best holdout iteration, with its training history."""
+    """A booster cut at its best tuning-set iteration, with its training history."""
 
     booster: xgb.Booster
     best_iteration: int
@@ -78,29 +78,29 @@ def _label_part(part: pd.DataFrame, label: str) -> pd.Series:
 def train_booster(
     client: Client,
     train: dd.DataFrame,
-    holdout: dd.DataFrame,
+    tuning: dd.DataFrame,
     params: dict[str, Any],
     num_boost_round: int,
     early_stopping_rounds: int,
     features: list[str] = FEATURE_COLUMNS,
     label: str = LABEL,
 ) -> TrainedModel:
-    """Train on `train` with early stopping on `holdout` (both need `features` and `label`)."""
+    """Train on `train` with early stopping on `tuning` (both need `features` and `label`), never on the holdout."""
     x_train, y_train = pin_partitions(client, train, features, label)
-    x_hold, y_hold = pin_partitions(client, holdout, features, label)
+    x_tune, y_tune = pin_partitions(client, tuning, features, label)
     params = {**BASE_PARAMS, **params}
     max_bin = params.get("max_bin")  # the quantile matrices are binned when built, so they need it too
     with client.as_current():  # xgboost.dask looks up a current client even when given one
         dtrain = dxgb.DaskQuantileDMatrix(client, x_train, y_train, feature_names=features, max_bin=max_bin)
-        dhold = dxgb.DaskQuantileDMatrix(
-            client, x_hold, y_hold, feature_names=features, max_bin=max_bin, ref=dtrain
+        dtune = dxgb.DaskQuantileDMatrix(
+            client, x_tune, y_tune, feature_names=features, max_bin=max_bin, ref=dtrain
         )
         output = dxgb.train(
             client,
             params,
             dtrain,
             num_boost_round=num_boost_round,
-            evals=[(dhold, "holdout")],
+            evals=[(dtune, "tuning")],
             early_stopping_rounds=early_stopping_rounds,
             verbose_eval=False,
         )

@@ -40,7 +40,15 @@ from fraud_poc.registry import (
     save_model,
 )
 from .report import report_pngs
-from .schema import ENTITIES, FEATURE_COLUMNS, LABEL, LABEL_DELAY_DAYS, SCENARIO, WINDOW, feature_set_fingerprint
+from fraud_poc.schema import (
+    ENTITIES,
+    FEATURE_COLUMNS,
+    LABEL,
+    LABEL_DELAY_DAYS,
+    SCENARIO,
+    WINDOW,
+    feature_set_fingerprint,
+)
 from .settings import TrainModelSettings
 from fraud_poc.train import (
     average_precision,
@@ -113,19 +121,24 @@ def _train_and_register(
     window: int,
     label_delay_days: int,
 ) -> dict[str, Any]:
-    """Train, evaluate on the holdout, write model + metadata + report to the registry; returns the metadata."""
-    train_path, holdout_path = training_paths(data_root, run_id)
+    """Train (early stopping and threshold on the tuning set), evaluate on the holdout, write model + metadata +
+    report to the registry; returns the metadata."""
+    train_path, tuning_path, holdout_path = training_paths(data_root, run_id)
     train = read_dataset(train_path, [*FEATURE_COLUMNS, LABEL])
+    tuning = read_dataset(tuning_path, [*FEATURE_COLUMNS, LABEL, SCENARIO])
     holdout = read_dataset(holdout_path, [*FEATURE_COLUMNS, LABEL, SCENARIO])
     params = booster_params(settings)
     started = time.perf_counter()
     trained = train_booster(
-        client, train, holdout, params, settings.num_boost_round, settings.early_stopping_rounds
+        client, train, tuning, params, settings.num_boost_round, settings.early_stopping_rounds
     )
     train_seconds = time.perf_counter() - started
+    tuning_y = _holdout_truth(client, tuning)[0]
+    threshold = choose_threshold(
+        tuning_y, predict_scores(client, trained.booster, tuning), settings.threshold_metric
+    )
     scores = predict_scores(client, trained.booster, holdout)
     y, scenarios = _holdout_truth(client, holdout)
-    threshold = choose_threshold(y, scores, settings.threshold_metric)
     train_rows, train_fraud = _label_counts(client, train)
     data_sizes = {
         "train_rows": train_rows,
@@ -137,7 +150,9 @@ def _train_and_register(
         "num_boost_round": settings.num_boost_round,
         "early_stopping_rounds": settings.early_stopping_rounds,
         "best_iteration": trained.best_iteration,
-        "best_holdout_aucpr": trained.best_score,
+        "best_tuning_aucpr": trained.best_score,
+        "tuning_rows": len(tuning_y),
+        "tuning_fraud": int(tuning_y.sum()),
         "threshold_metric": settings.threshold_metric,
         "train_seconds": round(train_seconds, 3),
         "train_rows_per_second": round(train_rows / train_seconds, 1),
@@ -188,7 +203,7 @@ def champion_average_precision(
     fingerprint = feature_set_fingerprint(FEATURE_COLUMNS, window, label_delay_days)
     if json.loads(raw_metadata)["feature_set_fingerprint"] != fingerprint:
         return champion_id, None
-    holdout = read_dataset(training_paths(data_root, run_id)[1], [*FEATURE_COLUMNS, LABEL, SCENARIO])
+    holdout = read_dataset(training_paths(data_root, run_id)[2], [*FEATURE_COLUMNS, LABEL, SCENARIO])
     scores = predict_scores(client, booster_from_bytes(raw_booster), holdout)
     return champion_id, average_precision(_holdout_truth(client, holdout)[0], scores)
 

@@ -6,7 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fraud_poc.features import compute_features, latest_orders, serving_features, timestamp_us, to_state_records
+from fraud_poc.features import (
+    compute_features,
+    latest_orders,
+    serving_features,
+    timestamp_us,
+    to_state_records,
+)
 from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, NO_FRAUD, STATE_FIELDS, TIME_WINDOWS_DAYS
 
 DAY = pd.Timedelta(hours=24)
@@ -73,9 +79,13 @@ def reference_features(orders: pd.DataFrame, window: int, label_delay_days: int 
                 span = pd.Timedelta(days=days)
                 recent = [r for r in same if key(r) <= key(o) and r["order_date"] > t - span]
                 matured = [r for r in same if t - delay - span < r["order_date"] <= t - delay]
-                fraud = [r for r in matured if (when := label_counts_from(r, delay)) is not None and when <= t]
+                fraud = [
+                    r for r in matured if (when := label_counts_from(r, delay)) is not None and when <= t
+                ]
                 row[f"n_orders_{days}d_by_{by}"] = len(recent)
-                row[f"amount_mean_{days}d_by_{by}"] = math.fsum(r["order_amount"] for r in recent) / len(recent)
+                row[f"amount_mean_{days}d_by_{by}"] = math.fsum(r["order_amount"] for r in recent) / len(
+                    recent
+                )
                 row[f"n_matured_{days}d_by_{by}"] = len(matured)
                 row[f"n_fraud_{days}d_by_{by}"] = len(fraud)
                 row[f"risk_{days}d_by_{by}"] = len(fraud) / len(matured) if matured else 0.0
@@ -158,7 +168,9 @@ def test_point_in_time(months):
     t_cut = distinct["order_date"].iloc[cut - 1]
     relabelled = distinct.copy()
     later_labels = relabelled["label_date"] > t_cut
-    relabelled.loc[later_labels, "label_date"] = relabelled.loc[later_labels, "label_date"] + pd.Timedelta(days=9)
+    relabelled.loc[later_labels, "label_date"] = relabelled.loc[later_labels, "label_date"] + pd.Timedelta(
+        days=9
+    )
     late = relabelled["order_date"] > t_cut - pd.Timedelta(days=5)  # fraud after the cut-off's last order
     relabelled.loc[late, "is_fraud"] = ~relabelled.loc[late, "is_fraud"]
     assert later_labels.any() and late.any()

@@ -17,9 +17,17 @@ from fraud_poc.feature_store import live_pointer, version_meta
 from fraud_poc.features import latest_orders
 from fraud_poc.redis_store import Keys
 from fraud_poc.registry import list_models, load_booster, load_metadata
-from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, LABEL, LABEL_DELAY_DAYS, SCENARIO, STATE_FIELDS, WINDOW
+from fraud_poc.schema import (
+    ENTITIES,
+    FEATURE_COLUMNS,
+    LABEL,
+    LABEL_DELAY_DAYS,
+    SCENARIO,
+    STATE_FIELDS,
+    WINDOW,
+)
 from fraud_poc.serving_state import decode_state
-from fraud_poc.settings import TrainModelSettings
+from fraud_poc.settings import TrainingDataSettings, TrainModelSettings
 from fraud_poc.train import average_precision
 from fraud_poc.training_steps import prepare_db_step, train_model_step
 
@@ -45,7 +53,12 @@ def run_steps_1_to_4(
     write_sample_data(client, data_root, run_id, num_orders, num_customers, 2, "2025-01-01", 0.03, seed)
     preprocess_orders(client, data_root, run_id, None)
     calc_features(client, data_root, run_id, WINDOW, LABEL_DELAY_DAYS)
-    make_training_data(client, data_root, run_id, 15, 0.5, 1)
+    make_training_data(
+        client,
+        data_root,
+        run_id,
+        TrainingDataSettings(validation_days=12, tuning_days=12, warmup_days=5, seed=1),
+    )
     return pd.concat(
         [pd.read_parquet(f) for f in sorted(raw_dir(data_root, run_id).glob("*.parquet"))], ignore_index=True
     )
@@ -62,7 +75,7 @@ def runs(client, tmp_path_factory) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
 
 
 def read_holdout(data_root: Path, run_id: str) -> pd.DataFrame:
-    return pd.read_parquet(training_paths(data_root, run_id)[1]).sort_values("order_id", ignore_index=True)
+    return pd.read_parquet(training_paths(data_root, run_id)[2]).sort_values("order_id", ignore_index=True)
 
 
 def test_pipeline_steps_5_and_6(client, store, runs):

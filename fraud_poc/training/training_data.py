@@ -30,9 +30,7 @@ async def split_data(payload: PipelineJob, context: EventContext) -> PipelineJob
         client,
         storage.data_root,
         payload.run_id,
-        training_data.validation_days,
-        training_data.non_fraud_fraction,
-        training_data.seed,
+        training_data,
     )
     await run_pipeline_step(
         context.settings(key="redis", datatype=RedisSettings), payload.run_id, "training-data", work, client
