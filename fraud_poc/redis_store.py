@@ -43,6 +43,11 @@ class Keys:
         """Hash of every order in the version's states: order_id -> msgpack [ts_us, customer_id, email, ip_addr]."""
         return f"{self.fs_prefix(version)}orders"
 
+    @property
+    def events(self) -> str:
+        """Stream of every scored order and reported label (bounded), carried into each new version."""
+        return f"{self.prefix}events"
+
     def fs_meta(self, version: str) -> str:
         """JSON metadata of a feature-store version, written last: its presence means the load completed."""
         return f"{self.fs_prefix(version)}meta"

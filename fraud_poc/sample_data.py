@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['SCENARIO_SHARES', 'SCENARIOS', 'MAX_USUAL_IPS', 'CUSTOMERS_PER_HOTSPOT', 'CustomerPopulation', 'make_population',
-           'MonthSpec', 'month_specs', 'generate_month', 'generate_orders']
+           'MonthSpec', 'month_specs', 'compromise_episodes', 'generate_month', 'generate_orders']
 
 # %% ../nbs/11_sample_data.ipynb #177b1006
 from dataclasses import dataclass
@@ -279,15 +279,47 @@ def _amount_anomaly_part(rng: np.random.Generator, pop: CustomerPopulation, spec
     return part
 
 
-def _compromised_ip_part(rng: np.random.Generator, pop: CustomerPopulation, spec: MonthSpec, n: int) -> _Part:
-    """A shared public IP compromised for 10-25 days: ordinary-looking orders of its own users, many of them fraud."""
-    sizes = _burst_sizes(rng, n, 30, 150)
-    days = rng.integers(10, 26, len(sizes))
-    span = np.minimum(days * 86_400 * 10**6, max(1, spec.end_us - spec.start_us - 1))
-    starts = spec.start_us + (rng.random(len(sizes)) * (spec.end_us - spec.start_us - span)).astype(np.int64)
-    burst = np.repeat(np.arange(len(sizes)), sizes)
-    ts = starts[burst] + (rng.random(n) * span[burst]).astype(np.int64)
-    hotspot = rng.integers(0, len(pop.hotspot_ips), len(sizes))[burst]
+_EPISODE_EPOCH_US = 45 * 86_400 * 10**6  # compromises are drawn per hotspot and 45-day epoch (absolute time)
+_EPISODE_CHANCE = 0.2  # chance that a hotspot is compromised once in an epoch
+_EPISODE_DAYS = (20, 46)  # how long a compromise lasts: 20-45 days
+
+
+def compromise_episodes(seed: int, n_hotspots: int, start_us: int, end_us: int) -> np.ndarray:
+    """(hotspot, start_us, end_us) of the compromises that overlap [start_us, end_us), in absolute time.
+
+    Drawn per (seed, hotspot, epoch) only, so every month sees the same episodes: one that spans a month boundary
+    goes on in the next month's file.
+    """
+    longest = _EPISODE_DAYS[1] * 86_400 * 10**6
+    first, last = (start_us - longest) // _EPISODE_EPOCH_US, end_us // _EPISODE_EPOCH_US
+    episodes = []
+    for hotspot in range(n_hotspots):
+        for epoch in range(first, last + 1):
+            rng = np.random.default_rng([seed, 5, hotspot, epoch + 10**6])
+            if rng.random() < _EPISODE_CHANCE:
+                begin = epoch * _EPISODE_EPOCH_US + int(rng.integers(0, _EPISODE_EPOCH_US))
+                end = begin + int(rng.integers(*_EPISODE_DAYS)) * 86_400 * 10**6
+                if begin < end_us and end > start_us:
+                    episodes.append((hotspot, begin, end))
+    return np.array(episodes, dtype=np.int64).reshape(-1, 3)
+
+
+def _compromised_ip_part(
+    rng: np.random.Generator, pop: CustomerPopulation, spec: MonthSpec, n: int
+) -> _Part:
+    """Shared public IPs compromised for 20-45 days: ordinary-looking orders of their own users, many of them fraud.
+
+    The month's `n` orders are spread over the compromises active in it, in proportion to how long each is active
+    (a random hotspot for the whole month if none is).
+    """
+    episodes = compromise_episodes(spec.seed, len(pop.hotspot_ips), spec.start_us, spec.end_us)
+    if len(episodes) == 0:
+        episodes = np.array([[rng.integers(0, len(pop.hotspot_ips)), spec.start_us, spec.end_us]])
+    begin, end = np.maximum(episodes[:, 1], spec.start_us), np.minimum(episodes[:, 2], spec.end_us)
+    weight = (end - begin).astype(np.float64)
+    episode = rng.choice(len(episodes), size=n, p=weight / weight.sum())
+    ts = begin[episode] + (rng.random(n) * (end - begin)[episode]).astype(np.int64)
+    hotspot = episodes[episode, 0]
     users = np.flatnonzero(pop.uses_hotspot)
     users = users[np.argsort(pop.hotspot[users], kind="stable")]
     first = np.searchsorted(pop.hotspot[users], np.arange(len(pop.hotspot_ips)))

@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['EPOCH', 'Record', 'APPEND_SCRIPT', 'APPEND_SCRIPT_SHA', 'LABEL_SCRIPT', 'Call', 'APPROX_CONTRIBUTIONS',
-           'MAX_SWITCHES', 'logger', 'order_record', 'append_record', 'script_keys', 'script_args', 'run_script_calls',
-           'fail_waiting', 'ScriptBatcher', 'ServiceUnavailable', 'NoLiveModel', 'StoreUnavailable', 'UnknownOrder',
-           'LiveModel', 'load_live_model', 'score_matrix', 'top_contributions', 'ModelBatcher', 'history_of', 'Scorer',
-           'scorer_for']
+           'MAX_SWITCHES', 'logger', 'order_record', 'append_record', 'script_keys', 'script_args', 'label_keys',
+           'label_args', 'run_script_calls', 'fail_waiting', 'ScriptBatcher', 'ServiceUnavailable', 'NoLiveModel',
+           'StoreUnavailable', 'UnknownOrder', 'LiveModel', 'load_live_model', 'score_matrix', 'top_contributions',
+           'ModelBatcher', 'history_of', 'Scorer', 'scorer_for']
 
 # %% ../nbs/30_scoring.ipynb #e6ef7b90
 import asyncio
@@ -75,9 +75,12 @@ def append_record(records: list[tuple], record: tuple, window: int, horizon_us: 
 
 # %% ../nbs/30_scoring.ipynb #7247f2e6
 APPEND_SCRIPT = """
-local live = redis.call('GET', KEYS[1])
-if live ~= ARGV[1] then
-  return {live}
+local live = false
+if ARGV[1] ~= '' then
+  live = redis.call('GET', KEYS[1])
+  if live ~= ARGV[1] then
+    return {live}
+  end
 end
 local window, horizon = tonumber(ARGV[2]), tonumber(ARGV[9])
 local order_id, ts = ARGV[3], tonumber(ARGV[4])
@@ -116,30 +119,60 @@ for i = 1, 3 do
     if not raw then redis.call('ZADD', KEYS[4 + i], 0, ARGV[4 + i]) end
   end
 end
-redis.call('HSETNX', KEYS[8], order_id, cmsgpack.pack({ts, ARGV[5], ARGV[6], ARGV[7]}))
+local new = redis.call('HSETNX', KEYS[8], order_id, cmsgpack.pack({ts, ARGV[5], ARGV[6], ARGV[7]}))
+if new == 1 and ARGV[12] ~= '0' then
+  redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[12], '*', 'kind', 'order', 'order_id', order_id, 'ts', ARGV[4],
+    'customer_id', ARGV[5], 'email', ARGV[6], 'ip_addr', ARGV[7], 'order_amount', ARGV[8],
+    'location_lat', ARGV[10], 'location_long', ARGV[11])
+end
 return reply
 """
 APPEND_SCRIPT_SHA = hashlib.sha1(APPEND_SCRIPT.encode()).hexdigest()
 
 
 def script_keys(keys: Keys, fs_version: str, record: Record) -> list[str]:
-    """KEYS of the script: live pointer, the order's three state keys, the three entity indexes, the order index."""
+    """KEYS of the append: live pointer, the order's three states, the three entity indexes, the order index, the
+    event log."""
     states = [
         keys.fs_state(fs_version, entity, value) for entity, value in zip(ENTITIES, record[2:5], strict=True)
     ]
     indexes = [keys.fs_index(fs_version, entity) for entity in ENTITIES]
-    return [keys.live, *states, *indexes, keys.fs_orders(fs_version)]
+    return [keys.live, *states, *indexes, keys.fs_orders(fs_version), keys.events]
 
 
-def script_args(pointer: bytes, window: int, record: Record, horizon_us: int) -> list[Any]:
-    """ARGV of the script; the amount as its shortest exact decimal, so Lua's `tonumber` gets the same double."""
-    return [pointer, window, record[0], str(record[1]), *record[2:5], repr(record[5]), str(horizon_us)]
+def script_args(
+    pointer: bytes,
+    window: int,
+    record: Record,
+    horizon_us: int,
+    location: tuple[float, float] = (0.0, 0.0),
+    log_max_len: int = 0,
+) -> list[Any]:
+    """ARGV of the append; numbers as their shortest exact decimals, so Lua's `tonumber` gets the same doubles.
+
+    `pointer` b"" skips the live-pointer check (a replay into a version not live yet); `log_max_len` 0 logs nothing,
+    else a new order goes to the event log, trimmed to about that many entries."""
+    return [
+        pointer,
+        window,
+        record[0],
+        str(record[1]),
+        *record[2:5],
+        repr(record[5]),
+        str(horizon_us),
+        repr(float(location[0])),
+        repr(float(location[1])),
+        str(log_max_len),
+    ]
 
 
 LABEL_SCRIPT = """
-local live = redis.call('GET', KEYS[1])
-if live ~= ARGV[1] then
-  return {live}
+local live = false
+if ARGV[1] ~= '' then
+  live = redis.call('GET', KEYS[1])
+  if live ~= ARGV[1] then
+    return {live}
+  end
 end
 local raw = redis.call('HGET', KEYS[2], ARGV[2])
 if not raw then
@@ -170,8 +203,26 @@ for i = 1, 3 do
     end
   end
 end
+if ARGV[9] ~= '0' then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[9], '*', 'kind', 'label', 'order_id', ARGV[2],
+    'ts', order[1], 'customer_id', order[2], 'email', order[3], 'ip_addr', order[4],
+    'is_fraud', ARGV[4], 'label_ts', ARGV[3])
+end
 return {live, 'ok', order[1], changed}
 """
+
+
+def label_keys(keys: Keys, fs_version: str) -> list[str]:
+    """KEYS of the label script: live pointer, the version's order index, the event log."""
+    return [keys.live, keys.fs_orders(fs_version), keys.events]
+
+
+def label_args(
+    pointer: bytes, keys: Keys, fs_version: str, order_id: str, is_fraud: bool, label_ts: int, log_max_len: int = 0
+) -> list[Any]:
+    """ARGV of the label script (`pointer` b"" skips the pointer check; `log_max_len` 0 logs nothing)."""
+    flag = "1" if is_fraud else "0"
+    return [pointer, order_id, str(label_ts), flag, keys.fs_prefix(fs_version), *ENTITIES, str(log_max_len)]
 
 # %% ../nbs/30_scoring.ipynb #b9afe205
 Call = tuple[list[str], list[Any]]
@@ -396,8 +447,10 @@ class Scorer:
         window: int,
         top_k: int,
         label_delay_days: int = LABEL_DELAY_DAYS,
+        log_max_len: int = 0,
     ):
         self.redis, self.keys, self.window, self.top_k = redis, keys, window, top_k
+        self.log_max_len = log_max_len  # event log of scored orders and labels (0: none), trimmed to about this
         self.label_delay_days, self.horizon_us = label_delay_days, state_horizon_us(label_delay_days)
         self._label_script = redis.register_script(LABEL_SCRIPT)
         self.live: LiveModel | None = None
@@ -412,12 +465,17 @@ class Scorer:
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
             raise StoreUnavailable(f"Redis is unavailable: {e}") from e
 
-    async def _run_scripts(self, live: LiveModel | None, records: list[Record]) -> list[list]:
+    async def _run_scripts(
+        self, live: LiveModel | None, records: list[Record], locations: list[tuple[float, float]]
+    ) -> list[list]:
         """One script call per order, sent with the calls of concurrent requests in one round trip."""
-        pointer, version = (live.pointer, live.fs_version) if live else (b"", "")
+        pointer, version = (live.pointer, live.fs_version) if live else (b"-", "")
         calls = [
-            (script_keys(self.keys, version, r), script_args(pointer, self.window, r, self.horizon_us))
-            for r in records
+            (
+                script_keys(self.keys, version, r),
+                script_args(pointer, self.window, r, self.horizon_us, where, self.log_max_len),
+            )
+            for r, where in zip(records, locations, strict=True)
         ]
         return await self._scripts.run(calls)
 
@@ -495,10 +553,13 @@ class Scorer:
     async def predict(self, orders: list[Order]) -> list[Prediction]:
         """Score the orders in order, each after the ones before it, and append each to the serving state."""
         records = [order_record(order) for order in orders]
+        locations = [(order.location_lat, order.location_long) for order in orders]
         results: list[Prediction | None] = [None] * len(orders)
         pending, live = list(range(len(orders))), self.live
         for _ in range(MAX_SWITCHES):
-            replies = await self._call(self._run_scripts, live, [records[i] for i in pending])
+            replies = await self._call(
+                self._run_scripts, live, [records[i] for i in pending], [locations[i] for i in pending]
+            )
             done = [(i, r) for i, r in zip(pending, replies, strict=True) if len(r) == 4]
             if done:
                 scored = await self._predictions(live, [records[i] for i, _ in done], [r for _, r in done])
@@ -516,9 +577,10 @@ class Scorer:
         label_ts = timestamp_us(label_date)
         for _ in range(MAX_SWITCHES):
             live = await self.current()
-            args = [live.pointer, order_id, str(label_ts), "1" if is_fraud else "0"]
-            args += [self.keys.fs_prefix(live.fs_version), *ENTITIES]
-            keys = [self.keys.live, self.keys.fs_orders(live.fs_version)]
+            keys = label_keys(self.keys, live.fs_version)
+            args = label_args(
+                live.pointer, self.keys, live.fs_version, order_id, is_fraud, label_ts, self.log_max_len
+            )
             reply = await self._call(self._label_script, keys=keys, args=args)
             if len(reply) > 1:
                 break
@@ -599,11 +661,13 @@ class Scorer:
 _scorers: dict[tuple, Scorer] = {}
 
 
-def scorer_for(url: str, key_prefix: str, window: int, top_k: int, label_delay_days: int) -> Scorer:
+def scorer_for(
+    url: str, key_prefix: str, window: int, top_k: int, label_delay_days: int, log_max_len: int
+) -> Scorer:
     """The process's shared Scorer for this Redis and prefix."""
-    key = (url, key_prefix, window, top_k, label_delay_days)
+    key = (url, key_prefix, window, top_k, label_delay_days, log_max_len)
     if key not in _scorers:
         _scorers[key] = Scorer(
-            async_redis(url), RedisPipe(url), Keys(key_prefix), window, top_k, label_delay_days
+            async_redis(url), RedisPipe(url), Keys(key_prefix), window, top_k, label_delay_days, log_max_len
         )
     return _scorers[key]

@@ -86,6 +86,7 @@ class ServiceSettings:
     """Prediction service limits."""
 
     max_batch_size: int = 500
+    events_max_len: int = field(default=1_000_000, ge=0)  # event log of scored orders and labels (0: off)
     max_find_items: int = 100
     top_contributions: int = 5
 

@@ -173,7 +173,9 @@ def _train_and_register(
         model_id,
         trained.booster,
         metadata,
-        report_pngs(y, scores, threshold, importance_gain(trained.booster)),
+        report_pngs(
+            y, scores, threshold, importance_gain(trained.booster), metadata["metrics"]["recall_by_scenario"]
+        ),
     )
     return metadata
 

@@ -127,7 +127,7 @@ def test_pipeline_run_promotes_model_and_features(first_run, redis_client, key_p
 def test_model_failing_gate_leaves_live_untouched(training, first_run, redis_client, key_prefix, data_root):
     before = live(redis_client, key_prefix)
     orders = generate_orders(
-        num_orders=8000, num_customers=300, months=2, start_date="2025-03-01", fraud_rate=0.02, seed=3
+        num_orders=8000, num_customers=300, months=3, start_date="2025-03-01", fraud_rate=0.02, seed=3
     )
     orders["is_fraud"] = (
         orders["is_fraud"].sample(frac=1.0, random_state=0).to_numpy()
@@ -160,7 +160,7 @@ def test_bad_raw_file_fails_run_and_dead_letters(training, first_run, redis_clie
 
 def test_failed_step_is_delivered_again_and_run_completes(training, first_run, data_root):
     orders = generate_orders(
-        num_orders=6000, num_customers=200, months=2, start_date="2025-03-01", fraud_rate=0.03, seed=9
+        num_orders=6000, num_customers=200, months=3, start_date="2025-03-01", fraud_rate=0.03, seed=9
     )
     broken = orders.copy()
     broken["order_date"] = "not a date"

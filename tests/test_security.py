@@ -326,6 +326,21 @@ def test_find_orders_switched_on_needs_the_token(setup, first_run):
     assert response.status_code == 200 and len(response.json()["items"]) == 3, response.text
 
 
+def test_report_label_needs_the_token_and_records_nothing_without_it(setup, first_run):
+    tag = secrets.token_hex(4)
+    scored = order(tag, 0, f"{tag}.label@example.com", "203.0.113.78")
+    response = requests.post(f"{setup.prediction.base}{SERVICE_API}/predict", json=scored, timeout=10)
+    assert response.status_code == 200, response.text
+    label = {"order_id": scored["order_id"], "is_fraud": True}
+    url = f"{setup.prediction.base}{SERVICE_API}/report-label"
+    for headers in BAD_HEADERS:
+        response = requests.post(url, json=label, headers=headers, timeout=10)
+        assert (response.status_code, response.json()) == (401, REFUSED), headers
+    response = requests.post(url, json=label, headers=auth(), timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.json()["states_changed"] == 3  # the refused calls had changed nothing
+
+
 def test_predict_switched_behind_the_token_refuses_and_appends_nothing(setup, first_run):
     tag = secrets.token_hex(4)
     first = order(tag, 0, f"{tag}.locked@example.com", "203.0.113.77")
@@ -362,6 +377,7 @@ def test_openapi_specs_declare_exactly_the_token_scheme(setup):
             ROOT / "config" / "openapi-service.json",
             {
                 "find-orders": [{"api-token": []}],
+                "report-label": [{"api-token": []}],
                 "predict": [{"api-token": []}, {}],
                 "predict-batch": [{"api-token": []}, {}],
             },

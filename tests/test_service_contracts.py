@@ -11,7 +11,13 @@ from hopeit.dataobjects.payload import Payload
 from fraud_poc.service_payloads import Contribution, KnownEntities, Order, Prediction
 
 REPO = Path(__file__).resolve().parents[1]
-EVENTS = {"predict": "POST", "predict-batch": "POST", "find-orders": "GET", "model-info": "GET"}
+EVENTS = {
+    "predict": "POST",
+    "predict-batch": "POST",
+    "find-orders": "GET",
+    "model-info": "GET",
+    "report-label": "POST",
+}
 
 
 def test_config_names_one_thin_module_per_event():

@@ -29,12 +29,12 @@ import xgboost as xgb
 from conftest import API_TOKEN, AUTH
 
 from fraud_poc.feature_store import switch_live, upload_model, write_entity_states
-from fraud_poc.features import compute_features
+from fraud_poc.features import compute_features, latest_orders
 from fraud_poc.launcher import SERVICES
 from fraud_poc.redis_store import Keys
 from fraud_poc.registry import model_metadata
 from fraud_poc.sample_data import generate_orders
-from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, LABEL, WINDOW, feature_set_fingerprint
+from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, LABEL, LABEL_DATE, WINDOW, feature_set_fingerprint
 from fraud_poc.serving_state import decode_state, entity_states
 from fraud_poc.train import average_precision, choose_threshold
 
@@ -88,10 +88,9 @@ def history() -> History:
 
 def load_version(r: redis.Redis, keys: Keys, version: str, orders: pd.DataFrame) -> None:
     """Write the serving state of `orders` as a complete feature-store version."""
-    states = orders.assign(ts_us=orders["order_date"].dt.as_unit("us").astype("int64"))
     counts = {}
-    for by in ENTITIES:
-        values, payloads = entity_states(states, by, WINDOW)
+    for by in ENTITIES:  # what feature-calc keeps and prepare-db loads
+        values, payloads = entity_states(latest_orders(orders, by, WINDOW), by)
         counts[by] = write_entity_states(r, keys, version, by, values, payloads, chunk_size=500)
     fingerprint = feature_set_fingerprint(FEATURE_COLUMNS, WINDOW)
     meta = {"version": version, "window": WINDOW, "feature_set_fingerprint": fingerprint, "counts": counts}
@@ -268,9 +267,12 @@ def fresh_order(tag: str, n: int = 0, amount: float = 25.0, customer: str | None
     }
 
 
-async def post(session: aiohttp.ClientSession, url: str, body) -> tuple[int, dict]:
+async def post(
+    session: aiohttp.ClientSession, url: str, body, headers: dict | None = None
+) -> tuple[int, dict]:
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    async with session.post(url, data=data, headers={"Content-Type": "application/json"}) as response:
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    async with session.post(url, data=data, headers=headers) as response:
         return response.status, json.loads(await response.text())
 
 
@@ -287,22 +289,69 @@ def state_ids(r: redis.Redis, keys: Keys, version: str, entity: str, value: str)
 # ---------------------------------------------------------------- tests
 
 
+def replay_events(replayed: pd.DataFrame) -> list[tuple[pd.Timestamp, int, dict]]:
+    """The replayed orders and, at their label dates, the fraud labels of the fraud among them; plus a
+    fraud report corrected to legitimate an hour later (before it could count anywhere) and a repeated report."""
+    events = [(row["order_date"], 1, {"order": row}) for row in replayed.to_dict("records")]
+    for row in replayed[replayed[LABEL]].to_dict("records"):
+        label = {"order_id": row["order_id"], "is_fraud": True, "label_date": row[LABEL_DATE].isoformat()}
+        events.append((row[LABEL_DATE], 0, {"label": label}))
+    legit = replayed[~replayed[LABEL]].iloc[10]
+    for hours, is_fraud in ((1, True), (2, False)):  # a wrong report, corrected before it matures
+        at = legit["order_date"] + pd.Timedelta(hours=hours)
+        events.append(
+            (
+                at,
+                0,
+                {
+                    "label": {
+                        "order_id": legit["order_id"],
+                        "is_fraud": is_fraud,
+                        "label_date": at.isoformat(),
+                    }
+                },
+            )
+        )
+    return sorted(events, key=lambda event: (event[0], event[1]))  # a label counts from its instant on
+
+
 async def test_parity_replaying_orders_one_by_one(services: Services, live: History):
-    """Every feature `predict` returns equals the batch feature of that order on the same history."""
+    """Every feature `predict` returns equals the batch feature of that order on the same history, with the
+    labels reported through `report-label` at their label dates (SPEC 2.2's parity)."""
     r = redis.Redis.from_url(services.main.redis_url)
     load_version(r, services.main.keys, "v-parity", live.orders.iloc[: live.cut])
     go_live(r, services.main.keys, "m-parity", live.booster, live.metadata, "v-parity")
     replayed = live.orders.iloc[live.cut :]
-    served = []
+    served, labels = [], []
     async with aiohttp.ClientSession() as session:
-        for row in replayed.to_dict("records"):
-            status, prediction = await post(session, f"{services.main.base}/predict", order_json(row))
-            assert status == 200, prediction
-            served.append(prediction)
+        for _, _, event in replay_events(replayed):
+            if "order" in event:
+                status, prediction = await post(
+                    session, f"{services.main.base}/predict", order_json(event["order"])
+                )
+                assert status == 200, prediction
+                served.append(prediction)
+            else:
+                status, recorded = await post(
+                    session, f"{services.main.base}/report-label", event["label"], AUTH
+                )
+                assert status == 200, recorded
+                labels.append(recorded)
+        # a repeat changes nothing; a label for an order of the loaded history is found in its index
+        first = replayed[replayed[LABEL]].iloc[0]
+        repeat = {
+            "order_id": first["order_id"],
+            "is_fraud": True,
+            "label_date": first[LABEL_DATE].isoformat(),
+        }
+        status, again = await post(session, f"{services.main.base}/report-label", repeat, AUTH)
+        assert status == 200 and again["states_changed"] == 0, again
+    assert len(labels) == replayed[LABEL].sum() + 2 and sum(label["states_changed"] for label in labels) > 0
     assert [p["order_id"] for p in served] == replayed["order_id"].tolist()
     assert {p["model_id"] for p in served} == {"m-parity"}
     got = pd.DataFrame([p["features"] for p in served], index=replayed["order_id"])[FEATURE_COLUMNS]
     expected = live.features.loc[replayed["order_id"], FEATURE_COLUMNS]
+    assert expected["n_fraud_30d_by_ip_addr"].sum() > 0  # confirmed fraud reaches the features
     np.testing.assert_allclose(got.to_numpy(), expected.to_numpy(), rtol=0, atol=1e-9)
     # the score is the model's on those features, and the decision is at the model's threshold
     booster = xgb.Booster()
@@ -363,18 +412,21 @@ async def test_retry_is_scored_the_same_and_appended_once(services: Services, li
 
 
 async def test_concurrent_orders_of_one_customer_lose_none(services: Services, live: History):
-    """30 concurrent orders of one customer: the state holds the last W by time, each order was seen once."""
+    """30 concurrent orders of one customer, two days apart: the state holds what the features need (the orders
+    of the last 30 + δ days before the newest, at least the last W), each order seen once, whatever the arrival."""
     tag = uuid4().hex[:8]
     orders = [fresh_order(tag, n) for n in range(30)]
     for n, order in enumerate(orders):  # distinct emails and ips: only the customer's state is shared
         order["email"], order["ip_addr"] = f"{tag}-{n}@example.com", f"{tag}-ip-{n}"
+        order["order_date"] = (pd.Timestamp("2026-01-01T00:00:00Z") + pd.Timedelta(days=2 * n)).isoformat()
     async with aiohttp.ClientSession() as session:
         answers = await asyncio.gather(*[post(session, f"{services.main.base}/predict", o) for o in orders])
     assert [status for status, _ in answers] == [200] * 30
     r = redis.Redis.from_url(services.main.redis_url)
     version = live_pointer(services.main)["fs_version"]
+    # newest: day 58; kept: after day 58 - 37 = 21, so from day 22 (order 11) on: more than W
     assert state_ids(r, services.main.keys, version, "customer_id", f"{tag}-customer") == [
-        o["order_id"] for o in orders[-WINDOW:]
+        o["order_id"] for o in orders[11:]
     ]
     assert all(1 <= p["features"]["n_orders_by_customer_id"] <= WINDOW for _, p in answers)
 
@@ -487,7 +539,8 @@ async def test_api_docs(services: Services):
         status, spec = await get(session, f"{root}/api/docs/swagger.json")
     assert status == 200
     assert sorted(spec["paths"]) == [
-        f"{API}/{event}" for event in ("find-orders", "model-info", "predict", "predict-batch")
+        f"{API}/{event}"
+        for event in ("find-orders", "model-info", "predict", "predict-batch", "report-label")
     ]
 
 

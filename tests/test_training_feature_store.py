@@ -22,7 +22,7 @@ from fraud_poc.feature_store import (
     write_feature_version,
 )
 from fraud_poc.redis_store import Keys
-from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, STATE_FIELDS, feature_set_fingerprint
+from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, NO_FRAUD, STATE_FIELDS, feature_set_fingerprint
 from fraud_poc.serving_state import decode_state, encode_state, encoded_states
 
 REDIS_URL = os.environ.get("FRAUD_TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
@@ -49,23 +49,32 @@ def orders(n: int, seed: int, amount_base: float) -> pd.DataFrame:
             "email": [f"u{i}@mail.io" for i in rng.integers(0, n // 8, n)],
             "ip_addr": [f"10.1.{i // 256}.{i % 256}" for i in rng.integers(0, n // 10, n)],
             "order_amount": amount_base + rng.integers(0, 100, n).astype("float64"),
+            "fraud_ts": NO_FRAUD,
         }
     )
     return frame[list(STATE_FIELDS)]
+
+
+def latest_encoded(frame: pd.DataFrame, by: str) -> pd.DataFrame:
+    """The last W orders of each value, encoded (these orders lie within 100 s: W decides what is kept)."""
+    return encoded_states(
+        frame.sort_values([by, "ts_us", "order_id"]).groupby(by, sort=False).tail(WINDOW), by
+    )
 
 
 def partitioned_by(frame: pd.DataFrame, by: str, n: int = 4) -> dd.DataFrame:
     """The encoded states of `frame`'s orders by `by`, in `n` partitions by value (as feature-calc writes them)."""
     part = pd.util.hash_array(frame[by].to_numpy(dtype=object)) % n
     pieces = [frame[part == p] for p in range(n)]
-    return dd.from_map(
-        encoded_states, pieces, args=[by, WINDOW], meta=encoded_states(frame.iloc[:0], by, WINDOW)
-    )
+    return dd.from_map(latest_encoded, pieces, args=[by], meta=latest_encoded(frame.iloc[:0], by))
 
 
 def expected_state(frame: pd.DataFrame, by: str, value: str) -> list[tuple]:
     rows = frame[frame[by] == value].sort_values(["ts_us", "order_id"]).tail(WINDOW)
-    return [(o, int(t), c, e, i, float(a)) for o, t, c, e, i, a in rows.itertuples(index=False, name=None)]
+    return [
+        (o, int(t), c, e, i, float(a), int(f))
+        for o, t, c, e, i, a, f in rows.itertuples(index=False, name=None)
+    ]
 
 
 def load(client, keys, frame: pd.DataFrame, version: str) -> dict:
@@ -88,9 +97,9 @@ def upload(r, keys, model_id: str, window: int = WINDOW) -> None:
 def test_state_codec_coerces_lua_numbers():
     import msgpack
 
-    record = ("o1", 1_700_000_000_123_456, "c1", "a@b.io", "::1", 42.0)
+    record = ("o1", 1_700_000_000_123_456, "c1", "a@b.io", "::1", 42.0, NO_FRAUD)
     assert decode_state(encode_state([record])) == [record]
-    from_lua = msgpack.packb([["o1", 1_700_000_000_123_456, "c1", "a@b.io", "::1", 42]])
+    from_lua = msgpack.packb([["o1", 1_700_000_000_123_456, "c1", "a@b.io", "::1", 42, -1]])
     decoded = decode_state(from_lua)
     assert decoded == [record] and type(decoded[0][5]) is float
 
@@ -124,7 +133,9 @@ def test_write_promote_read_back_and_remove_old(client, store):
     upload(r, keys, "xgb-v2")
     summary = switch_live(r, keys, "xgb-v2", "v2", "run-v2")
     assert summary["previous"]["fs_version"] == "v1"
-    assert summary["removed_keys"] == meta["total_states"] + len(ENTITIES) + 1
+    assert (
+        summary["removed_keys"] == meta["total_states"] + len(ENTITIES) + 2
+    )  # states, indexes, order index, meta
     assert list(r.scan_iter(match=keys.fs_prefix("v1") + "*")) == []
     assert read_live_states(r, keys, {"customer_id": some["customer_id"]})[1][
         "customer_id"
@@ -163,12 +174,12 @@ def test_load_failing_midway_leaves_previous_version_live(client, store):
     def read_part(i: int) -> pd.DataFrame:
         if i == 3:
             raise OSError("orders_by_email/part.3.parquet: truncated file")
-        return encoded_states(orders(100, seed=10 + i, amount_base=0.0), "email", WINDOW)
+        return latest_encoded(orders(100, seed=10 + i, amount_base=0.0), "email")
 
     frames = {
         by: partitioned_by(orders(400, seed=6, amount_base=0.0), by) for by in ("customer_id", "ip_addr")
     }
-    frames["email"] = dd.from_map(read_part, range(5), meta=encoded_states(good.iloc[:0], "email", WINDOW))
+    frames["email"] = dd.from_map(read_part, range(5), meta=latest_encoded(good.iloc[:0], "email"))
     with pytest.raises(OSError, match="truncated file"):
         write_feature_version(client, frames, REDIS_URL, keys, "v2", "run-2", WINDOW, chunk_size=50)
     assert live_pointer(r, keys)["fs_version"] == "v1"

@@ -107,6 +107,7 @@ def test_pipeline_steps_5_and_6(client, store, runs):
     assert sorted(p.name for p in (data_root / "models" / "xgb-run-1" / "report").iterdir()) == [
         "feature_importance.png",
         "precision_recall.png",
+        "recall_by_scenario.png",
         "score_distribution.png",
     ]
     assert live_pointer(r, keys) is None

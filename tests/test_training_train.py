@@ -97,7 +97,7 @@ def test_distributed_training_is_reproducible_and_learns(client):
     assert first.booster.feature_names == FEATURE_COLUMNS
     y = holdout_frame[LABEL].to_numpy()
     assert roc_auc(y, scores) > 0.9 and average_precision(y, scores) > 0.5
-    assert first.best_score == pytest.approx(max(first.history["holdout"]["aucpr"]))
+    assert first.best_score == pytest.approx(max(first.history["tuning"]["aucpr"]))
     assert set(list(importance_gain(first.booster))[:2]) == {"order_amount", "n_orders_24h_by_ip_addr"}
     other_seed = train_booster(client, train, holdout, {**params, "seed": 12}, 300, 15)
     assert not np.array_equal(scores, predict_scores(client, other_seed.booster, holdout))

@@ -26,4 +26,5 @@ def event_scorer(context: EventContext) -> Scorer:
         feature_store.window,
         service.top_contributions,
         feature_store.label_delay_days,
+        service.events_max_len,
     )

@@ -1,0 +1,125 @@
+"""Model quality on the generator's data: feature set 1 alone against sets 1 + 2 (the ablation), over several seeds.
+
+For each seed: generate orders (SPEC 1.2, with compromised shared IPs and chargeback delays), compute every
+order's features with `fraud_poc.features.compute_features`, split them as step 4 does (warm-up days as history
+only, training rows with non-fraud subsampled, a tuning period for early stopping and the threshold, the most
+recent days as the holdout), train XGBoost with the pipeline's parameters on each feature set, and print the
+holdout's average precision, ROC AUC, precision and recall at the threshold, recall per fraud scenario and the
+trees kept by early stopping. Single process (`xgboost.train`, the same parameters as `xgboost.dask` gets), so the
+figures are about the features, not the cluster.
+
+    .venv/bin/python bench/bench_quality.py                       # 3 seeds x 400,000 orders, 3,300 customers, 8 months
+    .venv/bin/python bench/bench_quality.py --seeds 1 --orders 150000 --customers 1500
+    .venv/bin/python bench/bench_quality.py --chart recall_by_scenario.png
+"""
+
+import argparse
+import time
+
+import numpy as np
+import pandas as pd
+import xgboost as xgb
+
+from fraud_poc.features import compute_features
+from fraud_poc.report import recall_by_scenario_png
+from fraud_poc.sample_data import SCENARIOS, generate_orders
+from fraud_poc.schema import FEATURE_COLUMNS, FEATURE_SET_1, LABEL, SCENARIO
+from fraud_poc.settings import TrainingDataSettings, TrainModelSettings
+from fraud_poc.train import BASE_PARAMS, choose_threshold, evaluate
+from fraud_poc.training_data import split_training_data
+from fraud_poc.training_steps import booster_params
+
+FEATURE_SETS = {"set 1": FEATURE_SET_1, "sets 1+2": FEATURE_COLUMNS}
+
+
+def labelled_features(orders: pd.DataFrame) -> pd.DataFrame:
+    """Every order's features with its date, label and scenario (what step 3 writes)."""
+    features = compute_features(orders)
+    return features.merge(orders[["order_id", "order_date", LABEL, SCENARIO]], on="order_id")
+
+
+def train_and_score(
+    parts: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame], columns: list[str], settings: TrainModelSettings
+) -> dict:
+    """Train on `parts[0]` with early stopping on `parts[1]`; the holdout metrics of `parts[2]` at the tuned threshold."""
+    train, tuning, holdout = parts
+    matrices = [xgb.DMatrix(p[columns].astype("float32"), label=p[LABEL], feature_names=columns) for p in parts]
+    params = {**BASE_PARAMS, **booster_params(settings), "nthread": 2}
+    booster = xgb.train(
+        params,
+        matrices[0],
+        num_boost_round=settings.num_boost_round,
+        evals=[(matrices[1], "tuning")],
+        early_stopping_rounds=settings.early_stopping_rounds,
+        verbose_eval=False,
+    )
+    trees = booster.best_iteration + 1
+    booster = booster[:trees]
+    tuning_scores = booster.predict(matrices[1])
+    threshold = choose_threshold(tuning[LABEL].to_numpy(), tuning_scores, settings.threshold_metric)
+    scores = booster.predict(matrices[2])
+    metrics = evaluate(holdout[LABEL].to_numpy(), scores, holdout[SCENARIO].to_numpy(dtype=object), threshold)
+    return {**metrics, "trees": trees}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds (1, 2, ...)")
+    parser.add_argument("--orders", type=int, default=400_000)
+    parser.add_argument("--customers", type=int, default=3_300)
+    parser.add_argument("--months", type=int, default=8)
+    parser.add_argument("--chart", help="write the recall-per-scenario chart of the last seed to this PNG file")
+    args = parser.parse_args()
+    split = TrainingDataSettings()
+    settings = TrainModelSettings()
+    rows = []
+    for seed in range(1, args.seeds + 1):
+        started = time.perf_counter()
+        orders = generate_orders(args.orders, args.customers, args.months, "2025-01-01", 0.02, seed)
+        features = labelled_features(orders)
+        parts = split_training_data(
+            features,
+            split.validation_days,
+            split.non_fraud_fraction,
+            seed,
+            tuning_days=split.tuning_days,
+            warmup_days=split.warmup_days,
+        )
+        prepared = time.perf_counter() - started
+        for name, columns in FEATURE_SETS.items():
+            started = time.perf_counter()
+            metrics = train_and_score(parts, columns, settings)
+            recall = {s: v["recall"] for s, v in metrics["recall_by_scenario"].items()}
+            rows.append(
+                {
+                    "seed": seed,
+                    "features": name,
+                    "AP": metrics["average_precision"],
+                    "ROC AUC": metrics["roc_auc"],
+                    "precision": metrics["precision"],
+                    "recall": metrics["recall"],
+                    "trees": metrics["trees"],
+                    **{f"recall {s}": recall.get(s, np.nan) for s in SCENARIOS},
+                    "train s": time.perf_counter() - started,
+                }
+            )
+        last = metrics
+        print(
+            f"seed {seed}: {len(orders):,} orders, fraud {orders[LABEL].mean():.2%}; "
+            f"train {len(parts[0]):,} / tuning {len(parts[1]):,} / holdout {len(parts[2]):,} rows "
+            f"({parts[2][LABEL].sum():,} fraud); features and split {prepared:.1f} s",
+            flush=True,
+        )
+    table = pd.DataFrame(rows)
+    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.precision", 3):
+        print(table.set_index(["seed", "features"]).T)
+        print("\nmean over seeds:")
+        print(table.drop(columns="seed").groupby("features", sort=False).mean().T)
+    if args.chart:
+        with open(args.chart, "wb") as f:
+            f.write(recall_by_scenario_png(last["recall_by_scenario"]))
+        print(f"chart: {args.chart}")
+
+
+if __name__ == "__main__":
+    main()
