@@ -43,7 +43,9 @@ def train_and_score(
 ) -> dict:
     """Train on `parts[0]` with early stopping on `parts[1]`; the holdout metrics of `parts[2]` at the tuned threshold."""
     train, tuning, holdout = parts
-    matrices = [xgb.DMatrix(p[columns].astype("float32"), label=p[LABEL], feature_names=columns) for p in parts]
+    matrices = [
+        xgb.DMatrix(p[columns].astype("float32"), label=p[LABEL], feature_names=columns) for p in parts
+    ]
     params = {**BASE_PARAMS, **booster_params(settings), "nthread": 2}
     booster = xgb.train(
         params,
@@ -63,12 +65,16 @@ def train_and_score(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", type=int, default=3, help="how many seeds (1, 2, ...)")
     parser.add_argument("--orders", type=int, default=400_000)
     parser.add_argument("--customers", type=int, default=3_300)
     parser.add_argument("--months", type=int, default=8)
-    parser.add_argument("--chart", help="write the recall-per-scenario chart of the last seed to this PNG file")
+    parser.add_argument(
+        "--chart", help="write the recall-per-scenario chart of the last seed to this PNG file"
+    )
     args = parser.parse_args()
     split = TrainingDataSettings()
     settings = TrainModelSettings()

@@ -13,6 +13,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from collections.abc import Callable
 from typing import Any
 
 import dask.dataframe as dd
@@ -277,9 +278,19 @@ def remove_models_except(r: redis.Redis, keys: Keys, keep: set[str], chunk_size:
     return _unlink_matching(r, _glob_escape(keys.model("")) + "*", chunk_size, keep_keys)
 
 
-def switch_live(r: redis.Redis, keys: Keys, model_id: str, version: str, run_id: str) -> dict[str, Any]:
-    """Promote, then remove the replaced version and every model hash but the new and the replaced one."""
+def switch_live(
+    r: redis.Redis,
+    keys: Keys,
+    model_id: str,
+    version: str,
+    run_id: str,
+    after_switch: Callable[[], Any] | None = None,
+) -> dict[str, Any]:
+    """Promote, run `after_switch` (the carry-over's second pass), then remove the replaced version and every
+    model hash but the new and the replaced one."""
     pointer, previous = promote(r, keys, model_id, version, run_id)
+    if after_switch is not None:
+        after_switch()
     removed_keys = 0
     if previous is not None and previous["fs_version"] != version:
         removed_keys = remove_version(r, keys, previous["fs_version"])

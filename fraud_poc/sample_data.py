@@ -304,9 +304,7 @@ def compromise_episodes(seed: int, n_hotspots: int, start_us: int, end_us: int) 
     return np.array(episodes, dtype=np.int64).reshape(-1, 3)
 
 
-def _compromised_ip_part(
-    rng: np.random.Generator, pop: CustomerPopulation, spec: MonthSpec, n: int
-) -> _Part:
+def _compromised_ip_part(rng: np.random.Generator, pop: CustomerPopulation, spec: MonthSpec, n: int) -> _Part:
     """Shared public IPs compromised for 20-45 days: ordinary-looking orders of their own users, many of them fraud.
 
     The month's `n` orders are spread over the compromises active in it, in proportion to how long each is active

@@ -218,7 +218,13 @@ def label_keys(keys: Keys, fs_version: str) -> list[str]:
 
 
 def label_args(
-    pointer: bytes, keys: Keys, fs_version: str, order_id: str, is_fraud: bool, label_ts: int, log_max_len: int = 0
+    pointer: bytes,
+    keys: Keys,
+    fs_version: str,
+    order_id: str,
+    is_fraud: bool,
+    label_ts: int,
+    log_max_len: int = 0,
 ) -> list[Any]:
     """ARGV of the label script (`pointer` b"" skips the pointer check; `log_max_len` 0 logs nothing)."""
     flag = "1" if is_fraud else "0"
@@ -450,7 +456,9 @@ class Scorer:
         log_max_len: int = 0,
     ):
         self.redis, self.keys, self.window, self.top_k = redis, keys, window, top_k
-        self.log_max_len = log_max_len  # event log of scored orders and labels (0: none), trimmed to about this
+        self.log_max_len = (
+            log_max_len  # event log of scored orders and labels (0: none), trimmed to about this
+        )
         self.label_delay_days, self.horizon_us = label_delay_days, state_horizon_us(label_delay_days)
         self._label_script = redis.register_script(LABEL_SCRIPT)
         self.live: LiveModel | None = None

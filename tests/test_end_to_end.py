@@ -15,6 +15,7 @@ from conftest import AUTH, Service, service_env
 from fraud_poc.features import compute_features
 from fraud_poc.redis_store import Keys
 from fraud_poc.sample_data import generate_orders
+from fraud_poc.serving_state import decode_state
 
 API = "/api/training-pipeline/0x2"
 SERVICE_API = "/api/fraud-service/0x2"
@@ -227,11 +228,32 @@ def test_prediction_uses_promoted_model_and_pipeline_state(prediction, first_run
 
 
 def test_new_promotion_switches_prediction_service_without_restart(
-    training, prediction, first_run, data_root
+    training, prediction, first_run, data_root, redis_client, key_prefix
 ):
     run_id = start(training, "run-pipeline", SMALL)  # same data: the same model, not worse than the champion
+    # while the run works: a new customer's order is scored and reported as fraud (after the run's cut-off)
+    newcomer = {
+        **next_order(raw_orders(data_root, first_run["run_id"]).iloc[-1], "e2e-carried", 60, 55.0),
+        "customer_id": "e2e-carried-customer",
+        "email": "carried@example.com",
+        "ip_addr": "203.0.113.200",
+    }
+    response = requests.post(f"{prediction.base}{SERVICE_API}/predict", json=newcomer, timeout=10)
+    assert response.status_code == 200 and response.json()["cold_start"] is True, response.text
+    label = {"order_id": "e2e-carried", "is_fraud": True}
+    response = requests.post(
+        f"{prediction.base}{SERVICE_API}/report-label", json=label, headers=AUTH, timeout=10
+    )
+    assert response.status_code == 200 and response.json()["states_changed"] == 3, response.text
+    label_ts = pd.Timestamp(response.json()["label_date"]).value // 1000
     status = wait_for(training, run_id, finished)
     assert status["state"] == "done" and status["promoted"] is True, status
+    # carried over into the new version: the order in each of its states, with its label
+    keys = Keys(key_prefix)
+    for entity in ("customer_id", "email", "ip_addr"):
+        raw = redis_client.get(keys.fs_state(run_id, entity, newcomer[entity]))
+        assert raw is not None, entity
+        assert [(r[0], r[6]) for r in decode_state(raw)] == [("e2e-carried", label_ts)], entity
     orders = raw_orders(data_root, run_id).sort_values(["order_date", "order_id"])
     new = next_order(orders.iloc[-1], "e2e-next-2", minutes=45, amount=12.5)
     response = requests.post(f"{prediction.base}{SERVICE_API}/predict", json=new, timeout=10)

@@ -42,6 +42,7 @@ async def load_and_promote(payload: PipelineJob, context: EventContext) -> None:
         feature_store.window,
         feature_store.chunk_size,
         feature_store.label_delay_days,
+        carry_since=payload.submitted,
     )
     await run_pipeline_step(redis_settings, payload.run_id, "prepare-db", work, client)
     redis, keys = async_redis(redis_settings.url), Keys(redis_settings.key_prefix)
