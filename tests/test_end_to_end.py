@@ -12,6 +12,7 @@ import pytest
 import requests
 from conftest import AUTH, Service, service_env
 
+from fraud_poc.datasets import read_orders_file
 from fraud_poc.features import compute_features
 from fraud_poc.redis_store import Keys
 from fraud_poc.sample_data import generate_orders
@@ -254,6 +255,12 @@ def test_new_promotion_switches_prediction_service_without_restart(
         raw = redis_client.get(keys.fs_state(run_id, entity, newcomer[entity]))
         assert raw is not None, entity
         assert [(r[0], r[6]) for r in decode_state(raw)] == [("e2e-carried", label_ts)], entity
+    # and exported, with its label, as raw orders that run-from-raw reads
+    response = requests.post(f"{training.base}{API}/export-orders", headers=AUTH, timeout=30)
+    assert response.status_code == 200, response.text
+    exported = read_orders_file(data_root / response.json()["path"] / "orders.parquet", require_label=True)
+    carried = exported.set_index("order_id").loc["e2e-carried"]
+    assert carried["is_fraud"] and carried["label_date"] == pd.Timestamp(label_ts, unit="us", tz="UTC")
     orders = raw_orders(data_root, run_id).sort_values(["order_date", "order_id"])
     new = next_order(orders.iloc[-1], "e2e-next-2", minutes=45, amount=12.5)
     response = requests.post(f"{prediction.base}{SERVICE_API}/predict", json=new, timeout=10)

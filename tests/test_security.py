@@ -238,7 +238,7 @@ def order(tag: str, n: int, email: str, ip: str) -> dict:
 def first_run(setup) -> dict:
     """Refused calls first (nothing may change), then the right token starts a run, followed to its end."""
     before = footprint(setup)
-    bodies = {"run-pipeline": SMALL, "run-from-raw": {"path": "user/orders.csv"}}
+    bodies = {"run-pipeline": SMALL, "run-from-raw": {"path": "user/orders.csv"}, "export-orders": None}
     answers = []
     for endpoint, body in bodies.items():
         for headers in BAD_HEADERS:
@@ -286,7 +286,7 @@ def test_with_no_token_configured_every_call_is_refused(setup, first_run):
     assert footprint(setup) == before
     said = (service.folder / "console.log").read_text()
     assert (
-        "no API token is configured (FRAUD_API_TOKEN), so every call to run-pipeline, run-from-raw is refused"
+        "no API token is configured (FRAUD_API_TOKEN), so every call to run-pipeline, run-from-raw, export-orders is refused"
         in said
     )
     assert "export FRAUD_API_TOKEN=" in said
@@ -370,7 +370,11 @@ def test_openapi_specs_declare_exactly_the_token_scheme(setup):
         (
             setup.training,
             ROOT / "config" / "openapi-training.json",
-            {"run-pipeline": [{"api-token": []}], "run-from-raw": [{"api-token": []}]},
+            {
+                "run-pipeline": [{"api-token": []}],
+                "run-from-raw": [{"api-token": []}],
+                "export-orders": [{"api-token": []}],
+            },
         ),
         (
             setup.prediction,
