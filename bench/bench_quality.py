@@ -18,50 +18,16 @@ import time
 
 import numpy as np
 import pandas as pd
-import xgboost as xgb
 
-from fraud_poc.features import compute_features
+from fraud_poc.quality import holdout_quality, labelled_features
 from fraud_poc.report import recall_by_scenario_png
 from fraud_poc.sample_data import SCENARIOS, generate_orders
-from fraud_poc.schema import FEATURE_COLUMNS, FEATURE_SET_1, LABEL, SCENARIO
+from fraud_poc.schema import FEATURE_COLUMNS, FEATURE_SET_1, LABEL
 from fraud_poc.settings import TrainingDataSettings, TrainModelSettings
-from fraud_poc.train import BASE_PARAMS, choose_threshold, evaluate
 from fraud_poc.training_data import split_training_data
 from fraud_poc.training_steps import booster_params
 
 FEATURE_SETS = {"set 1": FEATURE_SET_1, "sets 1+2": FEATURE_COLUMNS}
-
-
-def labelled_features(orders: pd.DataFrame) -> pd.DataFrame:
-    """Every order's features with its date, label and scenario (what step 3 writes)."""
-    features = compute_features(orders)
-    return features.merge(orders[["order_id", "order_date", LABEL, SCENARIO]], on="order_id")
-
-
-def train_and_score(
-    parts: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame], columns: list[str], settings: TrainModelSettings
-) -> dict:
-    """Train on `parts[0]` with early stopping on `parts[1]`; the holdout metrics of `parts[2]` at the tuned threshold."""
-    train, tuning, holdout = parts
-    matrices = [
-        xgb.DMatrix(p[columns].astype("float32"), label=p[LABEL], feature_names=columns) for p in parts
-    ]
-    params = {**BASE_PARAMS, **booster_params(settings), "nthread": 2}
-    booster = xgb.train(
-        params,
-        matrices[0],
-        num_boost_round=settings.num_boost_round,
-        evals=[(matrices[1], "tuning")],
-        early_stopping_rounds=settings.early_stopping_rounds,
-        verbose_eval=False,
-    )
-    trees = booster.best_iteration + 1
-    booster = booster[:trees]
-    tuning_scores = booster.predict(matrices[1])
-    threshold = choose_threshold(tuning[LABEL].to_numpy(), tuning_scores, settings.threshold_metric)
-    scores = booster.predict(matrices[2])
-    metrics = evaluate(holdout[LABEL].to_numpy(), scores, holdout[SCENARIO].to_numpy(dtype=object), threshold)
-    return {**metrics, "trees": trees}
 
 
 def main() -> None:
@@ -94,7 +60,15 @@ def main() -> None:
         prepared = time.perf_counter() - started
         for name, columns in FEATURE_SETS.items():
             started = time.perf_counter()
-            metrics = train_and_score(parts, columns, settings)
+            params = {**booster_params(settings), "nthread": 2}
+            metrics = holdout_quality(
+                parts,
+                columns,
+                params,
+                settings.num_boost_round,
+                settings.early_stopping_rounds,
+                settings.threshold_metric,
+            )
             recall = {s: v["recall"] for s, v in metrics["recall_by_scenario"].items()}
             rows.append(
                 {

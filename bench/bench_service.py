@@ -27,6 +27,7 @@ import gc
 import json
 import os
 import resource
+import secrets
 import signal
 import socket
 import subprocess
@@ -49,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fraud_poc.feature_store import switch_live, upload_model, write_entity_states  # noqa: E402
-from fraud_poc.features import compute_features, serving_features  # noqa: E402
+from fraud_poc.features import compute_features, latest_orders, serving_features  # noqa: E402
 from fraud_poc.launcher import SERVICES  # noqa: E402
 from fraud_poc.redis_pipe import RedisPipe  # noqa: E402
 from fraud_poc.redis_store import Keys, async_redis  # noqa: E402
@@ -165,10 +166,10 @@ def prepare_store(redis_url: str, prefix: str, args: argparse.Namespace) -> tupl
     params, booster = train_bench_model(features.to_numpy(), labels, args)
     threshold = choose_threshold(labels, booster.inplace_predict(features.to_numpy()))
     r, keys, version, model_id = redis.Redis.from_url(redis_url), Keys(prefix), "bench-v1", "bench-m1"
-    states = orders.assign(ts_us=orders["order_date"].dt.as_unit("us").astype("int64"))
-    for by in ENTITIES:
-        values, payloads = entity_states(states, by, WINDOW)
+    for by in ENTITIES:  # what feature-calc keeps and prepare-db loads
+        values, payloads = entity_states(latest_orders(orders, by, WINDOW), by)
         write_entity_states(r, keys, version, by, values, payloads, chunk_size=500)
+    print_state_memory(r, keys, version)
     meta = {"version": version, "window": WINDOW, "feature_set_fingerprint": feature_set_fingerprint()}
     r.set(keys.fs_meta(version), json.dumps(meta))
     metadata = model_metadata(
@@ -177,6 +178,21 @@ def prepare_store(redis_url: str, prefix: str, args: argparse.Namespace) -> tupl
     upload_model(r, keys, model_id, bytes(booster.save_raw("ubj")), metadata)
     switch_live(r, keys, model_id, version, run_id="bench")
     return orders, model_id
+
+
+def print_state_memory(r: redis.Redis, keys: Keys, version: str, sample: int = 500) -> None:
+    """Redis memory per entity value (MEMORY USAGE of a sample of state keys) and records per state."""
+    for by in ENTITIES:
+        values = [v.decode() for v in r.zrange(keys.fs_index(version, by), 0, -1)]
+        picked = values[:: max(1, len(values) // sample)]
+        sizes = [r.memory_usage(keys.fs_state(version, by, v)) or 0 for v in picked]
+        records = [len(decode_state(r.get(keys.fs_state(version, by, v)))) for v in picked]
+        print(
+            f"state of {by}: {len(values):,} values; bytes per value mean {np.mean(sizes):,.0f}, "
+            f"max {max(sizes):,}; records per value mean {np.mean(records):.1f}, max {max(records)}"
+        )
+    index = r.memory_usage(keys.fs_orders(version)) or 0
+    print(f"order index: {r.hlen(keys.fs_orders(version)):,} orders, {index / 1e6:.1f} MB")
 
 
 def free_port() -> int:
@@ -218,6 +234,7 @@ def start_service(
         **os.environ,
         "FRAUD_REDIS_URL": redis_url,
         "FRAUD_KEY_PREFIX": prefix,
+        "FRAUD_API_TOKEN": BENCH_TOKEN,
         "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
     }
     env.setdefault("FRAUD_DATA_ROOT", str(REPO / "data"))
@@ -237,6 +254,9 @@ def start_service(
             time.sleep(0.2)
     proc.kill()
     raise TimeoutError(f"service not ready: see {log}")
+
+
+BENCH_TOKEN = ""  # the services' API token in this run (report-label needs it)
 
 
 # ---------------------------------------------------------------- orders to send
@@ -412,6 +432,34 @@ class Target:
         return connection
 
 
+class LabelTarget(Target):
+    """The report-label endpoint (behind the API token) of the same replicas."""
+
+    def __init__(self, bases: list[str]):
+        super().__init__(bases)
+        self.path = self.path.rsplit("/", 1)[0] + "/report-label"
+
+    def request(self, label: dict) -> bytes:
+        body = json.dumps(label).encode()
+        head = (
+            f"POST {self.path} HTTP/1.1\r\nHost: {self.host}\r\nAuthorization: Bearer {BENCH_TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        return head.encode() + body
+
+
+class LabelSource:
+    """Labels of the orders the bench scored: fraud and legitimate in turn, so every other one changes states."""
+
+    def __init__(self, orders: OrderSource):
+        self.orders, self.n = orders, 0
+
+    def next(self) -> dict:
+        self.n += 1
+        order_id = f"bench-{self.orders.run}-{1 + self.n % self.orders.n}"
+        return {"order_id": order_id, "is_fraud": self.n % 2 == 0}
+
+
 class Errors(Counter):
     """Failed requests by kind: an HTTP status other than 200, or the exception's name."""
 
@@ -534,6 +582,23 @@ async def run_load(bases: list[str], source: OrderSource, meter: CpuMeter, args:
     target = Target(bases)
     with collector_paused():
         await measure_load(target, source, meter, args)
+        if BENCH_TOKEN:
+            await measure_labels(LabelTarget(bases), LabelSource(source), meter, args)
+
+
+async def measure_labels(
+    target: Target, labels: LabelSource, meter: CpuMeter, args: argparse.Namespace
+) -> None:
+    """report-label: sequential on one connection, then open loop at 500 req/s."""
+    connection, one, errors = await target.connect(), [], Errors()
+    for data in target.requests(labels, args.single):
+        started = time.perf_counter()
+        await send(connection, data, errors)
+        one.append(time.perf_counter() - started)
+    connection.transport.close()
+    print(f"HTTP report-label, one connection, sequential x {args.single}: {percentiles(one)}  {errors}")
+    print("HTTP report-label, open loop:")
+    await open_loop(target, labels, meter, 500, args.duration, args.max_count)
 
 
 async def measure_load(
@@ -604,6 +669,8 @@ def main() -> None:
         source = OrderSource(asyncio.run(combinations_from_service(args.url[0])), start)
         uvloop.run(run_load(args.url, source, CpuMeter([], redis_url), args))
         return
+    global BENCH_TOKEN
+    BENCH_TOKEN = secrets.token_urlsafe(24)
     prefix = f"fraudbench:{uuid4().hex}:"
     log = REPO / "data" / "logs" / "bench-service.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -615,7 +682,7 @@ def main() -> None:
             f"setup: {len(orders):,} orders, model {model_id} live under "
             f"{prefix} in {time.perf_counter() - prepared:.1f} s; cores: {os.cpu_count()}"
         )
-        source = OrderSource(combinations_from(orders), start)
+        source = OrderSource(combinations_from(orders), orders["order_date"].max() + pd.Timedelta(minutes=1))
         asyncio.run(measure_floor(redis_url, prefix, source, repeat=2000))
         server = server_config(args.log_level, log.parent)
         bases = []

@@ -17,6 +17,8 @@ PURE = [
     "train",
     "report",
     "masking",
+    "scored_orders",
+    "quality",
 ]
 STORES = [
     "datasets",
@@ -32,6 +34,7 @@ STORES = [
     "redis_server",
     "dask_client",
     "scoring",
+    "carry_over",
 ]
 FORBIDDEN_IN_PURE = (
     "hopeit",

@@ -174,7 +174,7 @@ def test_pipeline_steps_5_and_6(client, store, runs):
     switched = prepare_db_step(client, data_root, "run-2", "xgb-run-2", REDIS_URL, keys.prefix, WINDOW, 500)
     assert (
         switched.previous["fs_version"] == "run-1"
-        and switched.removed_keys == prepared.total_states + len(ENTITIES) + 1
+        and switched.removed_keys == prepared.total_states + len(ENTITIES) + 2  # + order index, meta
     )
     assert live_pointer(r, keys)["fs_version"] == "run-2" and version_meta(r, keys, "run-1") is None
     assert list(r.scan_iter(match=keys.fs_prefix("run-1") + "*")) == []
