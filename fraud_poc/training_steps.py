@@ -205,8 +205,14 @@ def train_model_step(
     champion_id, champion_ap = champion_average_precision(
         client, redis_url, Keys(key_prefix), data_root, run_id, metadata, window
     )
+    sizes = metadata["data_sizes"]
     decision: PromotionDecision = promotion_gate(
-        metrics["average_precision"], settings.min_average_precision, champion_id, champion_ap
+        metrics["average_precision"],
+        settings.min_average_precision,
+        champion_id,
+        champion_ap,
+        holdout_size=(sizes["holdout_rows"], sizes.get("holdout_fraud", 0)),
+        min_holdout_size=(settings.min_holdout_rows, settings.min_holdout_fraud),
     )
     return TrainResult(
         run_id=run_id,
