@@ -32,6 +32,7 @@ STORES = [
     "redis_server",
     "dask_client",
     "scoring",
+    "live_models",
 ]
 FORBIDDEN_IN_PURE = (
     "hopeit",
@@ -82,6 +83,7 @@ def test_every_module_is_classified():
     modules = {p.stem for p in PACKAGE.glob("*.py") if not p.stem.startswith("_")}
     contracts = {"settings", "payloads", "service_payloads", "launcher"}
     contracts |= {"auth"}  # the events' token check and log masking: hopeit, aiohttp, no stores
+    contracts |= {"request_errors"}  # strict request parsing and the error schema's 400: aiohttp, no stores
     assert modules - set(PURE) - set(STORES) - contracts == set()
 
 
