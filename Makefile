@@ -3,6 +3,15 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# Ports of `make training-service`, `make prediction-service` and `make lab` (e.g. `make lab LAB_PORT=8899`).
+TRAINING_PORT   ?= 8020
+PREDICTION_PORT ?= 8021
+LAB_PORT        ?= 8888
+LAB_ARGS        ?=
+# Runs a command with Redis ensured at $FRAUD_REDIS_URL: the one there, or the embedded one for the command's life.
+WITH_REDIS := $(BIN)/python -m fraud_poc.redis_server --
+# Jupyter refuses to run as root without --allow-root (containers, CI machines).
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 .PHONY: install test check-sync nbtest pytest lint openapi-check run up training-service prediction-service bench lab clean-nbs
 
@@ -48,14 +57,16 @@ run: install
 up: install
 	. config/env.sh && $(BIN)/python -m fraud_poc.launcher --serve
 
+## One service each (Redis ensured, as for `make run`); for both at once use `make up`.
 training-service: install
-	. config/env.sh && $(BIN)/hopeit_server run --config-files=config/server.json,config/redis-streams.json,config/training-pipeline.json --api-file=config/openapi-training.json --start-streams --port=8020
+	. config/env.sh && $(WITH_REDIS) $(BIN)/hopeit_server run --config-files=config/server.json,config/redis-streams.json,config/training-pipeline.json --api-file=config/openapi-training.json --start-streams --port=$(TRAINING_PORT)
 
 prediction-service: install
-	. config/env.sh && $(BIN)/hopeit_server run --config-files=config/server-prediction.json,config/redis-streams.json,config/fraud-service.json --api-file=config/openapi-service.json --start-streams --port=8021 --worker-class=GunicornUVLoopWebWorker
+	. config/env.sh && $(WITH_REDIS) $(BIN)/hopeit_server run --config-files=config/server-prediction.json,config/redis-streams.json,config/fraud-service.json --api-file=config/openapi-service.json --start-streams --port=$(PREDICTION_PORT) --worker-class=GunicornUVLoopWebWorker
 
 bench: install
 	. config/env.sh && $(BIN)/python bench/bench_pipeline.py && $(BIN)/python bench/bench_service.py && $(BIN)/python bench/bench_service.py --replicas 2
 
+## JupyterLab on nbs/ (Redis ensured, the project's variables set; also as root).
 lab: install
-	$(BIN)/jupyter lab nbs
+	. config/env.sh && $(WITH_REDIS) $(BIN)/jupyter lab --notebook-dir=nbs --port=$(LAB_PORT) $(ROOT_FLAG) $(LAB_ARGS)

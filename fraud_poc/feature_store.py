@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['check_version', 'write_entity_states', 'order_index_entries', 'write_encoded_states', 'version_meta', 'live_pointer',
            'remove_version', 'FeatureVersionLoad', 'write_feature_version', 'NotPromotable', 'upload_model', 'promote',
-           'remove_models_except', 'switch_live', 'read_live_states', 'find_values']
+           'remove_models_except', 'loaded_versions', 'remove_versions_except', 'switch_live', 'read_live_states',
+           'find_values']
 
 # %% ../nbs/22_feature_store.ipynb #73c8f97e
 import json
@@ -265,6 +266,8 @@ def promote(
         previous = pipe.get(keys.live)
         pipe.multi()
         pipe.set(keys.live, json.dumps(pointer))
+        if previous is not None:
+            pipe.set(keys.live_previous, previous)  # what rollback goes back to, switched in the same EXEC
         return previous
 
     watched = (keys.live, keys.fs_meta(version), keys.model(model_id))
@@ -278,6 +281,24 @@ def remove_models_except(r: redis.Redis, keys: Keys, keep: set[str], chunk_size:
     return _unlink_matching(r, _glob_escape(keys.model("")) + "*", chunk_size, keep_keys)
 
 
+def loaded_versions(r: redis.Redis, keys: Keys) -> list[str]:
+    """Feature-store versions whose load completed (their meta exists), sorted."""
+    head, tail = keys.fs_meta("\0").split("\0")
+    found = (
+        key.decode()[len(head) : -len(tail)] for key in r.scan_iter(match=_glob_escape(head) + "*" + tail)
+    )
+    return sorted(
+        v for v in found if _SAFE_VERSION.fullmatch(v)
+    )  # a state key ending in `:meta` is no version
+
+
+def remove_versions_except(r: redis.Redis, keys: Keys, keep: set[str]) -> int:
+    """Remove every complete feature-store version not in `keep` (never the live one); returns the keys removed."""
+    return sum(
+        remove_version(r, keys, version) for version in loaded_versions(r, keys) if version not in keep
+    )
+
+
 def switch_live(
     r: redis.Redis,
     keys: Keys,
@@ -286,14 +307,13 @@ def switch_live(
     run_id: str,
     after_switch: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
-    """Promote, run `after_switch` (the carry-over's second pass), then remove the replaced version and every
-    model hash but the new and the replaced one."""
+    """Promote, run `after_switch` (the carry-over's second pass), then keep the new and the replaced version
+    and model (for rollback) and remove the others."""
     pointer, previous = promote(r, keys, model_id, version, run_id)
     if after_switch is not None:
         after_switch()
-    removed_keys = 0
-    if previous is not None and previous["fs_version"] != version:
-        removed_keys = remove_version(r, keys, previous["fs_version"])
+    kept = {version} | ({previous["fs_version"]} if previous else set())
+    removed_keys = remove_versions_except(r, keys, kept)
     keep = {model_id} | ({previous["model_id"]} if previous else set())
     removed_models = remove_models_except(r, keys, keep)
     return {

@@ -23,6 +23,16 @@ class Keys:
         """JSON pointer to the live model and feature-store version: switched in one SET."""
         return f"{self.prefix}live"
 
+    @property
+    def live_previous(self) -> str:
+        """JSON pointer that `live` held before the last switch (what `rollback` goes back to)."""
+        return f"{self.prefix}live:previous"
+
+    @property
+    def live_lock(self) -> str:
+        """Lock (SET NX with expiry) held while `promote-model`, `rollback` or `clean-runs` change what is kept."""
+        return f"{self.prefix}lock:live"
+
     def model(self, model_id: str) -> str:
         """Hash with the model's booster (XGBoost UBJSON bytes) and metadata (JSON)."""
         return f"{self.prefix}model:{model_id}"

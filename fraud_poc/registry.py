@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['MODEL_FILE', 'METADATA_FILE', 'REPORT_DIR', 'check_id', 'model_id_for_run', 'models_root', 'library_versions',
            'model_metadata', 'save_model', 'model_exists', 'load_metadata', 'model_bytes', 'booster_from_bytes',
-           'load_booster', 'list_models', 'PromotionDecision', 'promotion_gate']
+           'load_booster', 'list_models', 'PromotionDecision', 'holdout_too_small', 'promotion_gate']
 
 # %% ../nbs/23_registry.ipynb #de4e3aa3
 import json
@@ -187,19 +187,34 @@ class PromotionDecision:
     champion_average_precision: float | None = None
 
 
+def holdout_too_small(holdout_rows: int, holdout_fraud: int, min_rows: int, min_fraud: int) -> str | None:
+    """Why a holdout is too small to judge a model by, or None if it is large enough."""
+    if holdout_rows >= min_rows and holdout_fraud >= min_fraud:
+        return None
+    return (
+        f"holdout too small to judge by: {holdout_rows} orders (minimum {min_rows}) "
+        f"with {holdout_fraud} fraud (minimum {min_fraud})"
+    )
+
+
 def promotion_gate(
     average_precision: float,
     min_average_precision: float,
     champion_id: str | None = None,
     champion_average_precision: float | None = None,
+    holdout_size: tuple[int, int] | None = None,
+    min_holdout_size: tuple[int, int] = (0, 0),
 ) -> PromotionDecision:
-    """Decide promotion: AP >= minimum and AP >= the champion's AP on the same holdout."""
+    """Decide promotion: a large enough holdout (rows, fraud), AP >= minimum and AP >= the champion's AP on it."""
     decision = dict(
         average_precision=average_precision,
         min_average_precision=min_average_precision,
         champion_id=champion_id,
         champion_average_precision=champion_average_precision,
     )
+    small = None if holdout_size is None else holdout_too_small(*holdout_size, *min_holdout_size)
+    if small is not None:
+        return PromotionDecision(False, small, **decision)
     ap = f"holdout average precision {average_precision:.4f}"
     if average_precision < min_average_precision:
         return PromotionDecision(False, f"{ap} is below the minimum {min_average_precision:.4f}", **decision)

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['RedisSettings', 'DaskSettings', 'StorageSettings', 'TrainingDataSettings', 'TrainModelSettings',
-           'FeatureStoreSettings', 'ServiceSettings', 'DeliverySettings', 'SecuritySettings']
+           'FeatureStoreSettings', 'ServiceSettings', 'DeliverySettings', 'SecuritySettings', 'RetentionSettings']
 
 # %% ../nbs/01_settings.ipynb #61b2f1bc
 from hopeit.dataobjects import dataclass, dataobject, field
@@ -67,6 +67,8 @@ class TrainModelSettings:
     min_child_weight: float = 1.0
     threshold_metric: str = "f1"
     min_average_precision: float = 0.3
+    min_holdout_rows: int = field(default=1000, ge=0)  # the gate judges no model on a smaller holdout
+    min_holdout_fraud: int = field(default=20, ge=0)  # nor on fewer fraud cases in it
     seed: int = 42
 
 
@@ -112,3 +114,12 @@ class SecuritySettings:
     api_token: SecretStr = field(default_factory=lambda: SecretStr(""))
     find_orders_enabled: bool = False  # find-orders hands out customer ids, emails and IPs
     predict_requires_token: bool = False  # predict and predict-batch behind the token too
+
+
+@dataobject
+@dataclass
+class RetentionSettings:
+    """What the training service keeps on disk: the newest `keep_runs` runs (and their models), always the live and the previous one."""
+
+    keep_runs: int = field(default=5, ge=0)
+    clean_after_run: bool = True  # clean up after every finished run, as `clean-runs` does

@@ -35,6 +35,7 @@ STORES = [
     "dask_client",
     "scoring",
     "carry_over",
+    "live_models",
 ]
 FORBIDDEN_IN_PURE = (
     "hopeit",
@@ -85,6 +86,7 @@ def test_every_module_is_classified():
     modules = {p.stem for p in PACKAGE.glob("*.py") if not p.stem.startswith("_")}
     contracts = {"settings", "payloads", "service_payloads", "launcher"}
     contracts |= {"auth"}  # the events' token check and log masking: hopeit, aiohttp, no stores
+    contracts |= {"request_errors"}  # strict request parsing and the error schema's 400: aiohttp, no stores
     assert modules - set(PURE) - set(STORES) - contracts == set()
 
 

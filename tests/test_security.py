@@ -233,12 +233,20 @@ def order(tag: str, n: int, email: str, ip: str) -> dict:
 
 # ---------------------------------------------------------------- tokens on the training service
 
+# the registry's endpoints that change what is live or kept (tests/test_model_registry_api.py tests what they do)
+REGISTRY_BODIES = {"promote-model": {"model_id": "xgb-nope"}, "rollback": {}, "clean-runs": {"keep_runs": 0}}
+
 
 @pytest.fixture(scope="module")
 def first_run(setup) -> dict:
     """Refused calls first (nothing may change), then the right token starts a run, followed to its end."""
     before = footprint(setup)
-    bodies = {"run-pipeline": SMALL, "run-from-raw": {"path": "user/orders.csv"}, "export-orders": None}
+    bodies = {
+        "run-pipeline": SMALL,
+        "run-from-raw": {"path": "user/orders.csv"},
+        "export-orders": None,
+        **REGISTRY_BODIES,
+    }
     answers = []
     for endpoint, body in bodies.items():
         for headers in BAD_HEADERS:
@@ -277,7 +285,12 @@ def test_the_right_token_starts_a_run(first_run):
 def test_with_no_token_configured_every_call_is_refused(setup, first_run):
     service = setup.untokened
     before = footprint(setup)
-    for endpoint, body in (("run-pipeline", SMALL), ("run-from-raw", {"path": "user/orders.csv"})):
+    bodies = (
+        ("run-pipeline", SMALL),
+        ("run-from-raw", {"path": "user/orders.csv"}),
+        *REGISTRY_BODIES.items(),
+    )
+    for endpoint, body in bodies:
         for headers in [*BAD_HEADERS, auth(), auth("")]:
             response = requests.post(
                 f"{service.base}{TRAINING_API}/{endpoint}", json=body, headers=headers, timeout=10
@@ -286,8 +299,8 @@ def test_with_no_token_configured_every_call_is_refused(setup, first_run):
     assert footprint(setup) == before
     said = (service.folder / "console.log").read_text()
     assert (
-        "no API token is configured (FRAUD_API_TOKEN), so every call to run-pipeline, run-from-raw, export-orders is refused"
-        in said
+        "no API token is configured (FRAUD_API_TOKEN), so every call to run-pipeline, run-from-raw, "
+        "export-orders, promote-model, rollback, clean-runs is refused" in said
     )
     assert "export FRAUD_API_TOKEN=" in said
 
@@ -371,9 +384,15 @@ def test_openapi_specs_declare_exactly_the_token_scheme(setup):
             setup.training,
             ROOT / "config" / "openapi-training.json",
             {
-                "run-pipeline": [{"api-token": []}],
-                "run-from-raw": [{"api-token": []}],
-                "export-orders": [{"api-token": []}],
+                name: [{"api-token": []}]
+                for name in (
+                    "run-pipeline",
+                    "run-from-raw",
+                    "export-orders",
+                    "promote-model",
+                    "rollback",
+                    "clean-runs",
+                )
             },
         ),
         (

@@ -14,6 +14,7 @@ from fraud_poc.feature_store import (
     NotPromotable,
     find_values,
     live_pointer,
+    loaded_versions,
     promote,
     read_live_states,
     switch_live,
@@ -133,10 +134,17 @@ def test_write_promote_read_back_and_remove_old(client, store):
     upload(r, keys, "xgb-v2")
     summary = switch_live(r, keys, "xgb-v2", "v2", "run-v2")
     assert summary["previous"]["fs_version"] == "v1"
-    assert (
-        summary["removed_keys"] == meta["total_states"] + len(ENTITIES) + 2
-    )  # states, indexes, order index, meta
-    assert list(r.scan_iter(match=keys.fs_prefix("v1") + "*")) == []
+    assert summary["removed_keys"] == 0 and version_meta(r, keys, "v1") == meta  # kept for rollback
+    load(client, keys, orders(100, seed=3, amount_base=0.0), "v3")
+    upload(r, keys, "xgb-v3")
+    third = switch_live(r, keys, "xgb-v3", "v3", "run-v3")  # v1, two switches old, goes now
+    assert third["removed_keys"] == meta["total_states"] + len(ENTITIES) + 2 and third["removed_models"] == 1
+    assert list(r.scan_iter(match=keys.fs_prefix("v1") + "*")) == [] and loaded_versions(r, keys) == [
+        "v2",
+        "v3",
+    ]
+    switch_live(r, keys, "xgb-v2", "v2", "run-v2")  # a rollback: both stay
+    assert loaded_versions(r, keys) == ["v2", "v3"]
     assert read_live_states(r, keys, {"customer_id": some["customer_id"]})[1][
         "customer_id"
     ] == expected_state(v2, "customer_id", some["customer_id"])

@@ -18,6 +18,7 @@ from ..run_status import update_run
 from ..settings import DaskSettings, FeatureStoreSettings, RedisSettings, StorageSettings
 from ..step_runner import run_pipeline_step
 from ..training_steps import prepare_db_step
+from .clean_runs import clean_after_run
 
 # %% ../../nbs/59_prepare_db.ipynb #f266fd46
 __steps__ = ["load_and_promote"]
@@ -48,3 +49,4 @@ async def load_and_promote(payload: PipelineJob, context: EventContext) -> None:
     redis, keys = async_redis(redis_settings.url), Keys(redis_settings.key_prefix)
     await update_run(redis, keys, payload.run_id, state=StepState.DONE, promoted=True)
     logger.info(context, "model promoted", extra=extra(run_id=payload.run_id, model_id=payload.model_id))
+    await clean_after_run(context, payload.run_id)

@@ -7,7 +7,6 @@ __all__ = ['logger', 'extra', 'start_run']
 
 # %% ../../nbs/51_run_from_raw.ipynb #9e59e691
 from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
-from hopeit.app.errors import BadRequest
 from hopeit.app.logger import app_extra_logger
 
 from ..datasets import resolve_inside
@@ -15,40 +14,53 @@ from ..payloads import PipelineJob, RawDataRequest, RunStarted
 from ..redis_store import Keys, async_redis
 from ..run_status import create_run
 from ..auth import check_token, secured_api
-from ..service_payloads import ErrorResponse
+from ..request_errors import parse_request, with_request_errors
+from ..service_payloads import ErrorResponse, FieldError, bad_request
 from ..settings import RedisSettings, SecuritySettings, StorageSettings
 from .run_pipeline import new_run_id
 
 # %% ../../nbs/51_run_from_raw.ipynb #f91efc6c
 __steps__ = ["start_run"]
 
-__api__ = secured_api(
-    summary="Run steps 2-6 on your own orders (parquet or CSV) under the data root",
-    payload=(RawDataRequest, "path of a file or folder, relative to the data root"),
-    responses={200: (RunStarted, "the new run's id"), 400: (str, "the path is not usable")},
+__api__ = with_request_errors(
+    secured_api(
+        summary="Run steps 2-6 on your own orders (parquet or CSV) under the data root",
+        description=(
+            "Runs steps 2-6 on your labelled orders (docs/data.md) in a file or folder under the data root; "
+            "answers at once with the run id. The model goes live only if it passes the promotion gate, and "
+            "never with `train_only: true`. An unknown field is a 400."
+        ),
+        payload=(RawDataRequest, "path of a file or folder, relative to the data root, and train_only"),
+        responses={
+            200: (RunStarted, "the new run's id"),
+            400: (ErrorResponse, "invalid request or a path outside the data root: `fields` names it"),
+        },
+    )
 )
 
 logger, extra = app_extra_logger()
 
 
 async def __preprocess__(
-    payload: RawDataRequest, context: EventContext, request: PreprocessHook
+    payload: None, context: EventContext, request: PreprocessHook
 ) -> RawDataRequest | ErrorResponse:
-    """The request, or a 401 without the API token: then nothing is registered or started."""
-    refused = check_token(request, context.settings(key="security", datatype=SecuritySettings))
-    if refused is not None:
-        request.set_status(refused.status)
-        return refused
-    return payload
+    """The request with its path checked, a 401 without the API token or a 400 naming the bad field."""
+    result = check_token(
+        request, context.settings(key="security", datatype=SecuritySettings)
+    ) or parse_request(request.payload_raw, RawDataRequest, "request")
+    if not isinstance(result, ErrorResponse):
+        try:
+            resolve_inside(context.settings(key="storage", datatype=StorageSettings).data_root, result.path)
+        except ValueError as e:
+            result = bad_request("invalid request", [FieldError("path", str(e))])
+    if isinstance(result, ErrorResponse):
+        request.set_status(result.status)
+    return result
 
 
 async def start_run(payload: RawDataRequest, context: EventContext) -> PipelineJob:
     """Check the path, register the run and emit its job to the preprocess stream."""
-    storage = context.settings(key="storage", datatype=StorageSettings)
-    try:
-        path = resolve_inside(storage.data_root, payload.path)
-    except ValueError as e:
-        raise BadRequest(str(e)) from e
+    path = resolve_inside(context.settings(key="storage", datatype=StorageSettings).data_root, payload.path)
     redis_settings = context.settings(key="redis", datatype=RedisSettings)
     run_id = new_run_id()
     run = await create_run(
@@ -59,7 +71,13 @@ async def start_run(payload: RawDataRequest, context: EventContext) -> PipelineJ
         skipped=("sample-data",),
     )
     logger.info(context, "run started", extra=extra(run_id=run_id, raw_path=str(path)))
-    return PipelineJob(run_id=run_id, source="raw", submitted=run.submitted, raw_path=str(path))
+    return PipelineJob(
+        run_id=run_id,
+        source="raw",
+        submitted=run.submitted,
+        raw_path=str(path),
+        train_only=payload.train_only,
+    )
 
 
 async def __postprocess__(

@@ -12,20 +12,32 @@ from uuid import uuid4
 from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 
-from ..payloads import PipelineJob, RunStarted, SampleDataParams
+from ..payloads import PipelineJob, RunPipelineRequest, RunStarted
 from ..redis_store import Keys, async_redis
 from ..run_status import create_run
 from ..auth import check_token, secured_api
+from ..request_errors import parse_request, with_request_errors
 from ..service_payloads import ErrorResponse
 from ..settings import RedisSettings, SecuritySettings
 
 # %% ../../nbs/50_run_pipeline.ipynb #82f35f04
 __steps__ = ["start_run"]
 
-__api__ = secured_api(
-    summary="Run the whole pipeline (steps 1-6) on generated sample data",
-    payload=(SampleDataParams, "sample-data generator parameters"),
-    responses={200: (RunStarted, "the new run's id; poll pipeline-status with it")},
+__api__ = with_request_errors(
+    secured_api(
+        summary="Run the whole pipeline (steps 1-6) on generated sample data",
+        description=(
+            "Generates orders (SPEC 1.2) and runs steps 1-6 on them; answers at once with the run id. "
+            "The model goes live with its features only if it passes the promotion gate, and never with "
+            "`train_only: true` (then promote it later with promote-model). Every field is optional; "
+            "an unknown field is a 400."
+        ),
+        payload=(RunPipelineRequest, "sample-data generator parameters, and train_only"),
+        responses={
+            200: (RunStarted, "the new run's id; poll pipeline-status with it"),
+            400: (ErrorResponse, "invalid request: the message and `fields` name each bad field"),
+        },
+    )
 )
 
 logger, extra = app_extra_logger()
@@ -37,23 +49,34 @@ def new_run_id() -> str:
 
 
 async def __preprocess__(
-    payload: SampleDataParams, context: EventContext, request: PreprocessHook
-) -> SampleDataParams | ErrorResponse:
-    """The request, or a 401 without the API token: then nothing is registered or started."""
-    refused = check_token(request, context.settings(key="security", datatype=SecuritySettings))
-    if refused is not None:
-        request.set_status(refused.status)
-        return refused
-    return payload
+    payload: None, context: EventContext, request: PreprocessHook
+) -> RunPipelineRequest | ErrorResponse:
+    """The request, a 401 without the API token or a 400 naming the bad fields: then nothing is started."""
+    result = check_token(
+        request, context.settings(key="security", datatype=SecuritySettings)
+    ) or parse_request(request.payload_raw, RunPipelineRequest, "run request")
+    if isinstance(result, ErrorResponse):
+        request.set_status(result.status)
+    return result
 
 
-async def start_run(payload: SampleDataParams, context: EventContext) -> PipelineJob:
+async def start_run(payload: RunPipelineRequest, context: EventContext) -> PipelineJob:
     """Register the run and emit its job to the sample-data stream."""
     redis_settings = context.settings(key="redis", datatype=RedisSettings)
     run_id = new_run_id()
     run = await create_run(async_redis(redis_settings.url), Keys(redis_settings.key_prefix), run_id, "sample")
-    logger.info(context, "run started", extra=extra(run_id=run_id, num_orders=payload.num_orders))
-    return PipelineJob(run_id=run_id, source="sample", submitted=run.submitted, sample=payload)
+    logger.info(
+        context,
+        "run started",
+        extra=extra(run_id=run_id, num_orders=payload.num_orders, train_only=payload.train_only),
+    )
+    return PipelineJob(
+        run_id=run_id,
+        source="sample",
+        submitted=run.submitted,
+        sample=payload.sample_params(),
+        train_only=payload.train_only,
+    )
 
 
 async def __postprocess__(

@@ -20,7 +20,7 @@ logger, extra = app_extra_logger()
 
 def protected_endpoints(security: SecuritySettings) -> list[str]:
     """The endpoints that check the token: those that start work or change what is live."""
-    return ["run-pipeline", "run-from-raw", "export-orders"]
+    return ["run-pipeline", "run-from-raw", "export-orders", "promote-model", "rollback", "clean-runs"]
 
 
 async def announce(payload: None, context: EventContext) -> None:

@@ -24,6 +24,7 @@ from fraud_poc.settings import (
 )
 from ..step_runner import run_pipeline_step
 from ..training_steps import train_model_step
+from .clean_runs import clean_after_run
 
 # %% ../../nbs/58_train_model.ipynb #f8bb98c6
 __steps__ = ["train"]
@@ -58,12 +59,18 @@ async def train(payload: PipelineJob, context: EventContext) -> PipelineJob | No
         metrics=result.metrics,
         promotion_reason=result.reason,
     )
-    if not result.promoted:
-        logger.warning(
-            context, "model not promoted", extra=extra(run_id=payload.run_id, reason=result.reason)
+    if payload.train_only or not result.promoted:
+        reason = (
+            f"train only: not promoted (the gate says: {result.reason})"
+            if payload.train_only
+            else result.reason
         )
+        logger.warning(context, "model not promoted", extra=extra(run_id=payload.run_id, reason=reason))
         await update_step(redis, keys, payload.run_id, "prepare-db", state=StepState.SKIPPED)
-        await update_run(redis, keys, payload.run_id, state=StepState.DONE, promoted=False)
+        await update_run(
+            redis, keys, payload.run_id, state=StepState.DONE, promoted=False, promotion_reason=reason
+        )
+        await clean_after_run(context, payload.run_id)
         return None
     payload.model_id = result.model_id
     return payload
