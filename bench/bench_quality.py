@@ -8,7 +8,7 @@ holdout's average precision, ROC AUC, precision and recall at the threshold, rec
 trees kept by early stopping. Single process (`xgboost.train`, the same parameters as `xgboost.dask` gets), so the
 figures are about the features, not the cluster.
 
-    .venv/bin/python bench/bench_quality.py                       # 3 seeds x 400,000 orders, 3,300 customers, 8 months
+    .venv/bin/python bench/bench_quality.py                       # 3 seeds x 1.2M orders, 10,000 customers, 12 months
     .venv/bin/python bench/bench_quality.py --seeds 1 --orders 150000 --customers 1500
     .venv/bin/python bench/bench_quality.py --chart recall_by_scenario.png
 """
@@ -35,9 +35,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, default=3, help="how many seeds (1, 2, ...)")
-    parser.add_argument("--orders", type=int, default=400_000)
-    parser.add_argument("--customers", type=int, default=3_300)
-    parser.add_argument("--months", type=int, default=8)
+    parser.add_argument("--orders", type=int, default=1_200_000)
+    parser.add_argument("--customers", type=int, default=10_000)
+    parser.add_argument("--months", type=int, default=12)
     parser.add_argument(
         "--chart", help="write the recall-per-scenario chart of the last seed to this PNG file"
     )

@@ -280,7 +280,7 @@ def _amount_anomaly_part(rng: np.random.Generator, pop: CustomerPopulation, spec
 
 
 _EPISODE_EPOCH_US = 45 * 86_400 * 10**6  # compromises are drawn per hotspot and 45-day epoch (absolute time)
-_EPISODE_CHANCE = 0.2  # chance that a hotspot is compromised once in an epoch
+_EPISODE_CHANCE = 0.15  # chance that a hotspot is compromised once in an epoch
 _EPISODE_DAYS = (20, 46)  # how long a compromise lasts: 20-45 days
 
 
