@@ -11,7 +11,7 @@ __all__ = ['DAY_US', 'FEATURE_INPUT_COLUMNS', 'window_features', 'check_label_de
 # %% ../nbs/10_features.ipynb #6274fab9
 import itertools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import dask.dataframe as dd
 import numpy as np
@@ -103,15 +103,20 @@ _FIXED_POINT = (
 )
 
 
-def _window_sums(amount: np.ndarray, start: np.ndarray, stop: np.ndarray) -> np.ndarray:
-    """Sum of `amount[start:stop]` for every (start, stop) pair, correctly rounded but in rare ties."""
+def _prefix_sums(amount: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Prefix sums of the amounts split exactly into int64 multiples of 1/256 and a long-double remainder."""
     scaled = np.floor(amount * _FIXED_POINT)
     if not (np.isfinite(scaled) & (np.abs(scaled) < 2.0**62)).all():
         raise ValueError(
             f"order_amount must be finite and at most {MAX_ORDER_AMOUNT:g} for the time-window sums"
         )
     whole = np.r_[0, np.cumsum(scaled.astype(np.int64))]
-    rest = np.r_[0, np.cumsum((amount - scaled / _FIXED_POINT).astype(np.longdouble))]
+    return whole, np.r_[0, np.cumsum((amount - scaled / _FIXED_POINT).astype(np.longdouble))]
+
+
+def _window_sums(prefix: tuple[np.ndarray, np.ndarray], start: np.ndarray, stop: np.ndarray) -> np.ndarray:
+    """Sum of the amounts in [start, stop) for every pair, from `_prefix_sums`: correctly rounded but in rare ties."""
+    whole, rest = prefix
     return (whole[stop] - whole[start]) / _FIXED_POINT + (rest[stop] - rest[start]).astype(np.float64)
 
 
@@ -126,10 +131,33 @@ def check_label_delay(label_delay_days: int) -> int:
 
 def _range_counts(n: int, start: np.ndarray, stop: np.ndarray) -> np.ndarray:
     """For each of n positions, how many [start, stop) ranges hold it."""
-    diff = np.zeros(n + 1, np.int64)
-    np.add.at(diff, start, 1)
-    np.add.at(diff, stop, -1)
+    diff = np.bincount(start, minlength=n + 1) - np.bincount(stop, minlength=n + 1)
     return np.cumsum(diff[:-1])
+
+
+def _group_search(group: np.ndarray, ts_us: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """For rows sorted by (group, ts_us): rows, instants -> per row, the first row of its group at or after the instant.
+
+    One `searchsorted` over keys (group, time) as one int64: the time itself when every group's keys fit (a
+    partition of the pipeline, a year of data), else its rank among the data's instants (any input).
+    """
+    low, high = int(ts_us.min()), int(ts_us.max()) + 1  # queries outside [low, high] behave as low or high
+    width = high - low + 1
+    if (int(group.max()) + 1) * width < 2**62:
+        keys = group * width + (ts_us - low)
+
+        def first_at_or_after(rows: np.ndarray, since_us: np.ndarray) -> np.ndarray:
+            return np.searchsorted(keys, group[rows] * width + (np.clip(since_us, low, high) - low))
+
+        return first_at_or_after
+    instants = np.unique(ts_us)
+    ranks = len(instants) + 1
+    rank_keys = group * ranks + np.searchsorted(instants, ts_us)
+
+    def first_at_or_after_rank(rows: np.ndarray, since_us: np.ndarray) -> np.ndarray:
+        return np.searchsorted(rank_keys, group[rows] * ranks + np.searchsorted(instants, since_us))
+
+    return first_at_or_after_rank
 
 
 def time_window_features(
@@ -147,15 +175,8 @@ def time_window_features(
     n, delay = len(ts_us), check_label_delay(label_delay_days) * DAY_US
     if n == 0:
         return np.zeros((len(TIME_STATS) * len(TIME_WINDOWS_DAYS), 0))
-    instants = np.unique(ts_us)
-    width = len(instants) + 1
-    keys = group * width + np.searchsorted(instants, ts_us)
-
-    def first_at_or_after(rows: np.ndarray, since_us: np.ndarray) -> np.ndarray:
-        """Per row: position of the first row of its group with ts_us >= since_us."""
-        return np.searchsorted(keys, group[rows] * width + np.searchsorted(instants, since_us), side="left")
-
-    rows, position = np.arange(n), np.arange(n)
+    first_at_or_after = _group_search(group, ts_us)
+    rows, position, prefix = np.arange(n), np.arange(n), _prefix_sums(amount)
     fraud = np.flatnonzero(fraud_ts != NO_FRAUD)
     stats = {stat: [] for stat in TIME_STATS}
     for days in TIME_WINDOWS_DAYS:
@@ -171,7 +192,7 @@ def time_window_features(
         counts_until = np.maximum(first_at_or_after(fraud, ts_us[fraud] + delay + span), counts_from)
         n_fraud = _range_counts(n, counts_from, counts_until)
         stats["n_orders"].append(n_orders)
-        stats["amount_mean"].append(_window_sums(amount, start, position + 1) / n_orders)
+        stats["amount_mean"].append(_window_sums(prefix, start, position + 1) / n_orders)
         stats["n_matured"].append(n_matured)
         stats["n_fraud"].append(n_fraud)
         stats["risk"].append(np.divide(n_fraud, n_matured, out=np.zeros(n), where=n_matured > 0))
