@@ -16,6 +16,8 @@ from hopeit.dataobjects import dataclass, dataobject, field
 from hopeit.dataobjects.payload import Payload
 from pydantic import AfterValidator, ValidationError
 
+from .schema import MAX_ORDER_AMOUNT
+
 # %% ../nbs/06_service_payloads.ipynb #24d6082f
 DATE_RANGE = (datetime(1970, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC))
 
@@ -29,7 +31,7 @@ def _date_in_range(value: datetime) -> datetime:
 
 Text = Annotated[str, field(min_length=1, max_length=256)]
 OrderDate = Annotated[datetime, AfterValidator(_date_in_range)]
-Amount = Annotated[float, field(ge=0.0, strict=True, allow_inf_nan=False)]
+Amount = Annotated[float, field(ge=0.0, le=MAX_ORDER_AMOUNT, strict=True, allow_inf_nan=False)]
 Coordinate = Annotated[float, field(strict=True, allow_inf_nan=False)]
 
 

@@ -471,6 +471,7 @@ BAD_ORDERS = [
     ("amount as text", lambda o: {**o, "order_amount": "12.5"}, "order_amount"),
     ("id as number", lambda o: {**o, "email": 42}, "email"),
     ("negative amount", lambda o: {**o, "order_amount": -1}, "order_amount"),
+    ("amount beyond the maximum", lambda o: {**o, "order_amount": 1e30}, "order_amount"),
     ("unparsable date", lambda o: {**o, "order_date": "yesterday"}, "order_date"),
     ("impossible date", lambda o: {**o, "order_date": "2025-02-30T10:00:00Z"}, "order_date"),
     ("date out of range", lambda o: {**o, "order_date": "0001-01-01T00:00:00Z"}, "order_date"),
