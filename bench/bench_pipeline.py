@@ -28,7 +28,7 @@ import psutil
 import redis
 from distributed import Client, LocalCluster
 
-from fraud_poc.dask_client import WORKER_MALLOC, release_worker_memory
+from fraud_poc.dask_client import LOCAL_CLUSTER_CONFIG, release_worker_memory
 from fraud_poc.data_steps import calc_features, make_training_data, preprocess_orders, write_sample_data
 from fraud_poc.registry import model_id_for_run
 from fraud_poc.schema import LABEL_DELAY_DAYS, WINDOW
@@ -194,7 +194,9 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     data_root = args.data_root or Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-    with dask.config.set(WORKER_MALLOC):  # the services' local cluster settings (fraud_poc.dask_client)
+    with dask.config.set(
+        LOCAL_CLUSTER_CONFIG
+    ):  # the services' local cluster settings (fraud_poc.dask_client)
         cluster = LocalCluster(
             n_workers=args.workers,
             threads_per_worker=args.threads,

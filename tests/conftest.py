@@ -10,11 +10,13 @@ import time
 from pathlib import Path
 from uuid import uuid4
 
+import dask
 import pytest
 import redis
 import requests
 from distributed import Client, LocalCluster
 
+from fraud_poc.dask_client import LOCAL_CLUSTER_CONFIG
 from fraud_poc.launcher import SERVICES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,9 +47,12 @@ def redis_client(key_prefix):
 @pytest.fixture(scope="session")
 def client():
     """A real local Dask cluster (2 worker processes, 1 thread each), shared by the tests that need one."""
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, dashboard_address=":0", memory_limit="1GiB"
-    ) as cluster:
+    with (
+        dask.config.set(LOCAL_CLUSTER_CONFIG),  # as the services' own cluster: no work stealing
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, dashboard_address=":0", memory_limit="1GiB"
+        ) as cluster,
+    ):
         with Client(cluster, set_as_default=False) as dask_client:
             yield dask_client
 

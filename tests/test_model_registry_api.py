@@ -16,7 +16,7 @@ from fraud_poc.redis_store import Keys
 from fraud_poc.sample_data import generate_orders
 
 API = "/api/training-pipeline/0x2"
-RUN = {"num_orders": 12_000, "num_customers": 300, "months": 2, "fraud_rate": 0.03, "seed": 7}
+RUN = {"num_orders": 12_000, "num_customers": 300, "months": 3, "fraud_rate": 0.03, "seed": 7}
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +218,7 @@ def test_gate_refuses_a_toy_holdout(training, champion, data_root, redis_client,
     """A small upload (the newcomer's 6,000-order CSV) is judged on too few orders: never promoted."""
     before = live(redis_client, prefix)
     toy = generate_orders(
-        num_orders=1500, num_customers=80, months=2, start_date="2025-03-01", fraud_rate=0.03, seed=4
+        num_orders=1500, num_customers=80, months=3, start_date="2025-03-01", fraud_rate=0.03, seed=4
     )
     status = wait_for(
         training, start(training, "run-from-raw", {"path": write_orders(data_root, "toy.csv", toy)}), finished

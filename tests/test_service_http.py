@@ -631,3 +631,23 @@ async def test_redis_outage_503_then_recovery(services: Services, history: Histo
             await asyncio.sleep(0.1)
     assert statuses[-1][0] == 200 and {s for s, _ in statuses} <= {200, 503}, statuses
     assert after["features"] == before["features"]  # a retry of the same order, after the restart
+
+
+async def test_report_label_refuses_what_it_cannot_record(services: Services, live: History):
+    """Unknown order: 404; a label date in the future or before the order: 400 naming label_date; nothing changes."""
+    tag = uuid4().hex[:8]
+    order = fresh_order(tag)
+    url = f"{services.main.base}/report-label"
+    async with aiohttp.ClientSession() as session:
+        status, _ = await post(session, f"{services.main.base}/predict", order)
+        assert status == 200
+        status, answer = await post(session, url, {"order_id": f"{tag}-nope", "is_fraud": True}, AUTH)
+        assert status == 404 and "not known" in answer["error"], answer
+        for label_date in ("2999-01-01T00:00:00Z", "2025-12-31T00:00:00Z"):  # future; before the order (2026)
+            body = {"order_id": order["order_id"], "is_fraud": True, "label_date": label_date}
+            status, answer = await post(session, url, body, AUTH)
+            assert status == 400 and answer["fields"][0]["field"] == "label_date", answer
+        status, answer = await post(session, url, {"order_id": order["order_id"], "is_fraud": "yes"}, AUTH)
+        assert status == 400 and answer["fields"][0]["field"] == "is_fraud", answer
+        status, answer = await post(session, url, {"order_id": order["order_id"], "is_fraud": True}, AUTH)
+        assert status == 200 and answer["states_changed"] == 3, answer  # the refusals had changed nothing
