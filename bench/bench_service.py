@@ -308,7 +308,7 @@ async def measure_floor(redis_url: str, prefix: str, source: OrderSource, repeat
     client = async_redis(redis_url)
     keys = Keys(prefix)
     pipe = RedisPipe(redis_url)  # the service's hot-path connection
-    scorer = Scorer(client, pipe, keys, WINDOW, top_k=5)
+    scorer = Scorer(client, pipe, keys, WINDOW, top_k=5, log_max_len=1_000_000)
     live = await scorer.current()
     await client.script_load(APPEND_SCRIPT)
 
@@ -325,13 +325,13 @@ async def measure_floor(redis_url: str, prefix: str, source: OrderSource, repeat
 
     async def one_script() -> list:
         record = order_record(Order(**source.next()))
-        k, a = script_keys(keys, live.fs_version, record), script_args(live.pointer, WINDOW, record)
+        k, a = script_keys(keys, live.fs_version, record), script_args(live.pointer, WINDOW, record, scorer.horizon_us)
         return await pipe.execute([("EVALSHA", APPEND_SCRIPT_SHA, len(k), *k, *a)])
 
     script_us = await rtt(one_script)
     order = Order(**source.next())
     record = order_record(order)
-    k, a = script_keys(keys, live.fs_version, record), script_args(live.pointer, WINDOW, record)
+    k, a = script_keys(keys, live.fs_version, record), script_args(live.pointer, WINDOW, record, scorer.horizon_us)
     reply = await client.evalsha(APPEND_SCRIPT_SHA, len(k), *k, *a)
     histories = {e: decode_state(raw) if raw else [] for e, raw in zip(ENTITIES, reply[1:], strict=True)}
     features_us = timed_us(lambda: serving_features(histories, record, WINDOW), repeat)

@@ -79,7 +79,11 @@ _sync_clients: dict[str, redis.Redis] = {}
 def async_redis(url: str) -> aioredis.Redis:
     """Shared asyncio client for `url` (one connection pool per URL and process)."""
     if url not in _async_clients:
-        _async_clients[url] = aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+        # a burst waits for a free connection (up to 5 s) rather than failing once 100 are busy
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=100, timeout=5, socket_connect_timeout=2, socket_timeout=5
+        )
+        _async_clients[url] = aioredis.Redis(connection_pool=pool)
     return _async_clients[url]
 
 
