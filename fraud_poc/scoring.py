@@ -74,7 +74,9 @@ def append_record(records: list[tuple], record: tuple, window: int, horizon_us: 
     return kept
 
 # %% ../nbs/30_scoring.ipynb #7247f2e6
-APPEND_SCRIPT = """
+# Both scripts start here: KEYS[1] is the live pointer, ARGV[1] the pointer the caller loaded ('' skips the
+# check: a replay into a version that is not live yet); a changed pointer writes nothing and is returned.
+_POINTER_CHECK = """
 local live = false
 if ARGV[1] ~= '' then
   live = redis.call('GET', KEYS[1])
@@ -82,6 +84,8 @@ if ARGV[1] ~= '' then
     return {live}
   end
 end
+"""
+APPEND_SCRIPT = _POINTER_CHECK + """
 local window, horizon = tonumber(ARGV[2]), tonumber(ARGV[9])
 local order_id, ts = ARGV[3], tonumber(ARGV[4])
 local record = {order_id, ts, ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8]), -1}
@@ -166,14 +170,7 @@ def script_args(
     ]
 
 
-LABEL_SCRIPT = """
-local live = false
-if ARGV[1] ~= '' then
-  live = redis.call('GET', KEYS[1])
-  if live ~= ARGV[1] then
-    return {live}
-  end
-end
+LABEL_SCRIPT = _POINTER_CHECK + """
 local raw = redis.call('HGET', KEYS[2], ARGV[2])
 if not raw then
   return {live, 'unknown'}
