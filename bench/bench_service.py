@@ -325,13 +325,19 @@ async def measure_floor(redis_url: str, prefix: str, source: OrderSource, repeat
 
     async def one_script() -> list:
         record = order_record(Order(**source.next()))
-        k, a = script_keys(keys, live.fs_version, record), script_args(live.pointer, WINDOW, record, scorer.horizon_us)
+        k, a = (
+            script_keys(keys, live.fs_version, record),
+            script_args(live.pointer, WINDOW, record, scorer.horizon_us),
+        )
         return await pipe.execute([("EVALSHA", APPEND_SCRIPT_SHA, len(k), *k, *a)])
 
     script_us = await rtt(one_script)
     order = Order(**source.next())
     record = order_record(order)
-    k, a = script_keys(keys, live.fs_version, record), script_args(live.pointer, WINDOW, record, scorer.horizon_us)
+    k, a = (
+        script_keys(keys, live.fs_version, record),
+        script_args(live.pointer, WINDOW, record, scorer.horizon_us),
+    )
     reply = await client.evalsha(APPEND_SCRIPT_SHA, len(k), *k, *a)
     histories = {e: decode_state(raw) if raw else [] for e, raw in zip(ENTITIES, reply[1:], strict=True)}
     features_us = timed_us(lambda: serving_features(histories, record, WINDOW), repeat)

@@ -85,7 +85,9 @@ if ARGV[1] ~= '' then
   end
 end
 """
-APPEND_SCRIPT = _POINTER_CHECK + """
+APPEND_SCRIPT = (
+    _POINTER_CHECK
+    + """
 local window, horizon = tonumber(ARGV[2]), tonumber(ARGV[9])
 local order_id, ts = ARGV[3], tonumber(ARGV[4])
 local record = {order_id, ts, ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8]), -1}
@@ -131,6 +133,7 @@ if new == 1 and ARGV[12] ~= '0' then
 end
 return reply
 """
+)
 APPEND_SCRIPT_SHA = hashlib.sha1(APPEND_SCRIPT.encode()).hexdigest()
 
 
@@ -170,7 +173,9 @@ def script_args(
     ]
 
 
-LABEL_SCRIPT = _POINTER_CHECK + """
+LABEL_SCRIPT = (
+    _POINTER_CHECK
+    + """
 local raw = redis.call('HGET', KEYS[2], ARGV[2])
 if not raw then
   return {live, 'unknown'}
@@ -207,6 +212,7 @@ if ARGV[9] ~= '0' then
 end
 return {live, 'ok', order[1], changed}
 """
+)
 
 
 def label_keys(keys: Keys, fs_version: str) -> list[str]:
