@@ -14,11 +14,11 @@ from pathlib import Path
 
 import redis
 
-from .datasets import write_parquet
+from .datasets import replace_atomically, write_parquet
 from .feature_store import switch_live
 from .features import state_horizon_us
 from .redis_store import Keys
-from .schema import LABEL
+from .schema import LABEL, NO_FRAUD
 from .scored_orders import orders_from_events
 from .scoring import APPEND_SCRIPT, LABEL_SCRIPT, label_args, label_keys, script_args, script_keys
 
@@ -81,7 +81,7 @@ def carry_over(
                     e["email"],
                     e["ip_addr"],
                     float(e["order_amount"]),
-                    -1,
+                    NO_FRAUD,  # labels come as label events
                 )
                 where = (float(e["location_lat"]), float(e["location_long"]))
                 args = script_args(b"", window, record, horizon, where, log_max_len=0)
@@ -141,8 +141,9 @@ def export_scored_orders(r: redis.Redis, keys: Keys, folder: Path) -> dict:
     orders = orders_from_events([fields for _, fields in events])
     if orders.empty:
         raise ValueError("no scored orders in the event log: nothing to export")
-    folder.mkdir(parents=True, exist_ok=False)
-    write_parquet(orders, folder / "orders.parquet")
+    with replace_atomically(folder) as tmp:  # a crash mid-write leaves no half file where run-from-raw looks
+        tmp.mkdir()
+        write_parquet(orders, tmp / "orders.parquet")
     return {
         "orders": len(orders),
         "fraud": int(orders[LABEL].sum()),
