@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import xgboost as xgb
 import xgboost.dask as dxgb
+from sklearn import metrics
 from distributed import Client
 
 from .schema import FEATURE_COLUMNS, LABEL
@@ -133,34 +134,20 @@ def _check_labels(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nda
     return y, scores
 
 
-def _counts_by_threshold(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """True and false positives when flagging `scores >= t`, for every distinct score t, highest first."""
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores, sorted_y = scores[order], y[order]
-    last_of_tie = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(sorted_scores) - 1]
-    true_pos = np.cumsum(sorted_y)[last_of_tie]
-    return true_pos, last_of_tie + 1 - true_pos, sorted_scores[last_of_tie]
-
-
 def precision_recall_curve(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Precision, recall and threshold for each distinct score, highest threshold first."""
-    y, scores = _check_labels(y, scores)
-    true_pos, false_pos, thresholds = _counts_by_threshold(y, scores)
-    return true_pos / (true_pos + false_pos), true_pos / y.sum(), thresholds
+    """Precision, recall and threshold for each distinct score, highest threshold first (scikit-learn's curve)."""
+    precision, recall, thresholds = metrics.precision_recall_curve(*_check_labels(y, scores))
+    return precision[-2::-1], recall[-2::-1], thresholds[::-1]  # without the (recall 0, precision 1) end point
 
 
 def roc_auc(y: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve (ties count half)."""
-    y, scores = _check_labels(y, scores)
-    true_pos, false_pos, _ = _counts_by_threshold(y, scores)
-    tpr, fpr = np.r_[0, true_pos] / y.sum(), np.r_[0, false_pos] / (~y).sum()
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+    return float(metrics.roc_auc_score(*_check_labels(y, scores)))
 
 
 def average_precision(y: np.ndarray, scores: np.ndarray) -> float:
     """Average precision: precision at each threshold weighted by the recall it adds."""
-    precision, recall, _ = precision_recall_curve(y, scores)
-    return float(np.sum(np.diff(np.r_[0, recall]) * precision))
+    return float(metrics.average_precision_score(*_check_labels(y, scores)))
 
 # %% ../nbs/14_train.ipynb #4e4d645b
 def fbeta_from_metric(metric: str) -> float:
