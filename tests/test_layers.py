@@ -1,4 +1,10 @@
-"""Import rules: pure logic knows nothing of hopeit, Redis or settings; stores know nothing of events."""
+"""Import rules by allowlist: every module of the package has a layer, and imports go to its own layer or below.
+
+Layers, lowest first: pure logic (pandas, numpy, Dask, XGBoost: no hopeit, Redis, aiohttp or settings);
+contracts (settings and payloads); stores and steps (Redis, Dask, files: no hopeit app or server);
+event support (the events' shared request handling); events (`fraud_poc.training`, `fraud_poc.service`);
+the launcher, which runs the services.
+"""
 
 import ast
 from pathlib import Path
@@ -6,89 +12,129 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fraud_poc"
-PURE = [
-    "schema",
-    "features",
-    "serving_state",
-    "row_predictor",
-    "sample_data",
-    "validation",
-    "training_data",
-    "train",
-    "report",
-    "masking",
-    "scored_orders",
-    "quality",
-]
-STORES = [
-    "datasets",
-    "feature_store",
-    "registry",
-    "data_steps",
-    "training_steps",
-    "run_status",
-    "step_runner",
-    "delivery",
-    "redis_store",
-    "redis_pipe",
-    "redis_server",
-    "dask_client",
-    "scoring",
-    "carry_over",
-    "live_models",
-]
-FORBIDDEN_IN_PURE = (
-    "hopeit",
-    "redis",
-    "fraud_poc.settings",
-    "fraud_poc.payloads",
-    "fraud_poc.redis_store",
-    "fraud_poc.datasets",
-    "fraud_poc.feature_store",
-    "fraud_poc.registry",
-    "fraud_poc.training",
-    "fraud_poc.service",
-)
-FORBIDDEN_IN_STORES = ("hopeit.app", "hopeit.server", "fraud_poc.training", "fraud_poc.service.")
+PURE, CONTRACTS, STORES, EVENT_SUPPORT, EVENTS, LAUNCHER = range(6)
+LAYERS = {
+    PURE: {
+        "schema",
+        "masking",
+        "features",
+        "serving_state",
+        "row_predictor",
+        "sample_data",
+        "validation",
+        "training_data",
+        "train",
+        "report",
+        "scored_orders",
+        "quality",
+    },
+    CONTRACTS: {"settings", "payloads", "service_payloads"},
+    STORES: {
+        "redis_store",
+        "redis_pipe",
+        "redis_server",
+        "dask_client",
+        "datasets",
+        "registry",
+        "feature_store",
+        "run_status",
+        "delivery",
+        "step_runner",
+        "data_steps",
+        "training_steps",
+        "scoring",
+        "carry_over",
+        "live_models",
+    },
+    EVENT_SUPPORT: {"auth", "request_errors"},
+    EVENTS: {"training", "service"},  # the two event packages, every module in them
+    LAUNCHER: {"launcher"},
+}
+# Third-party packages a layer may not import (a prefix matches the package and its submodules).
+FORBIDDEN = {
+    PURE: ("hopeit", "redis", "aiohttp"),
+    CONTRACTS: ("redis", "aiohttp", "distributed", "xgboost"),
+    STORES: ("hopeit.app", "hopeit.server", "aiohttp"),
+}
 
 
-def imported_modules(module: str) -> set[str]:
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+def layer_of(module: str) -> int:
+    """The layer of a module given as `fraud_poc.x` or `fraud_poc.x.y` (an event package's module)."""
+    top = module.split(".")[1]
+    found = [layer for layer, names in LAYERS.items() if top in names]
+    assert found, f"module {module} has no layer: add it to LAYERS in tests/test_layers.py"
+    return found[0]
+
+
+def package_modules() -> list[str]:
+    """Every module of the package, recursively, as dotted names (`__init__` files as their package)."""
+    modules = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if len(parts) > 1 and not parts[-1].startswith("_"):
+            modules.append(".".join(parts))
+    return modules
+
+
+def imports(module: str) -> set[str]:
+    """Absolute names of everything `module` imports; `from . import x` and `from .. import x` resolved."""
+    path = PACKAGE.parent / Path(*module.split("."))
+    is_package = path.is_dir()
+    source = (path / "__init__.py") if is_package else path.with_suffix(".py")
+    package = module.split(".") if is_package else module.split(".")[:-1]
     names = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(source.read_text())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            # nbdev exports `from fraud_poc.x import y` as `from .x import y`
-            names.add(f"fraud_poc.{node.module}" if node.level else node.module)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            if node.module:
+                names.add(target)
+            else:  # `from . import x`: x is a module of that package
+                names.update(f"{target}.{alias.name}" for alias in node.names)
     return names
 
 
-def violations(module: str, forbidden: tuple[str, ...]) -> list[str]:
-    return sorted(
-        n
-        for n in imported_modules(module)
-        if any(n == f or n.startswith(f + ".") or (f.endswith(".") and n.startswith(f)) for f in forbidden)
+def violations(module: str) -> list[str]:
+    own = layer_of(module)
+    found = []
+    for name in sorted(imports(module)):
+        if name == "fraud_poc":
+            found.append(f"{name} (import the module, not the package)")
+        elif name.startswith("fraud_poc."):
+            if layer_of(name) > own:
+                found.append(f"{name} (layer {layer_of(name)} above {own})")
+        elif any(name == f or name.startswith(f + ".") for f in FORBIDDEN.get(own, ())):
+            found.append(f"{name} (not allowed in layer {own})")
+    return found
+
+
+@pytest.mark.parametrize("module", package_modules())
+def test_imports_go_to_the_same_layer_or_below(module):
+    assert violations(module) == []
+
+
+def test_every_module_has_a_layer_and_every_layer_entry_a_module():
+    tops = {m.split(".")[1] for m in package_modules()}
+    for module in package_modules():
+        layer_of(module)
+    assert set().union(*LAYERS.values()) == tops
+
+
+def test_violations_are_detected(tmp_path, monkeypatch):
+    assert "fraud_poc.step_runner (layer 2 above 0)" not in violations("fraud_poc.features")
+    # a pure module importing a store, and `from . import x` (the form the old check missed), are both caught
+    fake = tmp_path / "fraud_poc"
+    fake.mkdir()
+    (fake / "features.py").write_text(
+        "from . import redis_store\nfrom .step_runner import run_step\nimport redis\n"
     )
-
-
-@pytest.mark.parametrize("module", PURE)
-def test_pure_logic_imports_no_service_or_store(module):
-    assert violations(module, FORBIDDEN_IN_PURE) == []
-
-
-@pytest.mark.parametrize("module", STORES)
-def test_stores_import_no_events(module):
-    assert violations(module, FORBIDDEN_IN_STORES) == []
-
-
-def test_every_module_is_classified():
-    modules = {p.stem for p in PACKAGE.glob("*.py") if not p.stem.startswith("_")}
-    contracts = {"settings", "payloads", "service_payloads", "launcher"}
-    contracts |= {"auth"}  # the events' token check and log masking: hopeit, aiohttp, no stores
-    contracts |= {"request_errors"}  # strict request parsing and the error schema's 400: aiohttp, no stores
-    assert modules - set(PURE) - set(STORES) - contracts == set()
-
-
-def test_violations_are_detected():
-    assert violations("step_runner", ("fraud_poc.run_status",)) == ["fraud_poc.run_status"]
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
+    assert violations("fraud_poc.features") == [
+        "fraud_poc.redis_store (layer 2 above 0)",
+        "fraud_poc.step_runner (layer 2 above 0)",
+        "redis (not allowed in layer 0)",
+    ]
