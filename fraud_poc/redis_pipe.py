@@ -37,20 +37,29 @@ class _Replies(asyncio.Protocol):
         self.reader = hiredis.Reader(replyError=redis.exceptions.ResponseError)
         self.waiting: deque[asyncio.Future] = deque()
         self.transport: asyncio.Transport | None = None
+        self.lost_reason: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
-        while (value := self.reader.gets()) is not False:
-            future = self.waiting.popleft()
-            if not future.done():
-                future.set_result(_reply(value))
+        try:
+            while (value := self.reader.gets()) is not False:
+                if not self.waiting:  # a reply no caller asked for: the replies are out of step
+                    raise hiredis.ProtocolError("a reply no command asked for")
+                future = self.waiting.popleft()
+                if not future.done():
+                    future.set_result(_reply(value))
+        except hiredis.ProtocolError as e:  # drop the connection: every waiting caller fails, the next reconnects
+            self.lost_reason = e
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        error = redis.exceptions.ConnectionError(f"connection to Redis lost: {exc or 'closed by the server'}")
+        error = redis.exceptions.ConnectionError(
+            f"connection to Redis lost: {exc or self.lost_reason or 'closed by the server'}"
+        )
         while self.waiting:
             future = self.waiting.popleft()
             if not future.done():
