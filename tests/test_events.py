@@ -1,0 +1,200 @@
+"""Every event through hopeit's own test harness (`hopeit.testing.apps.execute_event`), as hopeit's example apps
+test theirs: the app configs as the services load them, real Redis, a real local Dask cluster, real XGBoost.
+`execute_event` does not write streams, so the six steps are chained here by hand, job to job; the chain
+through the streams themselves is `test_end_to_end.py`'s."""
+
+import json
+import os
+from contextlib import contextmanager
+
+import hopeit.testing.apps
+import pytest
+import pytest_asyncio
+from conftest import API_TOKEN, REDIS_URL, ROOT
+from hopeit.testing.apps import config, execute_event
+from multidict import CIMultiDict
+
+from fraud_poc.dask_client import close_dask_client
+from fraud_poc.datasets import raw_dir, read_dataset
+from fraud_poc.payloads import (
+    CleanRunsRequest,
+    PipelineJob,
+    PromoteRequest,
+    RawDataRequest,
+    RollbackRequest,
+    RunPipelineRequest,
+)
+from fraud_poc.redis_store import Keys
+from fraud_poc.service_payloads import BatchRequest, ErrorResponse, LabelReport, Order, Prediction
+
+SMALL = {"num_orders": 30_000, "num_customers": 600, "months": 3, "fraud_rate": 0.02, "seed": 11}
+pytestmark = pytest.mark.asyncio(loop_scope="module")  # the module's tests share one loop and its clients
+STEPS = ["sample-data", "preprocess", "feature-calc", "training-data", "train-model", "prepare-db"]
+
+
+@pytest.fixture(scope="module")
+def apps(key_prefix, tmp_path_factory):
+    """Both app configs, loaded as the services load them, against this module's Redis prefix and data root."""
+    data_root = tmp_path_factory.mktemp("event-data")
+    env = {
+        "FRAUD_REDIS_URL": REDIS_URL,
+        "FRAUD_KEY_PREFIX": key_prefix + "events:",
+        "FRAUD_DATA_ROOT": str(data_root),
+        "DASK_SCHEDULER_ADDRESS": "",
+        "FRAUD_API_TOKEN": API_TOKEN,
+        "FRAUD_FIND_ORDERS_ENABLED": "true",
+        "FRAUD_PREDICT_REQUIRES_TOKEN": "false",
+    }
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield (
+            config(ROOT / "config" / "training-pipeline.json"),
+            config(ROOT / "config" / "fraud-service.json"),
+            data_root,
+        )
+    finally:
+        close_dask_client()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
+def token_sent():
+    """Requests made by `execute_event(..., preprocess=True)` carry this session's API token (the harness sends
+    no headers of its own): the events' real token check lets them through."""
+    headers = CIMultiDict({"Authorization": f"Bearer {API_TOKEN}"})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hopeit.testing.apps, "CIMultiDict", lambda: headers)
+        yield
+
+
+async def call(app, event: str, payload=None, **query: str):
+    """One event as a request with the token would run it: `__preprocess__` (body and query checks), its steps."""
+    with token_sent():
+        return await execute_event(app, event, payload, preprocess=True, **query)
+
+
+async def run_chain(training, request: RunPipelineRequest) -> tuple[str, PipelineJob | None]:
+    """run-pipeline's step, then each pipeline step on the job the one before returned."""
+    job = await call(training, "run-pipeline", request)
+    assert isinstance(job, PipelineJob) and job.source == "sample"
+    run_id = job.run_id
+    for step in STEPS:
+        job = await call(training, step, job)
+        if job is None:  # train-model passes nothing on when the model may not go live
+            break
+    return run_id, job
+
+
+async def status(training, run_id: str):
+    return await call(training, "pipeline-status", run_id=run_id)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def first_run(apps):
+    training, _, _ = apps
+    run_id, job = await run_chain(training, RunPipelineRequest(**SMALL))
+    assert job is None  # prepare-db ends the chain
+    return run_id
+
+
+async def test_run_pipeline_needs_the_token(apps):
+    training, _, _ = apps
+    before = await call(training, "list-runs", limit="100")
+    answer = await execute_event(training, "run-pipeline", RunPipelineRequest(**SMALL), preprocess=True)
+    assert isinstance(answer, ErrorResponse) and answer.status == 401, answer
+    assert await call(training, "list-runs", limit="100") == before  # no run was created
+
+
+async def test_six_steps_promote_the_first_model(apps, first_run, redis_client, key_prefix):
+    training, _, _ = apps
+    run = await status(training, first_run)
+    assert run.state.value == "done" and run.promoted is True, run
+    assert [s.step for s in run.steps] == STEPS and all(s.state.value == "done" for s in run.steps), run.steps
+    assert all(s.rows_out for s in run.steps[:4]), run.steps  # steps 1-4 report the rows they wrote
+    live = json.loads(redis_client.get(Keys(key_prefix + "events:").live))
+    assert live["model_id"] == run.model_id
+    listed = await call(training, "list-runs", limit="5")
+    assert first_run in [r.run_id for r in listed.runs]
+
+
+async def test_gate_keeps_a_worse_model_out(apps, first_run, redis_client, key_prefix):
+    training, _, _ = apps
+    settings = training.effective_settings["train-model"]["extras"]["train_model"]
+    saved = settings["min_average_precision"]
+    settings["min_average_precision"] = 1.01  # no model can pass
+    try:
+        run_id, job = await run_chain(training, RunPipelineRequest(**{**SMALL, "seed": 12}))
+    finally:
+        settings["min_average_precision"] = saved
+    assert job is None
+    run = await status(training, run_id)
+    assert run.state.value == "done" and run.promoted is False, run
+    assert "average precision" in run.promotion_reason
+    assert run.steps[-1].state.value == "skipped" and run.steps[-1].attempts == 0  # prepare-db never ran
+    live = json.loads(redis_client.get(Keys(key_prefix + "events:").live))
+    assert live["model_id"] != run.model_id
+    models = await call(training, "list-models")
+    assert run.model_id in [m.model_id for m in models.models]  # registered, not live
+
+
+async def test_prediction_events(apps, first_run):
+    training, service, data_root = apps
+    orders = read_dataset(raw_dir(data_root, first_run)).compute()
+    known = orders.sort_values("order_date").iloc[-1]
+    order = Order(
+        order_id="event-test-1",
+        order_date=known.order_date.to_pydatetime(),
+        customer_id=str(known.customer_id),
+        email=str(known.email),
+        ip_addr=str(known.ip_addr),
+        order_amount=float(known.order_amount),
+        location_lat=float(known.location_lat),
+        location_long=float(known.location_long),
+    )
+    info = await call(service, "model-info")
+    run = await status(training, first_run)
+    assert info.model_id == run.model_id
+    prediction = await call(service, "predict", order)
+    assert isinstance(prediction, Prediction), prediction
+    assert prediction.known_entities.customer_id and 0 <= prediction.fraud_score <= 1
+    batch = await call(service, "predict-batch", BatchRequest(orders=[order]))
+    assert batch.predictions[0].fraud_score == prediction.fraud_score  # a retry: scored the same
+    recorded = await call(service, "report-label", LabelReport(order_id="event-test-1", is_fraud=True))
+    assert recorded.states_changed == 3, recorded
+    unknown = await call(service, "report-label", LabelReport(order_id="no-such-order", is_fraud=True))
+    assert isinstance(unknown, ErrorResponse) and unknown.status == 404, unknown
+    found = await call(service, "find-orders", prefix=str(known.customer_id))
+    assert str(known.customer_id) in str(found), found
+
+
+async def test_registry_events(apps, first_run):
+    training, _, _ = apps
+    first = (await status(training, first_run)).model_id
+    models = await call(training, "list-models")
+    assert models.live.model_id == first
+    challenger = next(
+        m.model_id for m in models.models if not m.live and m.features_on_disk
+    )  # the gate's loser
+    same = await call(training, "promote-model", PromoteRequest(model_id=first))
+    assert same.action == "already live", same
+    unknown = await call(training, "promote-model", PromoteRequest(model_id="no-such-model"))
+    assert isinstance(unknown, ErrorResponse) and unknown.status == 404, unknown
+    promoted = await call(training, "promote-model", PromoteRequest(model_id=challenger))
+    assert promoted.action == "promoted" and promoted.live.model_id == challenger, promoted
+    assert promoted.previous.model_id == first and promoted.loaded_features, promoted
+    back = await call(training, "rollback", RollbackRequest())
+    assert back.action == "rolled back" and back.live.model_id == first, back
+    dry = await call(training, "clean-runs", CleanRunsRequest(keep_runs=0, dry_run=True))
+    assert not isinstance(dry, ErrorResponse), dry
+    assert (await call(training, "list-models")).live.model_id == first  # a dry run removes nothing
+
+
+async def test_run_from_raw_refuses_a_path_outside_the_data_root(apps):
+    training, _, _ = apps
+    answer = await call(training, "run-from-raw", RawDataRequest(path="../outside.csv"))
+    assert isinstance(answer, ErrorResponse) and answer.status == 400 and "outside" in answer.error, answer
