@@ -13,7 +13,6 @@ import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
-import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pyarrow as pa

@@ -51,7 +51,9 @@ class _Replies(asyncio.Protocol):
                 future = self.waiting.popleft()
                 if not future.done():
                     future.set_result(_reply(value))
-        except hiredis.ProtocolError as e:  # drop the connection: every waiting caller fails, the next reconnects
+        except (
+            hiredis.ProtocolError
+        ) as e:  # drop the connection: every waiting caller fails, the next reconnects
             self.lost_reason = e
             self.transport.close()
 

@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .schema import LABEL, LABEL_DATE, RAW_COLUMNS, SCENARIO
+from .schema import LABEL, LABEL_DATE, SCENARIO
 
 # %% ../nbs/11_sample_data.ipynb #f447d898
 SCENARIO_SHARES: dict[str, float] = {

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .schema import NO_FRAUD, STATE_FIELDS
+from .schema import STATE_FIELDS
 
 # %% ../nbs/16_serving_state.ipynb #441c877e
 def encode_state(records: Iterable[Sequence[Any]]) -> bytes:

@@ -137,7 +137,11 @@ def _check_labels(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nda
 def precision_recall_curve(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Precision, recall and threshold for each distinct score, highest threshold first (scikit-learn's curve)."""
     precision, recall, thresholds = metrics.precision_recall_curve(*_check_labels(y, scores))
-    return precision[-2::-1], recall[-2::-1], thresholds[::-1]  # without the (recall 0, precision 1) end point
+    return (
+        precision[-2::-1],
+        recall[-2::-1],
+        thresholds[::-1],
+    )  # without the (recall 0, precision 1) end point
 
 
 def roc_auc(y: np.ndarray, scores: np.ndarray) -> float:
