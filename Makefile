@@ -15,7 +15,7 @@ WITH_REDIS := $(BIN)/python -m fraud_poc.redis_server --
 # Jupyter refuses to run as root without --allow-root (containers, CI machines).
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: install test check-sync nbtest pytest lint openapi-check run up training-service prediction-service bench lab clean-nbs
+.PHONY: install readme test check-sync nbtest pytest lint openapi-check run up training-service prediction-service bench lab clean-nbs
 
 install: $(STAMP)
 
@@ -33,10 +33,16 @@ check-sync: install
 	$(BIN)/nbdev_export
 	@git diff --exit-code --stat -- nbs fraud_poc || { echo "notebooks and library out of sync (or notebooks not clean): run 'make clean-nbs' and commit"; exit 1; }
 	@test -z "$$(git status --porcelain -- nbs fraud_poc)" || { git status --porcelain -- nbs fraud_poc; echo "untracked files in nbs/ or fraud_poc/"; exit 1; }
+	$(BIN)/python install/readme.py
+	@git diff --exit-code --stat -- README.md || { echo "README.md is not what nbs/index.ipynb gives: edit the notebook, run 'make readme' and commit both"; exit 1; }
 
 clean-nbs: install
 	$(BIN)/nbdev_clean
 	$(BIN)/nbdev_export
+
+## README.md from nbs/index.ipynb (its source): edit the notebook, then run this.
+readme: install
+	$(BIN)/python install/readme.py
 
 lint: install
 	$(BIN)/ruff check nbs tests bench
