@@ -18,7 +18,9 @@ def readme_text(notebook: dict) -> str:
     for number, cell in enumerate(notebook["cells"]):
         source = "".join(cell["source"]).strip("\n")
         if cell["cell_type"] != "markdown":
-            sys.exit(f"nbs/index.ipynb cell {number} is a {cell['cell_type']} cell: the README takes markdown only")
+            sys.exit(
+                f"nbs/index.ipynb cell {number} is a {cell['cell_type']} cell: the README takes markdown only"
+            )
         parts.append(source)
     return "\n\n".join(parts) + "\n"
 
