@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['TRAINING_API', 'SERVICE_API', 'SERVICES', 'FINISHED', 'ENTITIES', 'ServiceCommand', 'call', 'start_service',
-           'wait_ready', 'free_port', 'session_token', 'token_help', 'finished_line', 'step_line', 'Progress',
-           'run_pipeline', 'copy_live_to_sandbox', 'drop_sandbox', 'example_orders', 'example_predictions',
+           'log_dir', 'wait_ready', 'free_port', 'session_token', 'token_help', 'finished_line', 'step_line',
+           'Progress', 'run_pipeline', 'copy_live_to_sandbox', 'drop_sandbox', 'example_orders', 'example_predictions',
            'model_files', 'summary_lines', 'serve_until_interrupted', 'main']
 
 # %% ../nbs/70_launcher.ipynb #ff6d92ef
@@ -91,14 +91,19 @@ def call(url: str, body: dict | None = None, timeout: float = 30.0) -> tuple[int
 
 
 def start_service(
-    name: str, log_dir: Path, port: int | None = None, env: dict | None = None, log_name: str | None = None
+    name: str, logs: Path, port: int | None = None, env: dict | None = None, log_name: str | None = None
 ) -> subprocess.Popen:
     """`hopeit_server run ... --start-streams` for one of the two apps on `port` (default: its own), logging to
-    `log_dir/<log_name or name>.log`, in `env` (default: this process's)."""
+    `logs/<log_name or name>.log`, in `env` (default: this process's)."""
     cmd = [str(Path(sys.executable).parent / "hopeit_server"), *SERVICES[name].args(port)]
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log = (log_dir / f"{log_name or name}.log").open("wb")
+    logs.mkdir(parents=True, exist_ok=True)
+    log = (logs / f"{log_name or name}.log").open("wb")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def log_dir() -> Path:
+    """Where the services started here write their logs: `logs/` under the data root."""
+    return Path(os.environ.get("FRAUD_DATA_ROOT", "data")) / "logs"
 
 
 def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -106,7 +111,7 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"service on port {port} exited with {proc.returncode}: see data/logs/")
+            raise RuntimeError(f"service on port {port} exited with {proc.returncode}: see {log_dir()}/")
         try:
             if call(f"http://127.0.0.1:{port}/api/docs/swagger.json", timeout=1)[0] == 200:
                 return
@@ -281,9 +286,7 @@ def example_orders(known: dict[str, str], now: datetime) -> list[dict]:
     ]
 
 
-def example_predictions(
-    data_root: Path, prediction_port: int = SERVICES["prediction"].port, demo_port: int = 0
-) -> list[dict]:
+def example_predictions(prediction_port: int = SERVICES["prediction"].port, demo_port: int = 0) -> list[dict]:
     """Score the example orders on a sandbox prefix through a prediction service of their own (on `demo_port`,
     0: a free one), then delete the sandbox: nothing of them stays in the live store."""
     _, found = call(f"http://127.0.0.1:{prediction_port}{SERVICE_API}/find-orders?prefix=&num_items=1")
@@ -293,7 +296,7 @@ def example_predictions(
     sandbox, port = f"{prefix}demo:{uuid4().hex[:12]}:", demo_port or free_port()
     copy_live_to_sandbox(url, prefix, sandbox, orders)
     service = start_service(
-        "prediction", data_root / "logs", port, {**os.environ, "FRAUD_KEY_PREFIX": sandbox}, "prediction-demo"
+        "prediction", log_dir(), port, {**os.environ, "FRAUD_KEY_PREFIX": sandbox}, "prediction-demo"
     )
     try:
         wait_ready(port, service)
@@ -366,7 +369,7 @@ def serve_until_interrupted(services: dict[str, subprocess.Popen]) -> None:
         print("stopping")
         return
     stopped = [name for name, proc in services.items() if proc.poll() is not None]
-    raise RuntimeError(f"the {' and '.join(stopped)} service exited: see data/logs/")
+    raise RuntimeError(f"the {' and '.join(stopped)} service exited: see {log_dir()}/")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -395,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     redis_proc = None if redis_answers(url) else start_embedded_redis(url, data_root / "redis")
     print(f"Redis: {'embedded server started' if redis_proc else 'using the one'} at {mask_url(url)}")
     ports = {"training": args.training_port, "prediction": args.prediction_port}
-    services = {name: start_service(name, data_root / "logs", ports[name]) for name in SERVICES}
+    services = {name: start_service(name, log_dir(), ports[name]) for name in SERVICES}
     try:
         for name, proc in services.items():
             wait_ready(ports[name], proc)
@@ -414,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
         if run["promoted"]:
             print("example predictions (scored apart from the live feature store, then removed):")
-            example_predictions(data_root, ports["prediction"], args.demo_port)
+            example_predictions(ports["prediction"], args.demo_port)
         print("\n".join(summary_lines(run, model_files(data_root, run["model_id"]), ports)))
     finally:
         for proc in services.values():

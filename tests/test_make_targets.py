@@ -1,7 +1,8 @@
 """`make training-service`, `make prediction-service` and `make lab` work where no Redis answers: each starts
 the embedded Redis for as long as it runs (as `make run` does), answers, and on SIGTERM stops cleanly and takes
 the embedded Redis down after it. "No Redis" is a port where none answers, so the test runs on any machine;
-`make lab` runs as this user (as root here, which needs `--allow-root`)."""
+`make lab` runs as this user (as root here, which needs `--allow-root`). `make run` on a small sample prints its
+summary and leaves no example order in the live feature store."""
 
 import json
 import os
