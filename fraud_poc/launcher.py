@@ -347,7 +347,8 @@ def summary_lines(run: dict, files: dict[str, list[Path]], ports: dict[str, int]
             ),
         ]
     lines.append("files:")
-    lines += [f"  {kind:<9} {', '.join(str(p) for p in paths)}" for kind, paths in files.items()]
+    for kind, paths in files.items():  # one path a line, the kind on the first
+        lines += [f"  {kind if i == 0 else '':<9} {path}" for i, path in enumerate(paths)]
     lines += [
         f"docs (while the services run): training http://127.0.0.1:{ports['training']}/api/docs/, "
         f"prediction http://127.0.0.1:{ports['prediction']}/api/docs/",
@@ -358,16 +359,10 @@ def summary_lines(run: dict, files: dict[str, list[Path]], ports: dict[str, int]
 
 # %% ../nbs/70_launcher.ipynb #64060660
 def serve_until_interrupted(services: dict[str, subprocess.Popen]) -> None:
-    """`make up`: wait until Ctrl-C or SIGTERM (or until a service exits, which is an error)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    """`make up`: wait until Ctrl-C or SIGTERM (KeyboardInterrupt, see `main`), or until a service exits (an error)."""
     print("serving until Ctrl-C")
-    try:
-        while all(proc.poll() is None for proc in services.values()):
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        print("stopping")
-        return
+    while all(proc.poll() is None for proc in services.values()):
+        time.sleep(0.5)
     stopped = [name for name, proc in services.items() if proc.poll() is not None]
     raise RuntimeError(f"the {' and '.join(stopped)} service exited: see {log_dir()}/")
 
@@ -388,6 +383,9 @@ def main(argv: list[str] | None = None) -> None:
         "--serve", action="store_true", help="only start both services, until Ctrl-C (make up)"
     )
     args = parser.parse_args(argv)
+    # Ctrl-C or SIGTERM, at any time, stops what was started (also when started with SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     generated, problem = session_token()
     if problem:
         print(f"{TOKEN_ENV} not used: {problem}")
@@ -419,6 +417,8 @@ def main(argv: list[str] | None = None) -> None:
             print("example predictions (scored apart from the live feature store, then removed):")
             example_predictions(ports["prediction"], args.demo_port)
         print("\n".join(summary_lines(run, model_files(data_root, run["model_id"]), ports)))
+    except KeyboardInterrupt:
+        print("\nstopping")
     finally:
         for proc in services.values():
             proc.send_signal(signal.SIGTERM)

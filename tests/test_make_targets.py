@@ -156,10 +156,14 @@ def test_make_run_summary_and_no_demo_order_left(tmp_path):
             ), out
         model_id = re.search(r"^model (xgb-\S+): promoted=True", out, re.M).group(1)
 
-        files = dict(re.findall(r"^  (model|metadata|report) +(.+)$", out, re.M))
-        paths = [Path(p) for kind in ("model", "metadata", "report") for p in files[kind].split(", ")]
-        assert all(p.is_file() for p in paths) and len(paths) >= 3, files
-        metadata = json.loads(Path(files["metadata"]).read_text())
+        listed = out.split("\nfiles:\n")[1].split("\ndocs")[0].splitlines()  # "  kind  path", then "  path"
+        files, kind = {}, None
+        for line in listed:
+            kind = line[2:11].strip() or kind
+            files.setdefault(kind, []).append(Path(line[12:]))
+        assert sorted(files) == ["metadata", "model", "report"] and len(files["report"]) >= 3, listed
+        assert all(p.is_file() for paths in files.values() for p in paths), listed
+        metadata = json.loads(files["metadata"][0].read_text())
         assert metadata["model_id"] == model_id
         shown = dict(
             re.findall(r"^  (\w+) +(\d\.\d{3})  \(", out.split("recall per fraud scenario")[1], re.M)
@@ -191,3 +195,30 @@ def test_make_run_summary_and_no_demo_order_left(tmp_path):
     finally:
         for key in r.scan_iter(match=f"{prefix}*", count=1000):
             r.unlink(key)
+
+
+@pytest.mark.parametrize("interrupt_after", ["serving until Ctrl-C", "Redis: embedded server started"])
+def test_make_up_serves_until_ctrl_c(no_redis, tmp_path, interrupt_after):
+    """`make up` where no Redis answers: both services on the given ports, with the embedded Redis, until Ctrl-C
+    (SIGINT to the whole group, as a terminal sends it), which stops everything without a traceback, also when it
+    comes while the services are still starting."""
+    url, env = no_redis
+    training, prediction = ports_in_test_range(2)
+    log = tmp_path / "up.log"
+    proc = start_make("up", env, log, f"TRAINING_PORT={training}", f"PREDICTION_PORT={prediction}")
+    try:
+        wait_until(lambda: interrupt_after in log.read_text(), proc, log)
+        if interrupt_after == "serving until Ctrl-C":
+            for port in (training, prediction):
+                assert requests.get(f"http://127.0.0.1:{port}/api/docs/", timeout=5).status_code == 200
+            info = requests.get(f"http://127.0.0.1:{prediction}/api/fraud-service/0x2/model-info", timeout=5)
+            assert info.status_code == 503 and "no model" in info.json()["error"].lower()
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=90)
+    text = log.read_text()
+    # make reports the interrupt itself ("make: *** [up] Interrupt", killed by SIGINT); the launcher stopped cleanly
+    assert proc.returncode == -signal.SIGINT and "\nstopping\n" in text and "Traceback" not in text, text[
+        -3000:
+    ]
+    assert not redis_answers(url)
