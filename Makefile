@@ -3,17 +3,19 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-# Ports of `make training-service`, `make prediction-service` and `make lab` (e.g. `make lab LAB_PORT=8899`).
+# Ports of `make run`, `make up`, `make training-service`, `make prediction-service` and `make lab` (e.g. `make lab LAB_PORT=8899`).
 TRAINING_PORT   ?= 8020
 PREDICTION_PORT ?= 8021
 LAB_PORT        ?= 8888
 LAB_ARGS        ?=
+# More launcher options for `make run`, e.g. RUN_ARGS="--num-orders 100000 --num-customers 2000 --months 6".
+RUN_ARGS        ?=
 # Runs a command with Redis ensured at $FRAUD_REDIS_URL: the one there, or the embedded one for the command's life.
 WITH_REDIS := $(BIN)/python -m fraud_poc.redis_server --
 # Jupyter refuses to run as root without --allow-root (containers, CI machines).
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: install test check-sync nbtest pytest lint openapi-check run up training-service prediction-service bench lab clean-nbs
+.PHONY: install readme test check-sync nbtest pytest lint openapi-check run up training-service prediction-service bench lab clean-nbs
 
 install: $(STAMP)
 
@@ -31,10 +33,16 @@ check-sync: install
 	$(BIN)/nbdev_export
 	@git diff --exit-code --stat -- nbs fraud_poc || { echo "notebooks and library out of sync (or notebooks not clean): run 'make clean-nbs' and commit"; exit 1; }
 	@test -z "$$(git status --porcelain -- nbs fraud_poc)" || { git status --porcelain -- nbs fraud_poc; echo "untracked files in nbs/ or fraud_poc/"; exit 1; }
+	$(BIN)/python install/readme.py
+	@git diff --exit-code --stat -- README.md || { echo "README.md is not what nbs/index.ipynb gives: edit the notebook, run 'make readme' and commit both"; exit 1; }
 
 clean-nbs: install
 	$(BIN)/nbdev_clean
 	$(BIN)/nbdev_export
+
+## README.md from nbs/index.ipynb (its source): edit the notebook, then run this.
+readme: install
+	$(BIN)/python install/readme.py
 
 lint: install
 	$(BIN)/ruff check nbs tests bench
@@ -51,11 +59,11 @@ openapi-check: install
 
 ## The main job: both services, the whole pipeline on a sample, example predictions and a summary.
 run: install
-	. config/env.sh && $(BIN)/python -m fraud_poc.launcher
+	. config/env.sh && $(BIN)/python -m fraud_poc.launcher --training-port=$(TRAINING_PORT) --prediction-port=$(PREDICTION_PORT) $(RUN_ARGS)
 
 ## Both services (Redis ensured, as for `make run`), with an API token, until Ctrl-C.
 up: install
-	. config/env.sh && $(BIN)/python -m fraud_poc.launcher --serve
+	. config/env.sh && $(BIN)/python -m fraud_poc.launcher --serve --training-port=$(TRAINING_PORT) --prediction-port=$(PREDICTION_PORT)
 
 ## One service each (Redis ensured, as for `make run`); for both at once use `make up`.
 training-service: install

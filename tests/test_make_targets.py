@@ -1,15 +1,21 @@
 """`make training-service`, `make prediction-service` and `make lab` work where no Redis answers: each starts
 the embedded Redis for as long as it runs (as `make run` does), answers, and on SIGTERM stops cleanly and takes
 the embedded Redis down after it. "No Redis" is a port where none answers, so the test runs on any machine;
-`make lab` runs as this user (as root here, which needs `--allow-root`)."""
+`make lab` runs as this user (as root here, which needs `--allow-root`). `make run` on a small sample prints its
+summary and leaves no example order in the live feature store."""
 
+import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
+import redis
 import requests
 from conftest import AUTH, free_port, service_env
 
@@ -104,3 +110,115 @@ def test_lab_ensures_redis_and_runs_as_root(no_redis, tmp_path):
         assert redis_answers(url)
     finally:
         stop_group(proc, url)
+
+
+def ports_in_test_range(count: int) -> list[int]:
+    """`count` ports of 18100-18199 where nothing listens now (the range this project's tests use)."""
+    found = []
+    for port in range(18100, 18200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        found.append(port)
+        if len(found) == count:
+            return found
+    raise RuntimeError("no free ports in 18100-18199")
+
+
+def test_make_run_summary_and_no_demo_order_left(tmp_path):
+    """`make run` on a small sample: a line per finished step, then the model, its recall per scenario (as in its
+    metadata), paths that exist, the docs and `make up`; the example orders were scored but nothing of them stays in
+    the live feature store, its order index or its event log."""
+    prefix = f"fraudtest:run:{uuid4().hex[:8]}:"
+    env = service_env(prefix, tmp_path / "data")
+    env.pop("FRAUD_FIND_ORDERS_ENABLED")  # `make run` turns it on for its examples by itself
+    training, prediction, demo = ports_in_test_range(3)
+    sample = "--num-orders 30000 --num-customers 600 --months 4"
+    done = subprocess.run(
+        ["make", "--no-print-directory", "run", f"TRAINING_PORT={training}", f"PREDICTION_PORT={prediction}"]
+        + [f"RUN_ARGS={sample} --demo-port {demo}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    out = done.stdout
+    r = redis.Redis.from_url(env["FRAUD_REDIS_URL"])
+    try:
+        assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
+        steps = ["sample-data", "preprocess", "feature-calc", "training-data", "train-model", "prepare-db"]
+        for number, step in enumerate(steps, 1):
+            assert re.search(
+                rf"^  \[{number}/6\] {step} +done +rows [\d,]+ -> [\d,]+ +[\d.]+ s$", out, re.M
+            ), out
+        model_id = re.search(r"^model (xgb-\S+): promoted=True", out, re.M).group(1)
+
+        listed = out.split("\nfiles:\n")[1].split("\ndocs")[0].splitlines()  # "  kind  path", then "  path"
+        files, kind = {}, None
+        for line in listed:
+            kind = line[2:11].strip() or kind
+            files.setdefault(kind, []).append(Path(line[12:]))
+        assert sorted(files) == ["metadata", "model", "report"] and len(files["report"]) >= 3, listed
+        assert all(p.is_file() for paths in files.values() for p in paths), listed
+        metadata = json.loads(files["metadata"][0].read_text())
+        assert metadata["model_id"] == model_id
+        shown = dict(
+            re.findall(r"^  (\w+) +(\d\.\d{3})  \(", out.split("recall per fraud scenario")[1], re.M)
+        )
+        expected = {k: f"{v['recall']:.3f}" for k, v in metadata["metrics"]["recall_by_scenario"].items()}
+        assert shown == expected and len(shown) >= 4, out
+        assert (
+            f"http://127.0.0.1:{training}/api/docs/" in out
+            and f"http://127.0.0.1:{prediction}/api/docs/" in out
+        )
+        assert "`make up`" in out
+
+        demo_ids = re.findall(r"^  (demo-\S+): amount", out, re.M)
+        assert len(demo_ids) == 3, out
+        pointer = json.loads(r.get(f"{prefix}live"))
+        version = pointer["fs_version"]
+        assert not any(r.hexists(f"{prefix}fs:{version}:orders", order_id) for order_id in demo_ids)
+        events = r.xrange(f"{prefix}events")
+        assert not any(
+            order_id.encode() in b"".join(fields.values()) for _, fields in events for order_id in demo_ids
+        )
+        keys = list(r.scan_iter(match=f"{prefix}*", count=1000))
+        assert len(keys) > 100 and not [k for k in keys if b"demo:" in k or b"new-customer" in k]
+        known = re.search(r"^  \S+-1: amount.*", out, re.M)
+        assert known and "cold_start=False" in known.group(0)  # the first example is a known customer's order
+        for key in r.scan_iter(match=f"{prefix}fs:{version}:*", count=1000):
+            if r.type(key) == b"string":
+                assert b"demo-" not in r.get(key), key
+    finally:
+        for key in r.scan_iter(match=f"{prefix}*", count=1000):
+            r.unlink(key)
+
+
+@pytest.mark.parametrize("interrupt_after", ["serving until Ctrl-C", "Redis: embedded server started"])
+def test_make_up_serves_until_ctrl_c(no_redis, tmp_path, interrupt_after):
+    """`make up` where no Redis answers: both services on the given ports, with the embedded Redis, until Ctrl-C
+    (SIGINT to the whole group, as a terminal sends it), which stops everything without a traceback, also when it
+    comes while the services are still starting."""
+    url, env = no_redis
+    training, prediction = ports_in_test_range(2)
+    log = tmp_path / "up.log"
+    proc = start_make("up", env, log, f"TRAINING_PORT={training}", f"PREDICTION_PORT={prediction}")
+    try:
+        wait_until(lambda: interrupt_after in log.read_text(), proc, log)
+        if interrupt_after == "serving until Ctrl-C":
+            for port in (training, prediction):
+                assert requests.get(f"http://127.0.0.1:{port}/api/docs/", timeout=5).status_code == 200
+            info = requests.get(f"http://127.0.0.1:{prediction}/api/fraud-service/0x2/model-info", timeout=5)
+            assert info.status_code == 503 and "no model" in info.json()["error"].lower()
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=90)
+    text = log.read_text()
+    # make reports the interrupt itself ("make: *** [up] Interrupt", killed by SIGINT); the launcher stopped cleanly
+    assert proc.returncode == -signal.SIGINT and "\nstopping\n" in text and "Traceback" not in text, text[
+        -3000:
+    ]
+    assert not redis_answers(url)
