@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from .payloads import StepState
 from .redis_store import Keys
-from .run_status import get_run, update_run, update_step
+from .run_status import admit_run, get_run, interrupted, now, queued_key, update_run, update_step
 
 # %% ../nbs/27_delivery.ipynb #bc135717
 @dataclass(frozen=True)
@@ -76,9 +76,29 @@ async def handle_pending(
     """Decide and act on one pending message of `step`'s stream; returns what was done."""
     run = await get_run(redis, keys, msg.run_id)
     status = next((s for s in run.steps if s.step == step), None) if run else None
+    if (
+        run is not None
+        and run.state == StepState.FAILED
+        and status is not None
+        and status.state == StepState.FAILED
+    ):
+        if status.error and not status.error.startswith(f"{step} failed after "):  # failed at once: keep why
+            await dead_letter(redis, msg, dead_letter_stream, f"{step} failed: {status.error}")
+            return "dead-lettered"
     if run is None or status is None or run.state == StepState.FAILED or status.state == StepState.DONE:
         await redis.xack(msg.stream, msg.group, msg.msg_id)
         return "dropped"
+    if run.state == StepState.QUEUED:
+        return "queued"
+    if status.state == StepState.QUEUED:  # admitted since its message was parked
+        await update_step(redis, keys, msg.run_id, step, state=StepState.PENDING)
+        await deliver_again(redis, msg)
+        return "admitted"
+    if status.owner and status.error == interrupted(status.owner):  # its process died while running it
+        await update_step(
+            redis, keys, msg.run_id, step, state=StepState.RETRYING, ended=now(), error=status.error
+        )
+        retry_after = 0.0
     failed = status.state == StepState.RETRYING and msg.idle_seconds >= retry_after
     if not failed and msg.idle_seconds < stale_after:
         return "waiting"
@@ -100,13 +120,28 @@ async def redeliver_pending(
     retry_after: float,
     stale_after: float,
     max_deliveries: int,
+    max_running: int = 1,
 ) -> dict[str, int]:
-    """One pass over every pipeline stream (`stream name -> step`); counts what was done."""
+    """One pass over every pipeline stream (`stream name -> step`), then admission of the waiting runs in
+    submission order while slots are free; counts what was done."""
     counts: dict[str, int] = {}
+    waiting: list[tuple[Pending, str]] = []
     for stream, step in streams.items():
         for msg in await pending_messages(redis, stream):
             action = await handle_pending(
                 redis, keys, msg, step, dead_letter_stream, retry_after, stale_after, max_deliveries
             )
             counts[action] = counts.get(action, 0) + 1
+            if action == "queued":
+                waiting.append((msg, step))
+    order = {msg.run_id: await redis.zscore(queued_key(keys), msg.run_id) or 0.0 for msg, _ in waiting}
+    for msg, step in sorted(waiting, key=lambda m: order[m[0].run_id]):  # first submitted, first admitted
+        if not await admit_run(redis, keys, msg.run_id, max_running):
+            break
+        counts["queued"] -= 1
+        if not counts["queued"]:
+            del counts["queued"]
+        counts["admitted"] = counts.get("admitted", 0) + 1
+        await update_step(redis, keys, msg.run_id, step, state=StepState.PENDING)
+        await deliver_again(redis, msg)
     return counts

@@ -11,13 +11,11 @@ from hopeit.app.logger import app_extra_logger
 
 from ..datasets import resolve_inside
 from ..payloads import PipelineJob, RawDataRequest, RunStarted
-from ..redis_store import Keys, async_redis
-from ..run_status import create_run
 from ..auth import check_token, secured_api
 from ..request_errors import parse_request, with_request_errors
 from ..service_payloads import ErrorResponse, FieldError, bad_request
-from ..settings import RedisSettings, SecuritySettings, StorageSettings
-from .run_pipeline import new_run_id
+from ..settings import SecuritySettings, StorageSettings
+from .run_pipeline import register_run
 
 # %% ../../nbs/51_run_from_raw.ipynb #f91efc6c
 __steps__ = ["start_run"]
@@ -34,6 +32,7 @@ __api__ = with_request_errors(
         responses={
             200: (RunStarted, "the new run's id"),
             400: (ErrorResponse, "invalid request or a path outside the data root: `fields` names it"),
+            429: (ErrorResponse, "too many runs wait already (`runs.max_queued`): nothing was started"),
         },
     )
 )
@@ -43,41 +42,32 @@ logger, extra = app_extra_logger()
 
 async def __preprocess__(
     payload: None, context: EventContext, request: PreprocessHook
-) -> RawDataRequest | ErrorResponse:
-    """The request with its path checked, a 401 without the API token or a 400 naming the bad field."""
+) -> PipelineJob | ErrorResponse:
+    """The registered run's job (its path checked); a 401 without the API token, a 400 naming the bad field or
+    a 429 when too many runs wait."""
     result = check_token(
         request, context.settings(key="security", datatype=SecuritySettings)
     ) or parse_request(request.payload_raw, RawDataRequest, "request")
     if not isinstance(result, ErrorResponse):
         try:
-            resolve_inside(context.settings(key="storage", datatype=StorageSettings).data_root, result.path)
+            path = resolve_inside(
+                context.settings(key="storage", datatype=StorageSettings).data_root, result.path
+            )
         except ValueError as e:
             result = bad_request("invalid request", [FieldError("path", str(e))])
+        else:
+            result = await register_run(
+                context, "raw", skipped=("sample-data",), raw_path=str(path), train_only=result.train_only
+            )
     if isinstance(result, ErrorResponse):
         request.set_status(result.status)
     return result
 
 
-async def start_run(payload: RawDataRequest, context: EventContext) -> PipelineJob:
-    """Check the path, register the run and emit its job to the preprocess stream."""
-    path = resolve_inside(context.settings(key="storage", datatype=StorageSettings).data_root, payload.path)
-    redis_settings = context.settings(key="redis", datatype=RedisSettings)
-    run_id = new_run_id()
-    run = await create_run(
-        async_redis(redis_settings.url),
-        Keys(redis_settings.key_prefix),
-        run_id,
-        "raw",
-        skipped=("sample-data",),
-    )
-    logger.info(context, "run started", extra=extra(run_id=run_id, raw_path=str(path)))
-    return PipelineJob(
-        run_id=run_id,
-        source="raw",
-        submitted=run.submitted,
-        raw_path=str(path),
-        train_only=payload.train_only,
-    )
+async def start_run(payload: PipelineJob, context: EventContext) -> PipelineJob:
+    """Emit the registered run's job to the preprocess stream (it starts when admitted)."""
+    logger.info(context, "run submitted", extra=extra(run_id=payload.run_id, raw_path=payload.raw_path))
+    return payload
 
 
 async def __postprocess__(
