@@ -7,6 +7,7 @@ __all__ = ['Pending', 'pending_messages', 'deliver_again', 'dead_letter', 'handl
 
 # %% ../nbs/27_delivery.ipynb #62989061
 from dataclasses import dataclass
+from datetime import timedelta
 
 import redis.asyncio as aioredis
 
@@ -85,21 +86,34 @@ async def handle_pending(
         if status.error and not status.error.startswith(f"{step} failed after "):  # failed at once: keep why
             await dead_letter(redis, msg, dead_letter_stream, f"{step} failed: {status.error}")
             return "dead-lettered"
+    if status is not None and status.state == StepState.DONE and status.ended is not None:
+        if (
+            now() - status.ended
+        ).total_seconds() < retry_after:  # just done: its consumer acknowledges it now
+            return "waiting"
     if run is None or status is None or run.state == StepState.FAILED or status.state == StepState.DONE:
         await redis.xack(msg.stream, msg.group, msg.msg_id)
         return "dropped"
-    if run.state == StepState.QUEUED:
-        return "queued"
+    if run.state == StepState.QUEUED:  # parked (its step raised RunQueued), or being read right now: wait
+        return "queued" if status.state == StepState.QUEUED else "waiting"
     if status.state == StepState.QUEUED:  # admitted since its message was parked
         await update_step(redis, keys, msg.run_id, step, state=StepState.PENDING)
         await deliver_again(redis, msg)
         return "admitted"
-    if status.owner and status.error == interrupted(status.owner):  # its process died while running it
+    if status.ended is None and status.owner and status.error == interrupted(status.owner):
+        # its process died while running it (shown so by get_run, not yet recorded): fail the attempt now
+        status.ended = now()
         await update_step(
-            redis, keys, msg.run_id, step, state=StepState.RETRYING, ended=now(), error=status.error
+            redis, keys, msg.run_id, step, state=StepState.RETRYING, ended=status.ended, error=status.error
         )
         retry_after = 0.0
-    failed = status.state == StepState.RETRYING and msg.idle_seconds >= retry_after
+    # a copy read after the failed attempt ended is being started (a cluster may take seconds): not failed
+    delivered = now() - timedelta(seconds=msg.idle_seconds)
+    failed = (
+        status.state == StepState.RETRYING
+        and msg.idle_seconds >= retry_after
+        and (status.ended is None or delivered <= status.ended)
+    )
     if not failed and msg.idle_seconds < stale_after:
         return "waiting"
     if status.attempts >= max_deliveries:

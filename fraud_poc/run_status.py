@@ -134,8 +134,11 @@ async def update_run(redis: aioredis.Redis, keys: Keys, run_id: str, **changes) 
     if raw is None:
         raise KeyError(f"unknown run {run_id}")
     status = Payload.from_json(raw, RunStatus)
-    if status.state == StepState.FAILED and changes.get("state") not in (None, StepState.FAILED):
-        changes.pop("state")  # a failed run stays failed
+    if status.state in (StepState.DONE, StepState.FAILED) and changes.get("state") not in (
+        None,
+        status.state,
+    ):
+        changes.pop("state")  # a finished run stays finished (a late duplicate message changes nothing)
     for name, value in changes.items():
         setattr(status, name, value)
     async with redis.pipeline(transaction=True) as pipe:

@@ -39,7 +39,7 @@ STOP_WAIT_SECONDS = 120.0  # how long a timed-out attempt may take to stop befor
 
 
 class RunAlreadyFailed(RuntimeError):
-    """A message arrived for a run that has failed for good: nothing to do."""
+    """A message arrived for a run that has failed for good (or finished: a duplicate): nothing to do."""
 
 
 class RunQueued(RuntimeError):
@@ -93,8 +93,10 @@ async def run_step(
     run = await get_run(redis, keys, run_id)
     if run is None:
         raise KeyError(f"unknown run {run_id}")
-    if run.state == StepState.FAILED:
-        raise RunAlreadyFailed(f"run {run_id} has failed already")
+    if run.state in (StepState.FAILED, StepState.DONE):
+        raise RunAlreadyFailed(
+            f"run {run_id} has {'failed' if run.state == StepState.FAILED else 'finished'} already"
+        )
     if run.state == StepState.QUEUED and not await admit_run(
         redis, keys, run_id, max_running, first_only=True
     ):

@@ -15,7 +15,7 @@ from ..auth import check_token, secured_api
 from ..request_errors import parse_request, with_request_errors
 from ..service_payloads import ErrorResponse, FieldError, bad_request
 from ..settings import SecuritySettings, StorageSettings
-from .run_pipeline import register_run
+from .run_pipeline import register_run, run_started
 
 # %% ../../nbs/51_run_from_raw.ipynb #f91efc6c
 __steps__ = ["start_run"]
@@ -42,35 +42,30 @@ logger, extra = app_extra_logger()
 
 async def __preprocess__(
     payload: None, context: EventContext, request: PreprocessHook
-) -> PipelineJob | ErrorResponse:
-    """The registered run's job (its path checked); a 401 without the API token, a 400 naming the bad field or
-    a 429 when too many runs wait."""
+) -> RawDataRequest | ErrorResponse:
+    """The request with its path checked, a 401 without the API token or a 400 naming the bad field."""
     result = check_token(
         request, context.settings(key="security", datatype=SecuritySettings)
     ) or parse_request(request.payload_raw, RawDataRequest, "request")
     if not isinstance(result, ErrorResponse):
         try:
-            path = resolve_inside(
-                context.settings(key="storage", datatype=StorageSettings).data_root, result.path
-            )
+            resolve_inside(context.settings(key="storage", datatype=StorageSettings).data_root, result.path)
         except ValueError as e:
             result = bad_request("invalid request", [FieldError("path", str(e))])
-        else:
-            result = await register_run(
-                context, "raw", skipped=("sample-data",), raw_path=str(path), train_only=result.train_only
-            )
     if isinstance(result, ErrorResponse):
         request.set_status(result.status)
     return result
 
 
-async def start_run(payload: PipelineJob, context: EventContext) -> PipelineJob:
-    """Emit the registered run's job to the preprocess stream (it starts when admitted)."""
-    logger.info(context, "run submitted", extra=extra(run_id=payload.run_id, raw_path=payload.raw_path))
-    return payload
+async def start_run(payload: RawDataRequest, context: EventContext) -> PipelineJob | None:
+    """Register the run (`queued`) and emit its job to the preprocess stream; nothing if too many runs wait."""
+    path = resolve_inside(context.settings(key="storage", datatype=StorageSettings).data_root, payload.path)
+    return await register_run(
+        context, "raw", skipped=("sample-data",), raw_path=str(path), train_only=payload.train_only
+    )
 
 
 async def __postprocess__(
-    payload: PipelineJob, context: EventContext, response: PostprocessHook
-) -> RunStarted:
-    return RunStarted(run_id=payload.run_id, status_url=f"pipeline-status?run_id={payload.run_id}")
+    payload: PipelineJob | None, context: EventContext, response: PostprocessHook
+) -> RunStarted | ErrorResponse:
+    return run_started(payload, context, response)
