@@ -107,6 +107,7 @@ def test_six_runs_at_once_queue_run_in_turn_and_all_complete(prefix, redis_clien
                 f"{service.base}{API}/run-pipeline", json={**RUN, "seed": seed}, headers=AUTH, timeout=30
             )
 
+        submitted = time.monotonic()
         with ThreadPoolExecutor(max_workers=6) as pool:
             answers = list(pool.map(submit, range(6)))
         accepted = [a.json()["run_id"] for a in answers if a.status_code == 200]
@@ -134,6 +135,9 @@ def test_six_runs_at_once_queue_run_in_turn_and_all_complete(prefix, redis_clien
         final = runs(service)
         assert [r["state"] for r in final] == ["done"] * len(accepted), json.dumps(final, indent=1)
         assert seen_queued and 1 <= most_running <= 2
+        print(
+            f"{len(accepted)} accepted, {len(refused)} refused (429), all done {time.monotonic() - submitted:.1f} s after submission"
+        )
         for run in final:
             assert [s["attempts"] for s in run["steps"]] == [1, 1, 1, 1, 1, 0], run  # nothing retried
         keys = Keys(prefix)
