@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from uuid import uuid4
@@ -83,12 +84,15 @@ class TrainingService(Service):
             pass
 
 
-@pytest.fixture
-def prefix(redis_client) -> str:
+def own_prefix(redis_client) -> Iterator[str]:
+    """A key prefix of the test's own, its keys removed after it."""
     value = f"fraudtest:{uuid4().hex[:12]}:"
     yield value
     for key in redis_client.scan_iter(match=f"{value}*", count=1000):
         redis_client.unlink(key)
+
+
+prefix = pytest.fixture(own_prefix, name="prefix")
 
 
 def runs(service: Service) -> list[dict]:

@@ -4,27 +4,19 @@ delivers the step again at once: the run completes within a minute of the restar
 
 import asyncio
 import time
-from uuid import uuid4
 
 import pytest
 import redis.asyncio as aioredis
 import requests
 from conftest import AUTH, REDIS_URL, service_env
-from test_concurrent_runs import API, TrainingService
+from test_concurrent_runs import API, TrainingService, own_prefix
 
 from fraud_poc.redis_store import Keys
 from fraud_poc.run_status import get_run
 
 RUN = {"num_orders": 40_000, "num_customers": 800, "months": 3, "fraud_rate": 0.03, "seed": 11}
 OWNER_TTL = 4.0
-
-
-@pytest.fixture
-def prefix(redis_client) -> str:
-    value = f"fraudtest:{uuid4().hex[:12]}:"
-    yield value
-    for key in redis_client.scan_iter(match=f"{value}*", count=1000):
-        redis_client.unlink(key)
+prefix = pytest.fixture(own_prefix, name="prefix")
 
 
 def status(service: TrainingService, run_id: str) -> dict:
