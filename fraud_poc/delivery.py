@@ -7,6 +7,9 @@ __all__ = ['ORPHANED', 'Pending', 'pending_messages', 'deliver_again', 'dead_let
            'fail_orphans']
 
 # %% ../nbs/27_delivery.ipynb #62989061
+import os
+import re
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -28,10 +31,29 @@ class Pending:
     msg_id: bytes
     idle_seconds: float
     fields: dict
+    consumer: str = ""  # hopeit's consumer name: "<UTC ISO time>.<host>.<pid>.<id>"
 
     @property
     def run_id(self) -> str:
         return self.fields.get(b"id", b"").decode()
+
+    @property
+    def consumer_gone(self) -> bool:
+        """Its consumer was a process of this host that no longer exists (a crash, a kill -9); False when unsure."""
+        found = _CONSUMER.fullmatch(self.consumer)
+        if found is None or found["host"] != socket.gethostname():
+            return False
+        pid = int(found["pid"])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+
+_CONSUMER = re.compile(r"\d{4}-\d\d-\d\dT[\d:.]+\+00:00\.(?P<host>.+)\.(?P<pid>\d+)\.\d+")
 
 
 async def pending_messages(redis: aioredis.Redis, stream: str, count: int = 100) -> list[Pending]:
@@ -45,9 +67,20 @@ async def pending_messages(redis: aioredis.Redis, stream: str, count: int = 100)
             messages = await redis.xrange(stream, min=entry["message_id"], max=entry["message_id"])
             fields = messages[0][1] if messages else {}
             found.append(
-                Pending(stream, name, entry["message_id"], entry["time_since_delivered"] / 1000, fields)
+                Pending(
+                    stream,
+                    name,
+                    entry["message_id"],
+                    entry["time_since_delivered"] / 1000,
+                    fields,
+                    _text(entry.get("consumer", b"")),
+                )
             )
     return found
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 async def deliver_again(redis: aioredis.Redis, msg: Pending) -> None:
@@ -117,7 +150,7 @@ async def handle_pending(
         and msg.idle_seconds >= retry_after
         and (status.ended is None or delivered <= status.ended)
     )
-    if not failed and msg.idle_seconds < stale_after:
+    if not failed and msg.idle_seconds < stale_after and not msg.consumer_gone:
         return "waiting"
     if status.attempts >= max_deliveries:
         reason = f"{step} failed after {status.attempts} attempts: {status.error or 'no error recorded'}"
