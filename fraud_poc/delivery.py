@@ -113,20 +113,13 @@ async def handle_pending(
     """Decide and act on one pending message of `step`'s stream; returns what was done."""
     run = await get_run(redis, keys, msg.run_id)
     status = next((s for s in run.steps if s.step == step), None) if run else None
-    if (
-        run is not None
-        and run.state == StepState.FAILED
-        and status is not None
-        and status.state == StepState.FAILED
-    ):
-        if status.error and not status.error.startswith(f"{step} failed after "):  # failed at once: keep why
-            await dead_letter(redis, msg, dead_letter_stream, f"{step} failed: {status.error}")
-            return "dead-lettered"
-    if status is not None and status.state == StepState.DONE and status.ended is not None:
-        if (
-            now() - status.ended
-        ).total_seconds() < retry_after:  # just done: its consumer acknowledges it now
-            return "waiting"
+    state = None if status is None else status.state
+    failed_here = run is not None and run.state == StepState.FAILED and state == StepState.FAILED
+    if failed_here and status.error and not status.error.startswith(f"{step} failed after "):
+        await dead_letter(redis, msg, dead_letter_stream, f"{step} failed: {status.error}")  # failed at once
+        return "dead-lettered"
+    if state == StepState.DONE and status.ended and (now() - status.ended).total_seconds() < retry_after:
+        return "waiting"  # just done: its consumer acknowledges it now
     if run is None or status is None or run.state == StepState.FAILED or status.state == StepState.DONE:
         await redis.xack(msg.stream, msg.group, msg.msg_id)
         return "dropped"

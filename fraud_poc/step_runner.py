@@ -56,11 +56,12 @@ def holding_step_lock(work: Callable[[], T]) -> T:
         return work()
 
 
-def _locked(work: Callable[[], T], stop: threading.Event) -> T:
-    """`work()` holding `STEP_LOCK`; gives up waiting for the lock if told to stop."""
+def _locked(work: Callable[[], T], stop: threading.Event, holding: threading.Event) -> T:
+    """`work()` holding `STEP_LOCK` (`holding` says so); gives up waiting for the lock if told to stop."""
     while not STEP_LOCK.acquire(timeout=0.2):
         if stop.is_set():
             raise AttemptStopped("stopped while waiting for another step's Dask work")
+    holding.set()
     try:
         if stop.is_set():
             raise AttemptStopped("stopped before it started")
@@ -75,10 +76,13 @@ async def _keep_beating(redis: aioredis.Redis, keys: Keys, ttl_seconds: float) -
         await beat(redis, keys, ttl_seconds)
 
 
-async def _stop(thread: asyncio.Future, stop: threading.Event, cancel: Callable[[], None] | None) -> str:
-    """Tell the attempt to stop, cancel its Dask work, wait for its thread to end; how it went."""
+async def _stop(
+    thread: asyncio.Future, stop: threading.Event, holding: threading.Event, cancel: Callable[[], None] | None
+) -> str:
+    """Tell the attempt to stop, cancel its Dask work (only if it holds the lock: the futures are its own), wait
+    for its thread to end; how it went."""
     stop.set()
-    if cancel is not None:
+    if cancel is not None and holding.is_set():
         await asyncio.to_thread(cancel)
     done, _ = await asyncio.wait({thread}, timeout=STOP_WAIT_SECONDS)
     return "stopped" if done else f"still running after {STOP_WAIT_SECONDS:.0f} s"
@@ -125,12 +129,13 @@ async def run_step(
         error=None,
         owner=PROCESS_OWNER,
     )
-    stop, heart = threading.Event(), asyncio.create_task(_keep_beating(redis, keys, owner_ttl))
-    thread = asyncio.ensure_future(asyncio.to_thread(_locked, work, stop))
+    stop, holding = threading.Event(), threading.Event()
+    heart = asyncio.create_task(_keep_beating(redis, keys, owner_ttl))
+    thread = asyncio.ensure_future(asyncio.to_thread(_locked, work, stop, holding))
     try:
         result = await asyncio.shield(thread)
     except asyncio.CancelledError:  # a timeout: the attempt ends before the error propagates
-        how = await asyncio.shield(_stop(thread, stop, cancel))
+        how = await asyncio.shield(_stop(thread, stop, holding, cancel))
         error = f"step timed out or was cancelled: attempt {how}"
         await asyncio.shield(
             update_step(redis, keys, run_id, step, state=StepState.RETRYING, ended=now(), error=error)

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from fraud_poc.payloads import StepState
 from fraud_poc.redis_store import Keys
 from fraud_poc.run_status import create_run, get_run
-from fraud_poc.step_runner import cancel_dask_work, run_step
+from fraud_poc.step_runner import cancel_dask_work, holding_step_lock, run_step
 
 REDIS_URL = os.environ.get("FRAUD_TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
 
@@ -92,3 +92,33 @@ async def test_steps_of_one_process_do_not_overlap(client, keys):
         )
     )
     assert [x.rows_out for x in results] == [3, 6, 10] and most[0] == 1
+
+
+async def test_attempt_timed_out_waiting_for_the_lock_leaves_the_holders_work_alone(client, keys):
+    """A step that times out while another user of the client (promote-model's load) holds the lock stops
+    without cancelling that user's Dask work."""
+    r = aioredis.Redis.from_url(REDIS_URL)
+    await create_run(r, keys, "run-w", "sample")
+    release, futures = threading.Event(), []
+
+    def load() -> int:
+        future = client.submit(sum, [1, 2], pure=False)
+        futures.append(future)
+        release.wait(10)
+        return future.result()
+
+    holder = asyncio.ensure_future(asyncio.to_thread(holding_step_lock, load))
+    while not futures:
+        await asyncio.sleep(0.05)
+    attempt = run_step(
+        r, keys, "run-w", "sample-data", lambda: Rows(0, 1), cancel=lambda: cancel_dask_work(client)
+    )
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(attempt, timeout=1.0)
+    step = (await get_run(r, keys, "run-w")).steps[0]
+    assert (step.state, step.error) == (
+        StepState.RETRYING,
+        "step timed out or was cancelled: attempt stopped",
+    )
+    release.set()
+    assert await holder == 3 and not futures[0].cancelled()
