@@ -15,7 +15,7 @@ from pathlib import Path
 import redis
 
 from .datasets import replace_atomically, write_parquet
-from .feature_store import switch_live
+from .feature_store import ANY_LIVE, switch_live
 from .features import state_horizon_us
 from .redis_store import Keys
 from .schema import LABEL, NO_FRAUD
@@ -124,6 +124,7 @@ def switch_carrying_over(
     since: datetime,
     window: int,
     label_delay_days: int,
+    expected_live: str | object = ANY_LIVE,
 ) -> tuple[dict, list[Carried]]:
     """`switch_live` with the events logged since `since` replayed into `version`, before and right after it."""
     start = EPOCH if since <= EPOCH + CARRY_MARGIN else since - CARRY_MARGIN
@@ -132,7 +133,10 @@ def switch_carrying_over(
     def carry_rest() -> None:
         carried.append(carry_over(r, keys, version, carried[0].last_id, window, label_delay_days))
 
-    return switch_live(r, keys, model_id, version, run_id, after_switch=carry_rest), carried
+    switched = switch_live(
+        r, keys, model_id, version, run_id, after_switch=carry_rest, expected_live=expected_live
+    )
+    return switched, carried
 
 # %% ../nbs/31_carry_over.ipynb #370e7831
 def export_scored_orders(r: redis.Redis, keys: Keys, folder: Path) -> dict:

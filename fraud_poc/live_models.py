@@ -194,7 +194,7 @@ def rollback_live(
     return _change("rolled back", switched["live"], switched["previous"], False, switched["removed_keys"])
 
 # %% ../nbs/28_live_models.ipynb #5b5630ec
-ACTIVE_STATES = ("pending", "running", "retrying")
+ACTIVE_STATES = ("queued", "pending", "running", "retrying")
 
 
 def runs_to_remove(

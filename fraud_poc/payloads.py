@@ -149,9 +149,13 @@ class PipelineJob:
     raw_path: Optional[str] = None
     model_id: Optional[str] = None  # set by train-model for prepare-db
     train_only: bool = False  # register the model, never promote it
+    # set by train-model: the live model its gate compared with ("" for none); prepare-db switches only if that
+    # model is still live (None: not gated, e.g. a message from before this field)
+    gated_against: Optional[str] = None
 
 
 class StepState(str, Enum):
+    QUEUED = "queued"  # run: waits for a free slot (`runs.max_running`); step: its message waits for it
     PENDING = "pending"
     RUNNING = "running"
     RETRYING = "retrying"  # an attempt failed; the message will be delivered again
@@ -171,6 +175,7 @@ class StepStatus:
     rows_out: Optional[int] = None
     attempts: int = 0
     error: Optional[str] = None
+    owner: Optional[str] = None  # the process running (or that last ran) an attempt: host:pid:token
 
 
 @dataobject

@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['RedisSettings', 'DaskSettings', 'StorageSettings', 'TrainingDataSettings', 'TrainModelSettings',
-           'FeatureStoreSettings', 'ServiceSettings', 'DeliverySettings', 'SecuritySettings', 'RetentionSettings']
+           'FeatureStoreSettings', 'ServiceSettings', 'DeliverySettings', 'RunLimits', 'SecuritySettings',
+           'RetentionSettings']
 
 # %% ../nbs/01_settings.ipynb #61b2f1bc
 from hopeit.dataobjects import dataclass, dataobject, field
@@ -104,6 +105,18 @@ class DeliverySettings:
     retry_after_seconds: float = 3.0
     stale_after_seconds: float = 1900.0  # above the longest step timeout: the process died
     max_deliveries: int = 3
+
+
+@dataobject
+@dataclass
+class RunLimits:
+    """Admission of runs: how many run at once per Redis (the others wait in order, `queued`), and how many may wait."""
+
+    max_running: int = field(default=1, ge=1)
+    max_queued: int = field(default=10, ge=0)  # beyond it run-pipeline and run-from-raw answer 429
+    owner_ttl_seconds: float = field(
+        default=20.0, gt=0
+    )  # a running step whose process has not beaten for this long is interrupted: delivered again at once
 
 
 @dataobject

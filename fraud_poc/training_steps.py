@@ -22,6 +22,8 @@ from distributed import Client
 from .carry_over import Carried, switch_carrying_over
 from .datasets import entity_dir, read_dataset, serving_state_dir, training_paths
 from fraud_poc.feature_store import (
+    ANY_LIVE,
+    GateOutdated,
     live_pointer,
     switch_live,
     upload_model,
@@ -272,13 +274,14 @@ class PrepareResult:
     read_seconds: float | None  # read the encoded states of step 3 onto the workers (None: not loaded)
     write_seconds: float | None  # write the states to Redis
     states_per_second: float | None  # states / write_seconds
-    live: dict[str, Any]
+    live: dict[str, Any] | None  # None only if the switch was refused and nothing is live
     previous: dict[str, Any] | None
     removed_keys: int
     removed_models: int
     rows_in: int
     carried_orders: int = 0  # scored orders carried over from the event log into the new version
     carried_labels: int = 0  # reported labels carried over likewise
+    refused: str | None = None  # the switch was refused (the live model changed after the gate): why
 
     @property
     def rows_out(self) -> int:
@@ -310,8 +313,10 @@ def prepare_db_step(
     chunk_size: int,
     label_delay_days: int = LABEL_DELAY_DAYS,
     carry_since: datetime | None = None,
+    expected_live: str | object = ANY_LIVE,
 ) -> PrepareResult:
-    """Step 6: load the run's serving state as version `run_id`, upload the model, switch both live, drop the old version."""
+    """Step 6: load the run's serving state as version `run_id`, upload the model, switch both live (only if
+    `expected_live`, the model the gate compared with, is still live), drop the old version."""
     r, keys, version = sync_redis(redis_url), Keys(key_prefix), run_id
     booster_ubj, stored_metadata = (
         model_bytes(data_root, model_id),
@@ -327,14 +332,25 @@ def prepare_db_step(
     upload_model(r, keys, model_id, booster_ubj, stored_metadata)
     pointer = live_pointer(r, keys)
     carried: list[Carried] = []
+    refused = None
     if pointer is not None and (pointer["model_id"], pointer["fs_version"]) == (model_id, version):
         switched = {"live": pointer, "previous": None, "removed_keys": 0, "removed_models": 0}
-    elif carry_since is None:
-        switched = switch_live(r, keys, model_id, version, run_id)
-    else:  # what the service learned since this run's data was cut goes into the new version too
-        switched, carried = switch_carrying_over(
-            r, keys, model_id, version, run_id, carry_since, window, label_delay_days
-        )
+    else:
+        try:
+            if carry_since is None:
+                switched = switch_live(r, keys, model_id, version, run_id, expected_live=expected_live)
+            else:  # what the service learned since this run's data was cut goes into the new version too
+                switched, carried = switch_carrying_over(
+                    r, keys, model_id, version, run_id, carry_since, window, label_delay_days, expected_live
+                )
+        except GateOutdated as e:  # the model stays registered, not live; the run says why
+            refused = str(e)
+            switched = {
+                "live": live_pointer(r, keys),
+                "previous": None,
+                "removed_keys": 0,
+                "removed_models": 0,
+            }
     return PrepareResult(
         run_id=run_id,
         version=version,
@@ -348,5 +364,6 @@ def prepare_db_step(
         rows_in=count_rows(entity_dir(data_root, run_id, ENTITIES[0])),
         carried_orders=sum(c.orders for c in carried),
         carried_labels=sum(c.labels for c in carried),
+        refused=refused,
         **switched,
     )

@@ -142,21 +142,41 @@ def test_model_failing_gate_leaves_live_untouched(training, first_run, redis_cli
     assert live(redis_client, key_prefix) == before
 
 
-def test_bad_raw_file_fails_run_and_dead_letters(training, first_run, redis_client, key_prefix, data_root):
+def negative_amount(orders: pd.DataFrame) -> pd.DataFrame:
+    orders.loc[3, "order_amount"] = -5.0
+    return orders
+
+
+@pytest.mark.parametrize(
+    "name, spoil, column",
+    [
+        ("negative.csv", negative_amount, "order_amount"),
+        ("no-ip.csv", lambda orders: orders.drop(columns=["ip_addr"]), "ip_addr"),
+    ],
+)
+def test_bad_raw_file_fails_run_and_dead_letters(
+    training, first_run, redis_client, key_prefix, data_root, name, spoil, column
+):
     before = live(redis_client, key_prefix)
     orders = generate_orders(
         num_orders=500, num_customers=50, months=1, start_date="2025-03-01", fraud_rate=0.02, seed=5
     )
-    orders.loc[3, "order_amount"] = -5.0
-    run_id = start(training, "run-from-raw", {"path": write_orders(data_root, "negative.csv", orders)})
+    run_id = start(training, "run-from-raw", {"path": write_orders(data_root, name, spoil(orders))})
     status = wait_for(training, run_id, finished, timeout=120)
     assert status["state"] == "failed", status
     preprocess = status["steps"][1]
-    assert preprocess["state"] == "failed" and preprocess["attempts"] == 3
-    assert "negative.csv" in preprocess["error"] and "order_amount" in preprocess["error"]
+    # bad input can never succeed: the run fails at the first attempt with its message, no retry
+    assert preprocess["state"] == "failed" and preprocess["attempts"] == 1
+    assert name in preprocess["error"] and column in preprocess["error"]
     assert [s["state"] for s in status["steps"][2:]] == ["pending"] * 4
-    dead = redis_client.xrange("training-pipeline.0.2.dead-letter", "-", "+")
-    assert run_id.encode() in [fields[b"id"] for _, fields in dead]
+    deadline = time.monotonic() + 30
+    while True:  # the redeliver service moves its message to the dead-letter stream, with the reason
+        dead = redis_client.xrange("training-pipeline.0.2.dead-letter", "-", "+")
+        reasons = {fields[b"id"]: fields[b"reason"].decode() for _, fields in dead}
+        if run_id.encode() in reasons or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert reasons[run_id.encode()] == f"preprocess failed: {preprocess['error']}"
     assert live(redis_client, key_prefix) == before
 
 
@@ -164,12 +184,11 @@ def test_failed_step_is_delivered_again_and_run_completes(training, first_run, d
     orders = generate_orders(
         num_orders=6000, num_customers=200, months=3, start_date="2025-03-01", fraud_rate=0.03, seed=9
     )
-    broken = orders.copy()
-    broken["order_date"] = "not a date"
-    path = write_orders(data_root, "fixed-later.csv", broken)
-    run_id = start(training, "run-from-raw", {"path": path})
+    folder = data_root / "user" / "arriving-later"
+    folder.mkdir(parents=True)  # no orders in it yet: a failure that a retry can overcome
+    run_id = start(training, "run-from-raw", {"path": "user/arriving-later"})
     wait_for(training, run_id, lambda s: s["steps"][1]["state"] == "retrying", timeout=60)
-    write_orders(data_root, "fixed-later.csv", orders)  # the problem goes away before the next delivery
+    write_orders(data_root, "arriving-later/orders.csv", orders)  # the file arrives before the next delivery
     status = wait_for(training, run_id, lambda s: s["state"] == "done")
     assert status["steps"][1]["state"] == "done" and status["steps"][1]["attempts"] == 2, status
     assert status["state"] == "done"

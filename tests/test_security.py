@@ -456,4 +456,6 @@ def test_logs_hold_no_token_password_or_customer_data(setup, first_run):
             assert ip not in logs, (service.folder, ip)
     training_logs = setup.training.logs()
     assert "Connecting address=redis://:***@127.0.0.1" in training_logs  # hopeit's own line, masked
-    assert f"{quoted[0]}***@" in training_logs  # the validation error was logged, masked
+    # the validation error was logged, masked, by whichever training service took the message (bad input is
+    # not retried, so only one of them tried it)
+    assert any(f"{quoted[0]}***@" in service.logs() for service in setup.all())

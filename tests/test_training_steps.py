@@ -224,3 +224,44 @@ def test_prepare_db_needs_a_registered_model(client, runs):
     with pytest.raises(FileNotFoundError, match="model xgb-nope is not in the registry"):
         prepare_db_step(client, data_root, "run-2", "xgb-nope", REDIS_URL, keys.prefix, WINDOW, 500)
     assert list(r.scan_iter(match=keys.prefix + "*")) == []
+
+
+def test_prepare_db_refuses_a_switch_the_gate_did_not_compare(client, runs):
+    """Two runs gated while nothing was live: the first to switch goes live, the second is refused at the
+    switch (its gate never compared it with the first), keeps its model registered, and says why."""
+    data_root, _, _ = runs
+    r = redis.Redis.from_url(REDIS_URL)
+    keys = Keys(f"fraudtest:{uuid4().hex}:")
+    lenient = TrainModelSettings(min_average_precision=0.0)
+    try:
+        gates = [
+            train_model_step(client, data_root, run_id, REDIS_URL, keys.prefix, lenient)
+            for run_id in ("run-1", "run-2")
+        ]
+        assert [g.champion_id for g in gates] == [None, None] and all(g.promoted for g in gates)
+        first = prepare_db_step(
+            client, data_root, "run-1", "xgb-run-1", REDIS_URL, keys.prefix, WINDOW, 500, expected_live=""
+        )
+        assert first.refused is None and live_pointer(r, keys)["model_id"] == "xgb-run-1"
+        second = prepare_db_step(
+            client, data_root, "run-2", "xgb-run-2", REDIS_URL, keys.prefix, WINDOW, 500, expected_live=""
+        )
+        assert second.refused is not None and "but xgb-run-1 is live now" in second.refused
+        assert second.live == first.live == live_pointer(r, keys) and r.get(keys.live_previous) is None
+        assert "xgb-run-2" in list_models(data_root)  # registered, not live
+        again = prepare_db_step(  # gated against the model that is live: it switches
+            client,
+            data_root,
+            "run-2",
+            "xgb-run-2",
+            REDIS_URL,
+            keys.prefix,
+            WINDOW,
+            500,
+            expected_live="xgb-run-1",
+        )
+        assert again.refused is None and live_pointer(r, keys)["model_id"] == "xgb-run-2"
+        assert again.previous["model_id"] == "xgb-run-1"
+    finally:
+        for key in r.scan_iter(match=f"{keys.prefix}*", count=1000):
+            r.unlink(key)

@@ -13,7 +13,7 @@ from hopeit.app.context import EventContext
 from ..dask_client import dask_client_async
 from ..data_steps import calc_features
 from ..payloads import PipelineJob
-from ..settings import DaskSettings, FeatureStoreSettings, RedisSettings, StorageSettings
+from ..settings import DaskSettings, FeatureStoreSettings, RedisSettings, StorageSettings, RunLimits
 from ..step_runner import run_pipeline_step
 
 # %% ../../nbs/56_feature_calc.ipynb #9a9a00fa
@@ -34,6 +34,11 @@ async def calculate(payload: PipelineJob, context: EventContext) -> PipelineJob:
         feature_store.label_delay_days,
     )
     await run_pipeline_step(
-        context.settings(key="redis", datatype=RedisSettings), payload.run_id, "feature-calc", work, client
+        context.settings(key="redis", datatype=RedisSettings),
+        payload.run_id,
+        "feature-calc",
+        work,
+        client,
+        context.settings(key="runs", datatype=RunLimits),
     )
     return payload

@@ -12,10 +12,11 @@ from hopeit.app.context import EventContext
 from hopeit.app.logger import app_extra_logger
 
 from ..dask_client import dask_client_async
+from ..feature_store import ANY_LIVE
 from ..payloads import PipelineJob, StepState
 from ..redis_store import Keys, async_redis
 from ..run_status import update_run
-from ..settings import DaskSettings, FeatureStoreSettings, RedisSettings, StorageSettings
+from ..settings import DaskSettings, FeatureStoreSettings, RedisSettings, StorageSettings, RunLimits
 from ..step_runner import run_pipeline_step
 from ..training_steps import prepare_db_step
 from .clean_runs import clean_after_run
@@ -44,9 +45,25 @@ async def load_and_promote(payload: PipelineJob, context: EventContext) -> None:
         feature_store.chunk_size,
         feature_store.label_delay_days,
         carry_since=payload.submitted,
+        expected_live=ANY_LIVE if payload.gated_against is None else payload.gated_against,
     )
-    await run_pipeline_step(redis_settings, payload.run_id, "prepare-db", work, client)
+    result = await run_pipeline_step(
+        redis_settings,
+        payload.run_id,
+        "prepare-db",
+        work,
+        client,
+        context.settings(key="runs", datatype=RunLimits),
+    )
     redis, keys = async_redis(redis_settings.url), Keys(redis_settings.key_prefix)
-    await update_run(redis, keys, payload.run_id, state=StepState.DONE, promoted=True)
-    logger.info(context, "model promoted", extra=extra(run_id=payload.run_id, model_id=payload.model_id))
+    if result.refused is not None:  # another model went live after the gate: this one stays registered only
+        await update_run(
+            redis, keys, payload.run_id, state=StepState.DONE, promoted=False, promotion_reason=result.refused
+        )
+        logger.warning(
+            context, "model not promoted", extra=extra(run_id=payload.run_id, reason=result.refused)
+        )
+    else:
+        await update_run(redis, keys, payload.run_id, state=StepState.DONE, promoted=True)
+        logger.info(context, "model promoted", extra=extra(run_id=payload.run_id, model_id=payload.model_id))
     await clean_after_run(context, payload.run_id)

@@ -14,7 +14,7 @@ from hopeit.app.context import EventContext
 from ..dask_client import dask_client_async
 from ..data_steps import preprocess_orders
 from ..payloads import PipelineJob
-from ..settings import DaskSettings, RedisSettings, StorageSettings
+from ..settings import DaskSettings, RedisSettings, StorageSettings, RunLimits
 from ..step_runner import run_pipeline_step
 
 # %% ../../nbs/55_preprocess.ipynb #3a073e24
@@ -33,6 +33,11 @@ async def preprocess(payload: PipelineJob, context: EventContext) -> PipelineJob
         Path(payload.raw_path) if payload.raw_path else None,
     )
     await run_pipeline_step(
-        context.settings(key="redis", datatype=RedisSettings), payload.run_id, "preprocess", work, client
+        context.settings(key="redis", datatype=RedisSettings),
+        payload.run_id,
+        "preprocess",
+        work,
+        client,
+        context.settings(key="runs", datatype=RunLimits),
     )
     return payload

@@ -21,6 +21,7 @@ from ..live_models import RegistryBusy, UnknownModel, promote_registered
 from ..payloads import LiveChange, PromoteRequest
 from ..request_errors import parse_request, with_request_errors
 from ..service_payloads import ErrorResponse, FieldError, bad_request, unavailable
+from ..step_runner import holding_step_lock
 from fraud_poc.settings import (
     DaskSettings,
     FeatureStoreSettings,
@@ -98,7 +99,7 @@ async def promote_chosen(payload: PromoteRequest, context: EventContext) -> Live
         feature_store.label_delay_days,
     )
     try:
-        change = await asyncio.to_thread(work)
+        change = await asyncio.to_thread(holding_step_lock, work)  # its load uses Dask like the steps
     except Exception as e:
         refusal = registry_refusal(e)
         if refusal is None:

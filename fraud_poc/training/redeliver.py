@@ -15,7 +15,7 @@ from hopeit.app.logger import app_extra_logger
 from ..delivery import redeliver_pending
 from ..payloads import DeliveryCheck
 from ..redis_store import Keys, async_redis
-from ..settings import DeliverySettings, RedisSettings
+from ..settings import DeliverySettings, RedisSettings, RunLimits
 
 # %% ../../nbs/60_redeliver.ipynb #817b15c2
 __steps__ = ["check_pending"]
@@ -31,7 +31,7 @@ async def __service__(context: EventContext) -> Spawn[DeliveryCheck]:
 
 
 async def check_pending(payload: DeliveryCheck, context: EventContext) -> DeliveryCheck:
-    """Redeliver or dead-letter the pending messages that are due."""
+    """Redeliver or dead-letter the pending messages that are due; admit waiting runs to free slots."""
     settings = context.settings(key="delivery", datatype=DeliverySettings)
     redis_settings = context.settings(key="redis", datatype=RedisSettings)
     payload.counts = await redeliver_pending(
@@ -42,7 +42,8 @@ async def check_pending(payload: DeliveryCheck, context: EventContext) -> Delive
         settings.retry_after_seconds,
         settings.stale_after_seconds,
         settings.max_deliveries,
+        context.settings(key="runs", datatype=RunLimits).max_running,
     )
-    if set(payload.counts) - {"waiting"}:
+    if set(payload.counts) - {"waiting", "queued"}:
         logger.info(context, "pending messages handled", extra=extra(**payload.counts))
     return payload

@@ -11,13 +11,11 @@ from hopeit.app.logger import app_extra_logger
 
 from ..datasets import resolve_inside
 from ..payloads import PipelineJob, RawDataRequest, RunStarted
-from ..redis_store import Keys, async_redis
-from ..run_status import create_run
 from ..auth import check_token, secured_api
 from ..request_errors import parse_request, with_request_errors
 from ..service_payloads import ErrorResponse, FieldError, bad_request
-from ..settings import RedisSettings, SecuritySettings, StorageSettings
-from .run_pipeline import new_run_id
+from ..settings import SecuritySettings, StorageSettings
+from .run_pipeline import register_run, run_started
 
 # %% ../../nbs/51_run_from_raw.ipynb #f91efc6c
 __steps__ = ["start_run"]
@@ -34,6 +32,7 @@ __api__ = with_request_errors(
         responses={
             200: (RunStarted, "the new run's id"),
             400: (ErrorResponse, "invalid request or a path outside the data root: `fields` names it"),
+            429: (ErrorResponse, "too many runs wait already (`runs.max_queued`): nothing was started"),
         },
     )
 )
@@ -58,29 +57,15 @@ async def __preprocess__(
     return result
 
 
-async def start_run(payload: RawDataRequest, context: EventContext) -> PipelineJob:
-    """Check the path, register the run and emit its job to the preprocess stream."""
+async def start_run(payload: RawDataRequest, context: EventContext) -> PipelineJob | None:
+    """Register the run (`queued`) and emit its job to the preprocess stream; nothing if too many runs wait."""
     path = resolve_inside(context.settings(key="storage", datatype=StorageSettings).data_root, payload.path)
-    redis_settings = context.settings(key="redis", datatype=RedisSettings)
-    run_id = new_run_id()
-    run = await create_run(
-        async_redis(redis_settings.url),
-        Keys(redis_settings.key_prefix),
-        run_id,
-        "raw",
-        skipped=("sample-data",),
-    )
-    logger.info(context, "run started", extra=extra(run_id=run_id, raw_path=str(path)))
-    return PipelineJob(
-        run_id=run_id,
-        source="raw",
-        submitted=run.submitted,
-        raw_path=str(path),
-        train_only=payload.train_only,
+    return await register_run(
+        context, "raw", skipped=("sample-data",), raw_path=str(path), train_only=payload.train_only
     )
 
 
 async def __postprocess__(
-    payload: PipelineJob, context: EventContext, response: PostprocessHook
-) -> RunStarted:
-    return RunStarted(run_id=payload.run_id, status_url=f"pipeline-status?run_id={payload.run_id}")
+    payload: PipelineJob | None, context: EventContext, response: PostprocessHook
+) -> RunStarted | ErrorResponse:
+    return run_started(payload, context, response)

@@ -14,7 +14,7 @@ from hopeit.app.context import EventContext
 from ..dask_client import dask_client_async
 from ..data_steps import write_sample_data
 from ..payloads import PipelineJob
-from ..settings import DaskSettings, RedisSettings, StorageSettings
+from ..settings import DaskSettings, RedisSettings, StorageSettings, RunLimits
 from ..step_runner import run_pipeline_step
 
 # %% ../../nbs/54_sample_data.ipynb #f7fcc6e6
@@ -27,6 +27,11 @@ async def generate_orders(payload: PipelineJob, context: EventContext) -> Pipeli
     client = await dask_client_async(context.settings(key="dask", datatype=DaskSettings))
     work = partial(write_sample_data, client, storage.data_root, payload.run_id, **asdict(payload.sample))
     await run_pipeline_step(
-        context.settings(key="redis", datatype=RedisSettings), payload.run_id, "sample-data", work, client
+        context.settings(key="redis", datatype=RedisSettings),
+        payload.run_id,
+        "sample-data",
+        work,
+        client,
+        context.settings(key="runs", datatype=RunLimits),
     )
     return payload

@@ -21,6 +21,7 @@ from fraud_poc.settings import (
     RedisSettings,
     StorageSettings,
     TrainModelSettings,
+    RunLimits,
 )
 from ..step_runner import run_pipeline_step
 from ..training_steps import train_model_step
@@ -49,7 +50,14 @@ async def train(payload: PipelineJob, context: EventContext) -> PipelineJob | No
         feature_store.window,
         feature_store.label_delay_days,
     )
-    result = await run_pipeline_step(redis_settings, payload.run_id, "train-model", work, client)
+    result = await run_pipeline_step(
+        redis_settings,
+        payload.run_id,
+        "train-model",
+        work,
+        client,
+        context.settings(key="runs", datatype=RunLimits),
+    )
     redis, keys = async_redis(redis_settings.url), Keys(redis_settings.key_prefix)
     await update_run(
         redis,
@@ -73,4 +81,5 @@ async def train(payload: PipelineJob, context: EventContext) -> PipelineJob | No
         await clean_after_run(context, payload.run_id)
         return None
     payload.model_id = result.model_id
+    payload.gated_against = result.champion_id or ""  # prepare-db switches only if it is still live
     return payload

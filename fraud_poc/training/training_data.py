@@ -13,7 +13,7 @@ from hopeit.app.context import EventContext
 from ..dask_client import dask_client_async
 from ..data_steps import make_training_data
 from ..payloads import PipelineJob
-from ..settings import DaskSettings, RedisSettings, StorageSettings, TrainingDataSettings
+from ..settings import DaskSettings, RedisSettings, StorageSettings, TrainingDataSettings, RunLimits
 from ..step_runner import run_pipeline_step
 
 # %% ../../nbs/57_training_data.ipynb #779e9a33
@@ -33,6 +33,11 @@ async def split_data(payload: PipelineJob, context: EventContext) -> PipelineJob
         training_data,
     )
     await run_pipeline_step(
-        context.settings(key="redis", datatype=RedisSettings), payload.run_id, "training-data", work, client
+        context.settings(key="redis", datatype=RedisSettings),
+        payload.run_id,
+        "training-data",
+        work,
+        client,
+        context.settings(key="runs", datatype=RunLimits),
     )
     return payload
