@@ -23,6 +23,7 @@ from fraud_poc.service_payloads import (
 )
 from ..auth import check_token, secured_api, switched_off
 from ..settings import FeatureStoreSettings, RedisSettings, SecuritySettings, ServiceSettings
+from ..request_errors import with_request_errors
 
 # %% ../../nbs/42_find_orders.ipynb #61af8b74
 __steps__ = ["find"]
@@ -46,6 +47,7 @@ __api__ = secured_api(
         503: (ErrorResponse, "no model is live yet, or Redis is unavailable"),
     },
 )
+__api__ = with_request_errors(__api__)  # the error schema for every refusal (nbs/29)
 
 logger, extra = app_extra_logger()
 scorer: Scorer | None = None
