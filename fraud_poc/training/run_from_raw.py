@@ -9,14 +9,14 @@ __all__ = ['logger', 'extra', 'start_run']
 from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 
-from ..datasets import resolve_inside
+from ..datasets import check_order_files, input_limits, resolve_inside
 from ..payloads import PipelineJob, RawDataRequest, RunStarted
 from ..redis_store import Keys, async_redis
 from ..run_status import create_run
 from ..auth import check_token, secured_api
 from ..request_errors import parse_request, with_request_errors
 from ..service_payloads import ErrorResponse, FieldError, bad_request
-from ..settings import RedisSettings, SecuritySettings, StorageSettings
+from ..settings import InputLimitsSettings, RedisSettings, SecuritySettings, StorageSettings
 from .run_pipeline import new_run_id
 
 # %% ../../nbs/51_run_from_raw.ipynb #f91efc6c
@@ -28,12 +28,18 @@ __api__ = with_request_errors(
         description=(
             "Runs steps 2-6 on your labelled orders (docs/data.md) in a file or folder under the data root; "
             "answers at once with the run id. The model goes live only if it passes the promotion gate, and "
-            "never with `train_only: true`. An unknown field is a 400."
+            "never with `train_only: true`. An unknown field is a 400, and so is a path that cannot be read as orders: "
+            "outside the data root or the data root itself, missing, not a regular .parquet/.csv file, empty, larger "
+            "than `input_limits.max_file_mb` (default 512 MB) per file, or without a column of the schema "
+            "(docs/data.md); nothing starts then."
         ),
         payload=(RawDataRequest, "path of a file or folder, relative to the data root, and train_only"),
         responses={
             200: (RunStarted, "the new run's id"),
-            400: (ErrorResponse, "invalid request or a path outside the data root: `fields` names it"),
+            400: (
+                ErrorResponse,
+                "invalid request, or a path or file that cannot be read as orders: `fields` names it",
+            ),
         },
     )
 )
@@ -49,9 +55,11 @@ async def __preprocess__(
         request, context.settings(key="security", datatype=SecuritySettings)
     ) or parse_request(request.payload_raw, RawDataRequest, "request")
     if not isinstance(result, ErrorResponse):
+        max_file_bytes, _ = input_limits(context.settings(key="input_limits", datatype=InputLimitsSettings))
+        data_root = context.settings(key="storage", datatype=StorageSettings).data_root
         try:
-            resolve_inside(context.settings(key="storage", datatype=StorageSettings).data_root, result.path)
-        except ValueError as e:
+            check_order_files(data_root, result.path, max_file_bytes)
+        except ValueError as e:  # InvalidOrdersError: a path or file that cannot succeed
             result = bad_request("invalid request", [FieldError("path", str(e))])
     if isinstance(result, ErrorResponse):
         request.set_status(result.status)
