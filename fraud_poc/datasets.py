@@ -138,10 +138,14 @@ def _path_error(path: str | Path, problem: str) -> InvalidOrdersError:
 def resolve_inside(data_root: str | Path, path: str | Path) -> Path:
     """`path` (relative to `data_root`, or absolute) resolved; InvalidOrdersError if it is outside `data_root` or missing."""
     root = Path(data_root).resolve()
-    resolved = (root / path).resolve()  # an absolute `path` replaces `root` here
+    try:
+        resolved = (root / path).resolve()  # an absolute `path` replaces `root` here
+        exists = resolved.exists()
+    except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte
+        raise _path_error(path, f"not a usable path: {getattr(e, 'strerror', None) or e}") from None
     if not resolved.is_relative_to(root):
         raise _path_error(path, "outside the data root")
-    if not resolved.exists():
+    if not exists:
         raise _path_error(path, "does not exist in the data root")
     return resolved
 

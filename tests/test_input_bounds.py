@@ -198,6 +198,21 @@ def test_every_refusal_of_both_services_is_in_the_error_schema(live: LiveService
         ("method", lambda: requests.delete(f"{service}/predict", timeout=30), 405),
         ("too large", lambda: post_raw(f"{service}/predict", b"x" * (2 << 20)), 413),
         ("no token", lambda: post_raw(f"{training}/run-pipeline", b"{}"), 401),
+        (
+            "long raw path",
+            lambda: post_raw(f"{training}/run-from-raw", b'{"path": "' + b"0" * 1000 + b'"}', AUTH),
+            400,
+        ),
+        *[
+            (f"{event}?x=1", lambda event=event: post_raw(f"{training}/{event}?x=1", b"{}", AUTH), 400)
+            for event in ("run-pipeline", "run-from-raw", "promote-model", "rollback", "clean-runs")
+        ],
+        (
+            "pipeline-status&x=1",
+            lambda: requests.get(f"{training}/pipeline-status?run_id=a&x=1", timeout=30),
+            400,
+        ),
+        ("list-runs?x=1", lambda: requests.get(f"{training}/list-runs?x=1", timeout=30), 400),
     ]
     for name, call, status in cases:
         response = call()

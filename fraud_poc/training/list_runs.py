@@ -13,7 +13,7 @@ from ..payloads import RecentRuns
 from ..redis_store import Keys, async_redis
 from ..request_errors import with_request_errors
 from ..run_status import list_runs
-from ..service_payloads import ErrorResponse, query_int
+from ..service_payloads import ErrorResponse, query_int, unknown_query
 from ..settings import RedisSettings
 
 # %% ../../nbs/53_list_runs.ipynb #968541c2
@@ -32,9 +32,11 @@ __api__ = with_request_errors(
 
 
 async def load_runs(
-    payload: None, context: EventContext, *, limit: str | None = None
+    payload: None, context: EventContext, *, limit: str | None = None, **query_args: str
 ) -> RecentRuns | ErrorResponse:
-    """Up to `limit` recent runs (query arguments arrive as strings: validated here)."""
+    """Up to `limit` recent runs (query arguments arrive as strings: validated here); a 400 for another parameter."""
+    if query_args:
+        return unknown_query(query_args)
     count = query_int({"limit": limit} if limit else {}, "limit", 10, 1, MAX_RUNS)
     if isinstance(count, ErrorResponse):
         return count

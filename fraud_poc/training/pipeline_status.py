@@ -13,7 +13,7 @@ from ..payloads import RunStatus
 from ..redis_store import Keys, async_redis
 from ..request_errors import with_request_errors
 from ..run_status import get_run
-from ..service_payloads import ErrorResponse, FieldError, bad_request
+from ..service_payloads import ErrorResponse, FieldError, bad_request, unknown_query
 from ..settings import RedisSettings
 
 # %% ../../nbs/52_pipeline_status.ipynb #f70f7ba5
@@ -40,8 +40,12 @@ __api__ = with_request_errors(
 )
 
 
-async def load_status(payload: None, context: EventContext, *, run_id: str = "") -> RunStatus | ErrorResponse:
-    """The run's status, a 404 for an unknown run or a 400 for a run id that cannot be one."""
+async def load_status(
+    payload: None, context: EventContext, *, run_id: str = "", **query_args: str
+) -> RunStatus | ErrorResponse:
+    """The run's status, a 404 for an unknown run or a 400 for a run id that cannot be one (or another parameter)."""
+    if query_args:
+        return unknown_query(query_args)
     if not 1 <= len(run_id) <= MAX_RUN_ID:
         return bad_request(
             "invalid query", [FieldError("run_id", f"1 to {MAX_RUN_ID} characters, got {len(run_id)}")]

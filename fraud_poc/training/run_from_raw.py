@@ -15,7 +15,7 @@ from ..redis_store import Keys, async_redis
 from ..run_status import create_run
 from ..auth import check_token, secured_api
 from ..request_errors import parse_request, with_request_errors
-from ..service_payloads import ErrorResponse, FieldError, bad_request
+from ..service_payloads import ErrorResponse, FieldError, bad_request, unknown_query
 from ..settings import InputLimitsSettings, RedisSettings, SecuritySettings, StorageSettings
 from .run_pipeline import new_run_id
 
@@ -48,12 +48,14 @@ logger, extra = app_extra_logger()
 
 
 async def __preprocess__(
-    payload: None, context: EventContext, request: PreprocessHook
+    payload: None, context: EventContext, request: PreprocessHook, **query_args: str
 ) -> RawDataRequest | ErrorResponse:
     """The request with its path checked, a 401 without the API token or a 400 naming the bad field."""
-    result = check_token(
-        request, context.settings(key="security", datatype=SecuritySettings)
-    ) or parse_request(request.payload_raw, RawDataRequest, "request")
+    result = (
+        check_token(request, context.settings(key="security", datatype=SecuritySettings))
+        or unknown_query(query_args)
+        or parse_request(request.payload_raw, RawDataRequest, "request")
+    )
     if not isinstance(result, ErrorResponse):
         max_file_bytes, _ = input_limits(context.settings(key="input_limits", datatype=InputLimitsSettings))
         data_root = context.settings(key="storage", datatype=StorageSettings).data_root
