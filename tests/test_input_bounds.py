@@ -273,3 +273,28 @@ def test_run_from_raw_refuses_what_cannot_be_read_as_orders(live: LiveServices):
         assert problem in answer["error"], (path, answer)
         assert time.monotonic() - started < 10, path  # refused, not read
     assert live.redis.zcard(live.keys.runs) == runs_before
+
+
+def test_a_csv_of_megabyte_ids_fails_its_run_naming_the_column(live: LiveServices):
+    """16 MB of orders whose ids are 1 MB each: the run fails in preprocess with the column and the bound named
+    (an InvalidOrdersError: it cannot succeed on a retry), nothing goes live; before, such a file exhausted the
+    workers' memory four times."""
+    huge = [order(f"huge{n}", customer_id=f"c{n}" + "x" * 2**20) | {"is_fraud": "false"} for n in range(16)]
+    write_csv(live.data_root / "user" / "huge_ids.csv", huge)
+    assert (live.data_root / "user" / "huge_ids.csv").stat().st_size > 16 * 2**20
+    live_before = live.redis.get(live.keys.live)
+    response = run_from_raw(live, "user/huge_ids.csv")
+    assert response.status_code == 200, response.text  # its header is fine: the rows are read on a worker
+    run_id = response.json()["run_id"]
+    deadline, status = time.monotonic() + 180, {}
+    while time.monotonic() < deadline:
+        status = requests.get(
+            f"{live.training.base}{TRAINING_API}/pipeline-status?run_id={run_id}", timeout=30
+        ).json()
+        if status["state"] == "failed":
+            break
+        time.sleep(1)
+    assert status["state"] == "failed", status
+    error = status["steps"][1]["error"]
+    assert "user/huge_ids.csv: column 'customer_id': 16 value(s) longer than 256 characters" in error, error
+    assert live.redis.get(live.keys.live) == live_before
