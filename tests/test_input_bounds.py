@@ -298,3 +298,18 @@ def test_a_csv_of_megabyte_ids_fails_its_run_naming_the_column(live: LiveService
     error = status["steps"][1]["error"]
     assert "user/huge_ids.csv: column 'customer_id': 16 value(s) longer than 256 characters" in error, error
     assert live.redis.get(live.keys.live) == live_before
+
+
+def test_the_docs_examples_are_working_requests(live: LiveServices):
+    """What the docs' "Fill example" sends for predict and predict-batch (each field's example in the spec) is
+    scored (a cold start), dated near now as the service requires."""
+    spec = json.loads((Path(__file__).resolve().parents[1] / "config" / "openapi-service.json").read_text())
+    properties = spec["components"]["schemas"]["Order"]["properties"]
+    example = {name: schema["example"] for name, schema in properties.items()}
+    assert set(example) == set(order("x")), example
+    example["order_id"] = f"example-{time.time_ns()}"  # a fresh id: a repeat would be scored, not stored
+    url = f"{live.prediction.base}{SERVICE_API}"
+    response = requests.post(f"{url}/predict", json=example, timeout=30)
+    assert response.status_code == 200 and response.json()["order_id"] == example["order_id"], response.text
+    response = requests.post(f"{url}/predict-batch", json={"orders": [example]}, timeout=30)
+    assert response.status_code == 200 and len(response.json()["predictions"]) == 1, response.text
