@@ -1,6 +1,7 @@
 """Both services as `hopeit_server run` subprocesses on the test Redis, with a small model live in the prediction
 service: what the input-bounds and schemathesis tests send their requests to."""
 
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -30,6 +31,16 @@ class ServiceOnPort(Service):
         self.port, self.base, self.log = port, f"http://127.0.0.1:{port}", log
         cmd = [str(Path(sys.executable).parent / "hopeit_server"), *SERVICES[name].args(port)]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        """SIGTERM, and SIGKILL if it has not ended 30 s later; returns once the process is gone."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
 
 
 @dataclass
@@ -73,6 +84,9 @@ def live_services(key_prefix: str, workdir: Path, ports: tuple[int, int]) -> Ite
         yield LiveServices(*started, keys, r, orders, data_root)
     finally:
         for service in started:
-            service.stop()
+            try:
+                service.stop()
+            except Exception:  # the other service and the keys are still cleaned up
+                service.proc.kill()
         for key in r.scan_iter(match=f"{key_prefix}*", count=1000):
             r.unlink(key)
