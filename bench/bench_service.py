@@ -670,7 +670,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     redis_url = os.environ.get("FRAUD_REDIS_URL", "redis://127.0.0.1:6379/0")
-    start = pd.Timestamp("2027-01-01", tz="UTC")
+    start = pd.Timestamp.now(tz="UTC").floor("s")  # the service takes orders dated near its clock only
     if args.url:
         source = OrderSource(asyncio.run(combinations_from_service(args.url[0])), start)
         uvloop.run(run_load(args.url, source, CpuMeter([], redis_url), args))

@@ -24,6 +24,7 @@ from distributed import Client
 
 from . import features
 from fraud_poc.datasets import (
+    MAX_FILE_BYTES,
     entity_dir,
     features_dir,
     list_order_files,
@@ -50,6 +51,8 @@ from fraud_poc.training_data import (
     tuning_rows,
 )
 from fraud_poc.validation import (
+    DEFAULT_LIMITS,
+    OrderLimits,
     add_missing_scenario,
     drop_rows,
     later_duplicates,
@@ -111,15 +114,19 @@ _ORDERS_META = pd.DataFrame({column: pd.Series(dtype=dtype) for column, dtype in
 )
 
 
-def _read_labelled_orders(path: str, source: str, attempt: str) -> pd.DataFrame:
+def _read_labelled_orders(path: str, source: str, attempt: str, limits: OrderLimits) -> pd.DataFrame:
     """One input file of labelled orders, validated, with a fraud_scenario column (`attempt` only keys the task)."""
-    return add_missing_scenario(read_orders_file(Path(path), require_label=True, source=source))
+    return add_missing_scenario(
+        read_orders_file(Path(path), require_label=True, source=source, limits=limits)
+    )
 
 
-def _input_files(data_root: str | Path, run_id: str, raw_path: Path | None) -> list[Path]:
-    """The files step 2 reads: the user's (inside the data root) or the run's own raw orders."""
+def _input_files(
+    data_root: str | Path, run_id: str, raw_path: Path | None, max_file_bytes: int
+) -> list[Path]:
+    """The files step 2 reads: the user's (inside the data root, each checked before it is read) or the run's own."""
     if raw_path is not None:
-        return list_order_files(data_root, raw_path)
+        return list_order_files(data_root, raw_path, max_file_bytes)
     files = sorted(raw_dir(data_root, run_id).glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no raw orders for run {run_id!r}: run step sample-data first")
@@ -152,14 +159,18 @@ def preprocess_orders(
     run_id: str,
     raw_path: Path | None,
     rows_per_partition: int = 150_000,  # 1.2M orders: 8 partitions, peak memory under 2 GB (bench)
+    max_file_bytes: int = MAX_FILE_BYTES,
+    limits: OrderLimits = DEFAULT_LIMITS,
 ) -> StepResult:
     """Step 2: validate the raw orders, drop duplicate ids and write one dataset per entity, partitioned by it."""
-    files = _input_files(data_root, run_id, raw_path)
+    files = _input_files(data_root, run_id, raw_path, max_file_bytes)
     root = Path(data_root).resolve()
     sources = [str(f.resolve().relative_to(root)) for f in files]
     # new task keys for every attempt: the scheduler must not answer a retry with a cached error for the same files
     attempt = [uuid4().hex] * len(files)
-    orders = dd.from_map(_read_labelled_orders, [str(f) for f in files], sources, attempt, meta=_ORDERS_META)
+    orders = dd.from_map(
+        _read_labelled_orders, [str(f) for f in files], sources, attempt, args=[limits], meta=_ORDERS_META
+    )
     orders = client.persist(orders)
     orders, rows_in, dropped = _without_duplicates(client, orders)
     rows_out = rows_in - dropped

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['RedisSettings', 'DaskSettings', 'StorageSettings', 'TrainingDataSettings', 'TrainModelSettings',
-           'FeatureStoreSettings', 'ServiceSettings', 'DeliverySettings', 'RunLimits', 'SecuritySettings',
-           'RetentionSettings']
+           'FeatureStoreSettings', 'ServiceSettings', 'InputLimitsSettings', 'DeliverySettings', 'RunLimits',
+           'SecuritySettings', 'RetentionSettings']
 
 # %% ../nbs/01_settings.ipynb #61b2f1bc
 from hopeit.dataobjects import dataclass, dataobject, field
@@ -92,6 +92,19 @@ class ServiceSettings:
     events_max_len: int = field(default=1_000_000, ge=0)  # event log of scored orders and labels (0: off)
     max_find_items: int = 100
     top_contributions: int = 5
+    max_days_back: float = field(default=3650.0, gt=0)  # order and label dates at most this long before now
+    max_days_ahead: float = field(
+        default=1.0, ge=0
+    )  # order dates at most this long after now (labels: never)
+
+
+@dataobject
+@dataclass
+class InputLimitsSettings:
+    """Bounds of the training service's input files (run-from-raw), checked before anything reads them."""
+
+    max_file_mb: float = field(default=512.0, gt=0)  # per file: larger ones are refused, not read
+    max_span_days: int = field(default=3660, ge=1)  # latest minus earliest order_date of one file
 
 
 @dataobject

@@ -14,6 +14,7 @@ from ..scoring import Scorer, ServiceUnavailable
 from .common import event_scorer
 from ..service_payloads import ErrorResponse, ModelInfo, unavailable, unknown_query
 from ..settings import FeatureStoreSettings, RedisSettings, ServiceSettings
+from ..request_errors import with_request_errors
 
 # %% ../../nbs/43_model_info.ipynb #0a9dde34
 __steps__ = ["describe_live_model"]
@@ -27,6 +28,7 @@ __api__ = event_api(
         503: (ErrorResponse, "no model is live yet, or Redis is unavailable"),
     },
 )
+__api__ = with_request_errors(__api__)  # the error schema for every refusal (nbs/29)
 
 logger, extra = app_extra_logger()
 scorer: Scorer | None = None

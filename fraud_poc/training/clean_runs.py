@@ -16,7 +16,7 @@ from ..auth import check_token, secured_api
 from ..live_models import clean_runs
 from ..payloads import CleanRunsRequest, CleanRunsResult
 from ..request_errors import parse_request, with_request_errors
-from ..service_payloads import ErrorResponse
+from ..service_payloads import ErrorResponse, unknown_query
 from ..settings import RedisSettings, RetentionSettings, SecuritySettings, StorageSettings
 from .promote_model import registry_refusal
 
@@ -46,12 +46,14 @@ logger, extra = app_extra_logger()
 
 
 async def __preprocess__(
-    payload: None, context: EventContext, request: PreprocessHook
+    payload: None, context: EventContext, request: PreprocessHook, **query_args: str
 ) -> CleanRunsRequest | ErrorResponse:
     """The request, a 401 without the API token or a 400 naming the bad field."""
-    result = check_token(
-        request, context.settings(key="security", datatype=SecuritySettings)
-    ) or parse_request(request.payload_raw, CleanRunsRequest, "request", empty=CleanRunsRequest())
+    result = (
+        check_token(request, context.settings(key="security", datatype=SecuritySettings))
+        or unknown_query(query_args)
+        or parse_request(request.payload_raw, CleanRunsRequest, "request", empty=CleanRunsRequest())
+    )
     if isinstance(result, ErrorResponse):
         request.set_status(result.status)
     return result

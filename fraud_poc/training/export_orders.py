@@ -19,6 +19,7 @@ from ..carry_over import export_scored_orders
 from ..redis_store import Keys, sync_redis
 from ..service_payloads import ErrorResponse
 from ..settings import RedisSettings, SecuritySettings, StorageSettings
+from ..request_errors import with_request_errors
 
 # %% ../../nbs/66_export_orders.ipynb #17d3d5c5
 @dataobject
@@ -46,6 +47,7 @@ __api__ = secured_api(
         400: (ErrorResponse, "nothing to export yet"),
     },
 )
+__api__ = with_request_errors(__api__)  # the error schema for every refusal (nbs/29)
 
 logger, extra = app_extra_logger()
 

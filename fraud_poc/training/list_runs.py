@@ -11,7 +11,9 @@ from hopeit.app.context import EventContext, PostprocessHook
 
 from ..payloads import RecentRuns
 from ..redis_store import Keys, async_redis
+from ..request_errors import with_request_errors
 from ..run_status import list_runs
+from ..service_payloads import ErrorResponse, query_int, unknown_query
 from ..settings import RedisSettings
 
 # %% ../../nbs/53_list_runs.ipynb #968541c2
@@ -20,28 +22,31 @@ __steps__ = ["load_runs"]
 MAX_RUNS = 100
 
 
-__api__ = event_api(
-    summary="Recent pipeline runs, newest first",
-    query_args=[("limit", str | None, f"how many runs (1-{MAX_RUNS}, default 10)")],
-    responses={200: (RecentRuns, "recent runs"), 400: (str, "bad limit")},
+__api__ = with_request_errors(
+    event_api(
+        summary="Recent pipeline runs, newest first",
+        query_args=[("limit", str | None, f"how many runs (1-{MAX_RUNS}, default 10)")],
+        responses={200: (RecentRuns, "recent runs"), 400: (ErrorResponse, "bad limit: `fields` names it")},
+    )
 )
 
 
-async def load_runs(payload: None, context: EventContext, *, limit: str | None = None) -> RecentRuns | str:
-    """Up to `limit` recent runs (query arguments arrive as strings: validated here)."""
-    if limit is None or limit == "":
-        count = 10
-    elif not limit.isdigit() or not 1 <= int(limit) <= MAX_RUNS:
-        return f"limit must be a whole number from 1 to {MAX_RUNS}, got {limit!r}"
-    else:
-        count = int(limit)
+async def load_runs(
+    payload: None, context: EventContext, *, limit: str | None = None, **query_args: str
+) -> RecentRuns | ErrorResponse:
+    """Up to `limit` recent runs (query arguments arrive as strings: validated here); a 400 for another parameter."""
+    if query_args:
+        return unknown_query(query_args)
+    count = query_int({"limit": limit} if limit else {}, "limit", 10, 1, MAX_RUNS)
+    if isinstance(count, ErrorResponse):
+        return count
     settings = context.settings(key="redis", datatype=RedisSettings)
     return RecentRuns(runs=await list_runs(async_redis(settings.url), Keys(settings.key_prefix), count))
 
 
 async def __postprocess__(
-    payload: RecentRuns | str, context: EventContext, response: PostprocessHook
-) -> RecentRuns | str:
-    if isinstance(payload, str):
-        response.status = 400
+    payload: RecentRuns | ErrorResponse, context: EventContext, response: PostprocessHook
+) -> RecentRuns | ErrorResponse:
+    if isinstance(payload, ErrorResponse):
+        response.status = payload.status
     return payload

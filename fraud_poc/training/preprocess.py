@@ -13,8 +13,9 @@ from hopeit.app.context import EventContext
 
 from ..dask_client import dask_client_async
 from ..data_steps import preprocess_orders
+from ..datasets import input_limits
 from ..payloads import PipelineJob
-from ..settings import DaskSettings, RedisSettings, StorageSettings, RunLimits
+from ..settings import DaskSettings, InputLimitsSettings, RedisSettings, RunLimits, StorageSettings
 from ..step_runner import run_pipeline_step
 
 # %% ../../nbs/55_preprocess.ipynb #3a073e24
@@ -24,6 +25,7 @@ __steps__ = ["preprocess"]
 async def preprocess(payload: PipelineJob, context: EventContext) -> PipelineJob:
     """Run step `preprocess` for the job's run, then pass the job on to the next step."""
     storage = context.settings(key="storage", datatype=StorageSettings)
+    max_file_bytes, limits = input_limits(context.settings(key="input_limits", datatype=InputLimitsSettings))
     client = await dask_client_async(context.settings(key="dask", datatype=DaskSettings))
     work = partial(
         preprocess_orders,
@@ -31,6 +33,8 @@ async def preprocess(payload: PipelineJob, context: EventContext) -> PipelineJob
         storage.data_root,
         payload.run_id,
         Path(payload.raw_path) if payload.raw_path else None,
+        max_file_bytes=max_file_bytes,
+        limits=limits,
     )
     await run_pipeline_step(
         context.settings(key="redis", datatype=RedisSettings),

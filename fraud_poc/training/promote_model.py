@@ -20,7 +20,7 @@ from ..feature_store import NotPromotable
 from ..live_models import RegistryBusy, UnknownModel, promote_registered
 from ..payloads import LiveChange, PromoteRequest
 from ..request_errors import parse_request, with_request_errors
-from ..service_payloads import ErrorResponse, FieldError, bad_request, unavailable
+from ..service_payloads import ErrorResponse, FieldError, bad_request, unavailable, unknown_query
 from ..step_runner import holding_step_lock
 from fraud_poc.settings import (
     DaskSettings,
@@ -71,12 +71,14 @@ logger, extra = app_extra_logger()
 
 
 async def __preprocess__(
-    payload: None, context: EventContext, request: PreprocessHook
+    payload: None, context: EventContext, request: PreprocessHook, **query_args: str
 ) -> PromoteRequest | ErrorResponse:
     """The request, a 401 without the API token or a 400 naming the bad field."""
-    result = check_token(
-        request, context.settings(key="security", datatype=SecuritySettings)
-    ) or parse_request(request.payload_raw, PromoteRequest, "request")
+    result = (
+        check_token(request, context.settings(key="security", datatype=SecuritySettings))
+        or unknown_query(query_args)
+        or parse_request(request.payload_raw, PromoteRequest, "request")
+    )
     if isinstance(result, ErrorResponse):
         request.set_status(result.status)
     return result

@@ -16,7 +16,7 @@ from ..auth import check_token, secured_api
 from ..live_models import rollback_live
 from ..payloads import LiveChange, RollbackRequest
 from ..request_errors import parse_request, with_request_errors
-from ..service_payloads import ErrorResponse
+from ..service_payloads import ErrorResponse, unknown_query
 from ..settings import FeatureStoreSettings, RedisSettings, SecuritySettings
 from .promote_model import registry_refusal
 
@@ -46,12 +46,14 @@ logger, extra = app_extra_logger()
 
 
 async def __preprocess__(
-    payload: None, context: EventContext, request: PreprocessHook
+    payload: None, context: EventContext, request: PreprocessHook, **query_args: str
 ) -> RollbackRequest | ErrorResponse:
     """An empty request, a 401 without the API token or a 400 for any field."""
-    result = check_token(
-        request, context.settings(key="security", datatype=SecuritySettings)
-    ) or parse_request(request.payload_raw, RollbackRequest, "request", empty=RollbackRequest())
+    result = (
+        check_token(request, context.settings(key="security", datatype=SecuritySettings))
+        or unknown_query(query_args)
+        or parse_request(request.payload_raw, RollbackRequest, "request", empty=RollbackRequest())
+    )
     if isinstance(result, ErrorResponse):
         request.set_status(result.status)
     return result

@@ -9,12 +9,12 @@ __all__ = ['logger', 'extra', 'start_run']
 from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 
-from ..datasets import resolve_inside
+from ..datasets import check_order_files, input_limits, resolve_inside
 from ..payloads import PipelineJob, RawDataRequest, RunStarted
 from ..auth import check_token, secured_api
 from ..request_errors import parse_request, with_request_errors
-from ..service_payloads import ErrorResponse, FieldError, bad_request
-from ..settings import SecuritySettings, StorageSettings
+from ..service_payloads import ErrorResponse, FieldError, bad_request, unknown_query
+from ..settings import InputLimitsSettings, SecuritySettings, StorageSettings
 from .run_pipeline import register_run, run_started
 
 # %% ../../nbs/51_run_from_raw.ipynb #f91efc6c
@@ -26,12 +26,18 @@ __api__ = with_request_errors(
         description=(
             "Runs steps 2-6 on your labelled orders (docs/data.md) in a file or folder under the data root; "
             "answers at once with the run id. The model goes live only if it passes the promotion gate, and "
-            "never with `train_only: true`. An unknown field is a 400."
+            "never with `train_only: true`. An unknown field is a 400, and so is a path that cannot be read as orders: "
+            "outside the data root or the data root itself, missing, not a regular .parquet/.csv file, empty, larger "
+            "than `input_limits.max_file_mb` (default 512 MB) per file, or without a column of the schema "
+            "(docs/data.md); nothing starts then."
         ),
         payload=(RawDataRequest, "path of a file or folder, relative to the data root, and train_only"),
         responses={
             200: (RunStarted, "the new run's id"),
-            400: (ErrorResponse, "invalid request or a path outside the data root: `fields` names it"),
+            400: (
+                ErrorResponse,
+                "invalid request, or a path or file that cannot be read as orders: `fields` names it",
+            ),
             429: (ErrorResponse, "too many runs wait already (`runs.max_queued`): nothing was started"),
         },
     )
@@ -41,16 +47,20 @@ logger, extra = app_extra_logger()
 
 
 async def __preprocess__(
-    payload: None, context: EventContext, request: PreprocessHook
+    payload: None, context: EventContext, request: PreprocessHook, **query_args: str
 ) -> RawDataRequest | ErrorResponse:
     """The request with its path checked, a 401 without the API token or a 400 naming the bad field."""
-    result = check_token(
-        request, context.settings(key="security", datatype=SecuritySettings)
-    ) or parse_request(request.payload_raw, RawDataRequest, "request")
+    result = (
+        check_token(request, context.settings(key="security", datatype=SecuritySettings))
+        or unknown_query(query_args)
+        or parse_request(request.payload_raw, RawDataRequest, "request")
+    )
     if not isinstance(result, ErrorResponse):
+        max_file_bytes, _ = input_limits(context.settings(key="input_limits", datatype=InputLimitsSettings))
+        data_root = context.settings(key="storage", datatype=StorageSettings).data_root
         try:
-            resolve_inside(context.settings(key="storage", datatype=StorageSettings).data_root, result.path)
-        except ValueError as e:
+            check_order_files(data_root, result.path, max_file_bytes)
+        except ValueError as e:  # InvalidOrdersError: a path or file that cannot succeed
             result = bad_request("invalid request", [FieldError("path", str(e))])
     if isinstance(result, ErrorResponse):
         request.set_status(result.status)

@@ -17,7 +17,7 @@ from ..redis_store import Keys, async_redis
 from ..run_status import QueueFull, create_run
 from ..auth import check_token, secured_api
 from ..request_errors import parse_request, with_request_errors
-from ..service_payloads import ErrorResponse
+from ..service_payloads import ErrorResponse, unknown_query
 from ..settings import RedisSettings, RunLimits, SecuritySettings
 
 # %% ../../nbs/50_run_pipeline.ipynb #82f35f04
@@ -88,12 +88,14 @@ def run_started(
 
 
 async def __preprocess__(
-    payload: None, context: EventContext, request: PreprocessHook
+    payload: None, context: EventContext, request: PreprocessHook, **query_args: str
 ) -> RunPipelineRequest | ErrorResponse:
     """The request, a 401 without the API token or a 400 naming the bad fields: then nothing is started."""
-    result = check_token(
-        request, context.settings(key="security", datatype=SecuritySettings)
-    ) or parse_request(request.payload_raw, RunPipelineRequest, "run request")
+    result = (
+        check_token(request, context.settings(key="security", datatype=SecuritySettings))
+        or unknown_query(query_args)
+        or parse_request(request.payload_raw, RunPipelineRequest, "run request")
+    )
     if isinstance(result, ErrorResponse):
         request.set_status(result.status)
     return result
