@@ -24,7 +24,6 @@ from fraud_poc.feature_store import (
     live_pointer,
     loaded_versions,
     remove_version,
-    switch_live,
     version_meta,
 )
 from .redis_store import Keys, sync_redis

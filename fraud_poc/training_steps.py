@@ -34,7 +34,6 @@ from .redis_store import Keys, sync_redis
 from fraud_poc.registry import (
     PromotionDecision,
     booster_from_bytes,
-    load_booster,
     load_metadata,
     model_bytes,
     model_exists,

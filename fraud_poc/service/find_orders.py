@@ -25,7 +25,7 @@ from fraud_poc.service_payloads import (
 )
 from ..schema import MAX_TEXT_LENGTH
 from ..auth import check_token, secured_api, switched_off
-from ..settings import FeatureStoreSettings, RedisSettings, SecuritySettings, ServiceSettings
+from ..settings import SecuritySettings, ServiceSettings
 from ..request_errors import with_request_errors
 
 # %% ../../nbs/42_find_orders.ipynb #61af8b74

@@ -13,7 +13,7 @@ from hopeit.app.logger import app_extra_logger
 from ..scoring import Scorer, ServiceUnavailable
 from .common import event_scorer
 from ..service_payloads import ErrorResponse, ModelInfo, unavailable, unknown_query
-from ..settings import FeatureStoreSettings, RedisSettings, ServiceSettings
+
 from ..request_errors import with_request_errors
 
 # %% ../../nbs/43_model_info.ipynb #0a9dde34

@@ -25,7 +25,7 @@ from fraud_poc.service_payloads import (
     unknown_query,
 )
 from ..auth import check_token, secured_api
-from ..settings import FeatureStoreSettings, RedisSettings, SecuritySettings, ServiceSettings
+from ..settings import SecuritySettings, ServiceSettings
 from ..request_errors import with_request_errors
 
 # %% ../../nbs/41_predict_batch.ipynb #de6aa70c
