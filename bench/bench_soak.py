@@ -181,23 +181,20 @@ async def soak(args: argparse.Namespace, services: Services) -> None:
 
         rss_start = services.rss_mb()
         print(
-            f"soak: predict at {args.rate:.0f} req/s for {args.duration:.0f} s while a run of "
-            f"{args.soak_orders:,} orders goes through the six steps"
+            f"soak: predict at {args.rate:.0f} req/s for {args.duration:.0f} s while runs of "
+            f"{args.soak_orders:,} orders go through the six steps, one after the other"
         )
-        run_id = await start_run(session, services, args.soak_orders)
-        started = time.monotonic()
-        progress = asyncio.create_task(follow(session, services, run_id, until=started + args.duration))
+        until = time.monotonic() + args.duration
+        pipelines = asyncio.create_task(keep_running(session, services, args.soak_orders, until))
         await open_loop(target, source, meter, args.rate, args.duration, int(args.rate * args.duration))
-        during = await progress
+        runs = await pipelines
         rss_end = services.rss_mb()
-        done = [s["step"] for s in during["steps"] if s["state"] == "done"]
-        print(f"  pipeline during the load: {during['state']}, steps done {len(done)}/6 ({', '.join(done)})")
+        if runs[-1]["state"] not in ("done", "failed"):  # still running when the load ended
+            runs[-1] = await follow(session, services, runs[-1]["run_id"], until=time.monotonic() + 900)
+        states = ", ".join(f"{r['state']} (promoted {r['promoted']})" for r in runs)
+        print(f"  pipeline runs started during the load: {len(runs)}: {states}")
         print_rss("at start", rss_start)
         print_rss("at end  ", rss_end)
-        final = await follow(session, services, run_id, until=time.monotonic() + 900)
-        print(
-            f"  the run: {final['state']} after {time.monotonic() - started:.0f} s, promoted {final['promoted']}"
-        )
 
 
 def main() -> None:
