@@ -3,8 +3,8 @@
 It starts both services as the README runs them (on their own ports, under a key prefix and a data root of their
 own, against $FRAUD_REDIS_URL or `--redis-url`), runs a first small pipeline so that a model is live, then starts a
 second pipeline (`--soak-orders`) and, at the same moment, sends `predict` requests in an open loop at `--rate`
-for `--duration` seconds (bench_service.py's load generator: latency from each request's send; every answer other
-than 200 counts as an error). It prints the errors (the soak should have none), the latency percentiles, the
+for `--duration` seconds (bench_service.py's HTTP client; latency from each request's send; every answer other than
+200 counts as an error). It prints the errors (the soak should have none), the latency percentiles, the
 pipeline's progress while the load ran, and both services' memory (RSS of the server process, and of the
 training service's Dask workers) at the start and the end.
 
@@ -31,7 +31,17 @@ import aiohttp
 import pandas as pd
 import psutil
 import redis
-from bench_service import CpuMeter, OrderSource, Target, combinations_from, free_port, open_loop
+import uvloop
+from bench_service import (
+    Errors,
+    HttpConnection,
+    OrderSource,
+    Target,
+    combinations_from,
+    free_port,
+    percentiles,
+    send,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -59,6 +69,8 @@ class Services:
     def __init__(self, args: argparse.Namespace, workdir: Path):
         self.token, self.prefix = secrets.token_urlsafe(24), f"soak:{uuid4().hex[:8]}:"
         self.data_root = workdir / "data"
+        self.logs = REPO / "data" / "logs" / f"bench-soak-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.logs.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("FRAUD_", "DASK_"))}
         env.update(
             FRAUD_REDIS_URL=args.redis_url,
@@ -74,12 +86,12 @@ class Services:
         for name, port in (("training", args.training_port), ("prediction", args.prediction_port)):
             port = port or free_port()
             cmd = [str(Path(sys.executable).parent / "hopeit_server"), *SERVICES[name].args(port, REPO)]
-            log = (workdir / f"{name}.log").open("wb")
+            log = (self.logs / f"{name}.log").open("wb")
             self.procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
             api = TRAINING_API if name == "training" else SERVICE_API
             self.bases[name] = f"http://127.0.0.1:{port}{api}"
         for name, proc in self.procs.items():
-            self._wait_ready(name, proc, workdir / f"{name}.log")
+            self._wait_ready(name, proc, self.logs / f"{name}.log")
 
     def _wait_ready(self, name: str, proc: subprocess.Popen, log: Path) -> None:
         docs = self.bases[name].split("/api/")[0] + "/api/docs/swagger.json"
@@ -162,6 +174,55 @@ async def keep_running(session: aiohttp.ClientSession, services: Services, order
     return runs
 
 
+class FreshConnections:
+    """Keep-alive connections to the service, each reused only while it has been idle less than `max_idle`
+    seconds: the service closes idle ones after 2 s (gunicorn's keepalive), and a request written while that close
+    is under way fails on the client's side without the service ever seeing it."""
+
+    def __init__(self, target: Target, max_idle: float = 1.0):
+        self.target, self.max_idle, self.idle = target, max_idle, []
+
+    async def get(self) -> HttpConnection:
+        now = time.monotonic()
+        while self.idle:
+            connection, since = self.idle.pop()
+            if now - since < self.max_idle and not connection.transport.is_closing():
+                return connection
+            connection.transport.close()
+        return await self.target.connect()
+
+    def put(self, connection: HttpConnection) -> None:
+        self.idle.append((connection, time.monotonic()))
+
+    def close(self) -> None:
+        for connection, _ in self.idle:
+            connection.transport.close()
+
+
+async def predict_at_rate(target: Target, source: OrderSource, rate: float, duration: float) -> None:
+    """Open loop: one request every 1/rate s whatever the answers; prints errors and latency from each send."""
+    connections, errors, latencies = FreshConnections(target), Errors(), []
+    prepared = target.requests(source, int(rate * duration))  # built before the clock starts
+
+    async def one(data: bytes) -> None:
+        connection = await connections.get()
+        sent = time.perf_counter()
+        if await send(connection, data, errors):
+            connections.put(connection)
+        else:
+            connection.transport.close()
+        latencies.append(time.perf_counter() - sent)
+
+    start, tasks = time.perf_counter(), []
+    for i, data in enumerate(prepared):
+        await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(data)))
+    await asyncio.gather(*tasks)
+    connections.close()
+    print(f"  predict: {len(prepared)} requests in {time.perf_counter() - start:.1f} s, {errors}")
+    print(f"  latency: {percentiles(latencies)}  (load {os.getloadavg()[0]:.1f})")
+
+
 def print_rss(when: str, rss: dict[str, float]) -> None:
     print(f"  RSS {when}: " + ", ".join(f"{name} {mb:.0f} MB" for name, mb in rss.items()))
 
@@ -177,7 +238,6 @@ async def soak(args: argparse.Namespace, services: Services) -> None:
         orders = pd.concat([pd.read_parquet(f) for f in raw], ignore_index=True)
         source = OrderSource(combinations_from(orders), orders["order_date"].max() + pd.Timedelta(minutes=1))
         target = Target([services.bases["prediction"]])
-        meter = CpuMeter([services.procs["prediction"].pid], args.redis_url)
 
         rss_start = services.rss_mb()
         print(
@@ -186,7 +246,7 @@ async def soak(args: argparse.Namespace, services: Services) -> None:
         )
         until = time.monotonic() + args.duration
         pipelines = asyncio.create_task(keep_running(session, services, args.soak_orders, until))
-        await open_loop(target, source, meter, args.rate, args.duration, int(args.rate * args.duration))
+        await predict_at_rate(target, source, args.rate, args.duration)
         runs = await pipelines
         rss_end = services.rss_mb()
         if runs[-1]["state"] not in ("done", "failed"):  # still running when the load ended
@@ -195,6 +255,7 @@ async def soak(args: argparse.Namespace, services: Services) -> None:
         print(f"  pipeline runs started during the load: {len(runs)}: {states}")
         print_rss("at start", rss_start)
         print_rss("at end  ", rss_end)
+        print(f"  service logs: {services.logs}")
 
 
 def main() -> None:
@@ -203,7 +264,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-soak-") as workdir:
         services = Services(args, Path(workdir))
         try:
-            asyncio.run(soak(args, services))
+            uvloop.run(soak(args, services))
         finally:
             services.stop()
             r = redis.Redis.from_url(args.redis_url)
