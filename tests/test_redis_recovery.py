@@ -2,6 +2,8 @@
 
 (a) Restart with persistence: Redis stays `LOADING` for seconds (3M ballast keys in its RDB) and every pooled
 connection predates the restart; no request to either service is answered 500, and the next run completes.
+(c) An outage longer than the retries (12 s): `run-pipeline` starts nothing, and answers 200 again as soon as
+Redis is back (hopeit's stream circuit breaker stays closed).
 (b) FLUSHALL: the training service's stream consumer groups come back by themselves and a new run completes; the
 prediction service answers 503 in its error schema until a model is live again, then scores with it.
 """
@@ -226,6 +228,30 @@ def test_restart_while_loading_answers_no_500_and_next_run_completes(services, p
     status = finished_run(training, start_run(training))
     assert status["state"] == "done", status
     assert predict(prediction, "after-restart").status_code == 200
+
+
+def test_outage_longer_than_the_retries_starts_nothing_and_the_next_run_starts_at_once(
+    services, private_redis
+):
+    training, _ = services
+    before = {
+        run["run_id"] for run in requests.get(f"{training.base}{API}/list-runs", timeout=30).json()["runs"]
+    }
+    private_redis.save_and_stop()
+    down = time.monotonic()
+    refused = requests.post(f"{training.base}{API}/run-pipeline", json=SMALL, headers=AUTH, timeout=60)
+    print(f"run-pipeline with Redis down: {refused.status_code} after {time.monotonic() - down:.1f} s")
+    assert refused.status_code != 200, refused.text
+    time.sleep(max(0.0, 12 - (time.monotonic() - down)))  # the steps' reads have failed past their retries
+    private_redis.start_and_load()
+
+    started = time.monotonic()
+    run_id = start_run(training)  # hopeit's breaker did not open: no 500 "Stream circuit breaker open"
+    print(f"run-pipeline answered 200 {time.monotonic() - started:.2f} s after Redis was back")
+    assert finished_run(training, run_id)["state"] == "done"
+    runs = requests.get(f"{training.base}{API}/list-runs", timeout=30).json()["runs"]
+    new = [(run["run_id"], run["state"]) for run in runs if run["run_id"] not in before]
+    assert new == [(run_id, "done")], new  # nothing from the outage, no run left pending
 
 
 def test_flushall_groups_come_back_and_prediction_says_503_until_a_model_is_live(
