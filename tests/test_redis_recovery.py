@@ -5,7 +5,8 @@ connection predates the restart; no request to either service is answered 500, a
 (c) An outage longer than the retries (12 s): `run-pipeline` starts nothing, and answers 200 again as soon as
 Redis is back (hopeit's stream circuit breaker stays closed).
 (b) FLUSHALL: the training service's stream consumer groups come back by themselves and a new run completes; the
-prediction service answers 503 in its error schema until a model is live again, then scores with it.
+prediction service answers 503 in its error schema until a model is live again (`promote-model` of a registered
+model, or a new run), then scores with it.
 """
 
 import json
@@ -287,6 +288,18 @@ def test_flushall_groups_come_back_and_prediction_says_503_until_a_model_is_live
         (f"training_pipeline.0x2.{upstream}", f"training_pipeline.0x2.{step}")
         for upstream, step in zip(["run_pipeline", *STEP_GROUPS[:-1]], STEP_GROUPS, strict=True)
     }
+
+    # the registry on disk survived: promoting a registered model brings it back with its features
+    restored = requests.post(
+        f"{training.base}{API}/promote-model",
+        json={"model_id": first_run["model_id"]},
+        headers=AUTH,
+        timeout=120,
+    )
+    assert restored.status_code == 200, restored.text
+    answer = predict(prediction, "after-restore")
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model_id"] == first_run["model_id"]
 
     status = finished_run(training, start_run(training))
     assert status["state"] == "done" and status["promoted"] is True, status
