@@ -234,7 +234,7 @@ def test_restart_while_loading_answers_no_500_and_next_run_completes(services, p
 def test_outage_longer_than_the_retries_starts_nothing_and_the_next_run_starts_at_once(
     services, private_redis
 ):
-    training, _ = services
+    training, prediction = services
     before = {
         run["run_id"] for run in requests.get(f"{training.base}{API}/list-runs", timeout=30).json()["runs"]
     }
@@ -243,6 +243,9 @@ def test_outage_longer_than_the_retries_starts_nothing_and_the_next_run_starts_a
     refused = requests.post(f"{training.base}{API}/run-pipeline", json=SMALL, headers=AUTH, timeout=60)
     print(f"run-pipeline with Redis down: {refused.status_code} after {time.monotonic() - down:.1f} s")
     assert refused.status_code != 200, refused.text
+    unavailable = predict(prediction, "during-outage")
+    assert unavailable.status_code == 503, unavailable.text
+    assert unavailable.json()["error"].startswith("Redis is unavailable"), unavailable.text
     time.sleep(max(0.0, 12 - (time.monotonic() - down)))  # the steps' reads have failed past their retries
     private_redis.start_and_load()
 
