@@ -14,6 +14,8 @@ import hiredis
 import redis.asyncio.connection
 import redis.exceptions
 
+from .redis_store import RETRY_ATTEMPTS, retry_backoff
+
 # %% ../nbs/07_redis_pipe.ipynb #0ab246cf
 def encode_command(*args: Any) -> bytes:
     """One command in the Redis protocol (RESP): an array of bulk strings (str as UTF-8, numbers as text)."""
@@ -27,6 +29,8 @@ def encode_command(*args: Any) -> bytes:
 def _reply(value: Any) -> Any:
     if isinstance(value, redis.exceptions.ResponseError) and str(value).startswith("NOSCRIPT"):
         return redis.exceptions.NoScriptError(str(value))
+    if isinstance(value, redis.exceptions.ResponseError) and str(value).startswith("LOADING"):
+        return redis.exceptions.BusyLoadingError(str(value))
     return value
 
 
@@ -71,12 +75,19 @@ class _Replies(asyncio.Protocol):
 class RedisPipe:
     """One pipelined asyncio connection to the Redis at a `redis://` URL."""
 
-    def __init__(self, url: str, connect_timeout: float = 2.0, reply_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        connect_timeout: float = 2.0,
+        reply_timeout: float = 5.0,
+        retries: int = RETRY_ATTEMPTS,
+    ) -> None:
         options = redis.asyncio.connection.parse_url(url)
         if "path" in options or "connection_class" in options:
             raise ValueError(f"RedisPipe speaks plain TCP (redis://host:port/db), not {url!r}")
         self.host, self.port = options.get("host", "localhost"), int(options.get("port", 6379))
         self.url, self.connect_timeout, self.reply_timeout = url, connect_timeout, reply_timeout
+        self.retries = retries  # a refused or lost connection, or LOADING, is retried (redis_store's backoff)
         self._setup = []
         if options.get("password") is not None:
             user = options.get("username")
@@ -107,7 +118,8 @@ class RedisPipe:
             for command, reply in zip(self._setup, await self._send(protocol, self._setup), strict=True):
                 if isinstance(reply, Exception):
                     protocol.transport.close()
-                    raise redis.exceptions.ConnectionError(f"Redis refused {command[0]}: {reply}")
+                    # a configuration error, not a restart: never retried
+                    raise redis.exceptions.AuthenticationError(f"Redis refused {command[0]}: {reply}")
             self._protocol = protocol
             return protocol
 
@@ -126,10 +138,29 @@ class RedisPipe:
             ) from e
 
     async def execute(self, commands: list[tuple]) -> list:
-        """The replies of `commands`, sent in one write; an error reply is returned in its command's place."""
+        """The replies of `commands`, sent in one write; an error reply is returned in its command's place.
+        Through a Redis restart, commands are sent again (so they must be idempotent, as the scoring scripts are)."""
         if not commands:
             return []
-        return await self._send(await self._connection(), commands)
+        replies: list = [None] * len(commands)
+        todo, backoff = list(range(len(commands))), retry_backoff()
+        for failures in range(self.retries + 1):
+            if failures:
+                await asyncio.sleep(backoff.compute(failures))
+            try:
+                sent = await self._send(await self._connection(), [commands[i] for i in todo])
+            except redis.exceptions.AuthenticationError:
+                raise
+            except redis.exceptions.ConnectionError:
+                if failures == self.retries:
+                    raise
+                continue
+            for i, reply in zip(todo, sent, strict=True):
+                replies[i] = reply
+            todo = [i for i in todo if isinstance(replies[i], redis.exceptions.BusyLoadingError)]
+            if not todo:
+                break
+        return replies
 
     def close(self) -> None:
         """Close the connection (the next call opens a new one)."""

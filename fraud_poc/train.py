@@ -53,15 +53,19 @@ def model_labels(frame: dd.DataFrame, label: str = LABEL) -> dd.Series:
 def pin_partitions(
     client: Client, frame: dd.DataFrame, features: list[str], label: str
 ) -> tuple[dd.DataFrame, dd.Series]:
-    """Model matrix and labels computed on the workers, partition i on the i-th worker (round robin, by address)."""
+    """Model matrix and labels computed on the workers, partition i on the i-th worker (round robin, by address).
+    The placement is a preference (loose restrictions): a partition whose worker died runs on another one."""
     workers = sorted(client.nthreads())
     parts = frame[[*features, label]].to_delayed()
     x_parts, y_parts = [], []
     for i, part in enumerate(parts):
         where = [workers[i % len(workers)]]
-        computed = client.compute(part, workers=where)
-        x_parts.append(client.submit(_matrix_part, computed, features, workers=where, pure=False))
-        y_parts.append(client.submit(_label_part, computed, label, workers=where, pure=False))
+        # a retry computes the same keys: if the failed attempt's tasks are still known to the scheduler, they keep
+        # their placement, and a strict one on a dead worker would wait for it forever (no-worker)
+        loose = {"workers": where, "allow_other_workers": True}
+        computed = client.compute(part, **loose)
+        x_parts.append(client.submit(_matrix_part, computed, features, pure=False, **loose))
+        y_parts.append(client.submit(_label_part, computed, label, pure=False, **loose))
     x_meta, y_meta = _matrix_part(frame._meta, features), _label_part(frame._meta, label)
     return dd.from_delayed(x_parts, meta=x_meta, verify_meta=False), dd.from_delayed(
         y_parts, meta=y_meta, verify_meta=False

@@ -75,9 +75,10 @@ def service_env(key_prefix: str, data_root: Path, redis_url: str = REDIS_URL) ->
 class Service:
     """A `hopeit_server run --start-streams` subprocess on a free port."""
 
-    def __init__(self, name: str, env: dict, log: Path):
-        """`name`: "training" or "prediction", run as the README says (`fraud_poc.launcher.SERVICES`)."""
-        self.port = free_port()
+    def __init__(self, name: str, env: dict, log: Path, port: int | None = None):
+        """`name`: "training" or "prediction", run as the README says (`fraud_poc.launcher.SERVICES`);
+        on `port`, or a free one."""
+        self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         cmd = [str(Path(sys.executable).parent / "hopeit_server"), *SERVICES[name].args(self.port)]
         self.log = log

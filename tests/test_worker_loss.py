@@ -1,0 +1,96 @@
+"""A Dask worker killed during train-model: the attempt fails, and the retry trains on the workers that exist.
+
+Before: `pin_partitions` restricted each partition strictly to a worker address. The failed attempt's tasks stay
+known to the scheduler, a retry computes the same keys, and the read tasks waited for the dead worker (`no-worker`)
+until the step's stream timeout. Now the placement is a preference: where the worker is alive the partition still
+runs there (reproducible models, `test_training_train.py`), else on another worker.
+"""
+
+import os
+import signal
+import threading
+import time
+
+import dask
+import dask.dataframe as dd
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+from test_training_train import synthetic
+
+from fraud_poc.dask_client import LOCAL_CLUSTER_CONFIG
+from fraud_poc.schema import LABEL
+from fraud_poc.train import predict_scores, roc_auc, train_booster
+
+PARAMS = {"max_depth": 6, "learning_rate": 0.05, "seed": 11}
+ROUNDS = 300  # a few seconds of training: time to kill a worker while it runs
+
+
+@pytest.fixture
+def cluster_client():
+    """A cluster of its own (a worker gets killed): 2 worker processes under nannies, as the service starts them."""
+    with (
+        dask.config.set(LOCAL_CLUSTER_CONFIG),
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, dashboard_address=":0", memory_limit="1GiB", host="127.0.0.1"
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
+        yield client
+
+
+def training_started(client: Client) -> bool:
+    """xgboost.dask's training runs as one `fn-*` task per worker: both are running."""
+    return client.run_on_scheduler(
+        lambda dask_scheduler: (
+            sum(
+                str(key).startswith("fn-") and ts.state == "processing"
+                for key, ts in dask_scheduler.tasks.items()
+            )
+            >= 2
+        )
+    )
+
+
+def test_retry_after_a_worker_died_in_training_runs_on_the_workers_that_exist(cluster_client, tmp_path):
+    client = cluster_client
+    dd.from_pandas(synthetic(20_000, 1), npartitions=6).to_parquet(tmp_path / "train")
+    dd.from_pandas(synthetic(4_000, 2), npartitions=3).to_parquet(tmp_path / "tuning")
+    holdout = synthetic(2_000, 3)
+    results: dict = {}
+
+    def attempt(name: str) -> None:
+        # read from files, as the step does: every attempt builds the same task keys
+        train, tuning = dd.read_parquet(tmp_path / "train"), dd.read_parquet(tmp_path / "tuning")
+        try:
+            results[name] = train_booster(client, train, tuning, PARAMS, ROUNDS, ROUNDS)
+        except Exception as e:  # noqa: BLE001 -- the first attempt is expected to fail; recorded for the asserts
+            results[name] = e
+
+    first = threading.Thread(target=attempt, args=("first",), daemon=True)
+    first.start()
+    deadline = time.monotonic() + 60
+    while not training_started(client):
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.05)
+    pids = client.run(os.getpid)
+    victim = sorted(pids)[0]
+    os.kill(pids[victim], signal.SIGKILL)
+    first.join(timeout=120)
+    assert not first.is_alive(), "the attempt waits for the dead worker"
+    assert isinstance(results["first"], Exception), "the attempt survived the loss of a worker"
+
+    deadline = time.monotonic() + 60
+    while len(client.nthreads()) < 2:  # the nanny starts a new worker, on a new address
+        assert time.monotonic() < deadline, "no worker came back"
+        time.sleep(0.2)
+    assert victim not in client.nthreads()
+
+    retry = threading.Thread(target=attempt, args=("retry",), daemon=True)
+    retry.start()
+    retry.join(timeout=180)  # a few seconds normally; before the fix, never
+    assert not retry.is_alive(), "the retry waits for the dead worker"
+    trained = results["retry"]
+    assert not isinstance(trained, Exception), trained
+    scores = predict_scores(client, trained.booster, dd.from_pandas(holdout, npartitions=2))
+    assert roc_auc(holdout[LABEL].to_numpy(), np.asarray(scores)) > 0.9
