@@ -47,7 +47,11 @@ LAYERS = {
         "live_models",
     },
     EVENT_SUPPORT: {"auth", "request_errors"},
-    EVENTS: {"training", "service"},  # the two event packages, every module in them
+    EVENTS: {
+        "training",
+        "service",
+        "stream_pool",
+    },  # the event packages (stream_pool: the plugin SETUP event)
     LAUNCHER: {"launcher"},
 }
 # Third-party packages a layer may not import (a prefix matches the package and its submodules).
