@@ -3,6 +3,7 @@ test theirs: the app configs as the services load them, real Redis, a real local
 `execute_event` does not write streams, so the six steps are chained here by hand, job to job; the chain
 through the streams themselves is `test_end_to_end.py`'s."""
 
+import asyncio
 import json
 import os
 from contextlib import contextmanager
@@ -18,13 +19,16 @@ from fraud_poc.dask_client import close_dask_client
 from fraud_poc.datasets import raw_dir, read_dataset
 from fraud_poc.payloads import (
     CleanRunsRequest,
+    DeliveryCheck,
     PipelineJob,
     PromoteRequest,
     RawDataRequest,
     RollbackRequest,
     RunPipelineRequest,
+    StepState,
 )
-from fraud_poc.redis_store import Keys
+from fraud_poc.redis_store import Keys, async_redis
+from fraud_poc.run_status import create_run, now, update_step
 from fraud_poc.service_payloads import BatchRequest, ErrorResponse, LabelReport, Order, Prediction
 
 SMALL = {"num_orders": 30_000, "num_customers": 600, "months": 3, "fraud_rate": 0.02, "seed": 11}
@@ -198,3 +202,31 @@ async def test_run_from_raw_refuses_a_path_outside_the_data_root(apps):
     training, _, _ = apps
     answer = await call(training, "run-from-raw", RawDataRequest(path="../outside.csv"))
     assert isinstance(answer, ErrorResponse) and answer.status == 400 and "outside" in answer.error, answer
+
+
+async def test_redeliver_drops_finished_or_unknown_runs_and_delivers_failed_attempts_again(
+    apps, first_run, redis_client, key_prefix
+):
+    """The redeliver SERVICE's step on a stream of this test's own: what it does with each pending message."""
+    training, _, _ = apps
+    delivery = training.effective_settings["redeliver"]["extras"]["delivery"]
+    stream = f"{key_prefix}events:sample-data-stream"
+    saved = delivery["streams"], delivery["retry_after_seconds"]
+    delivery["streams"], delivery["retry_after_seconds"] = {stream: "sample-data"}, 0.0
+    redis, keys = async_redis(REDIS_URL), Keys(key_prefix + "events:")
+    await create_run(redis, keys, "retry-me", "sample")  # a run whose first attempt at sample-data failed
+    redis_client.xgroup_create(stream, "steps", id="0", mkstream=True)
+    ids = {run: redis_client.xadd(stream, {"id": run}) for run in ("no-such-run", first_run, "retry-me")}
+    redis_client.xreadgroup("steps", "a-consumer", {stream: ">"})  # read, never acknowledged: all pending
+    await asyncio.sleep(0.05)  # the attempt ends after its message was read (Redis counts idle time in ms)
+    await update_step(
+        redis, keys, "retry-me", "sample-data", state=StepState.RETRYING, attempts=1, ended=now()
+    )
+    try:
+        check = await call(training, "redeliver", DeliveryCheck())
+    finally:
+        delivery["streams"], delivery["retry_after_seconds"] = saved
+    assert check.counts == {"dropped": 2, "redelivered": 1}, check.counts
+    assert redis_client.xpending(stream, "steps")["pending"] == 0  # each one acknowledged
+    copies = redis_client.xrange(stream, min=f"({ids['retry-me'].decode()}")
+    assert [fields[b"id"] for _, fields in copies] == [b"retry-me"]  # the failed attempt's job, once more
