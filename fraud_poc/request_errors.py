@@ -78,7 +78,11 @@ MAX_MESSAGE = 300  # characters of a refusal's message kept from the text it rep
 INTERNAL_ERROR = "internal error: the request could not be processed (the service logged why)"
 NESTED_TOO_DEEP = "JSON nested too deeply"
 REDIS_UNAVAILABLE = "Redis is unavailable (restarting, loading or unreachable): try again shortly"
-_REDIS_DOWN = ("redis.exceptions.ConnectionError", "redis.exceptions.TimeoutError", "redis.exceptions.BusyLoadingError")
+_REDIS_DOWN = (
+    "redis.exceptions.ConnectionError",
+    "redis.exceptions.TimeoutError",
+    "redis.exceptions.BusyLoadingError",
+)
 log = logging.getLogger(__name__)
 
 
@@ -238,7 +242,8 @@ def declare_request_errors(spec: dict) -> dict:
         ("503", "Redis is unavailable (restarting, loading or unreachable): try again shortly"),
     ):
         responses.setdefault(
-            status, {"description": description, "content": {"application/json": {"schema": ERROR_SCHEMA_REF}}}
+            status,
+            {"description": description, "content": {"application/json": {"schema": ERROR_SCHEMA_REF}}},
         )
     return spec
 
