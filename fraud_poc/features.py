@@ -494,9 +494,13 @@ def serving_features(
     return np.concatenate([[float(order[_AMOUNT])], features.T.ravel(), time_features])
 
 
-def known_entities(histories: Mapping[str, Sequence[Sequence]], order: Sequence) -> dict[str, bool]:
-    """Whether each entity of the order had a usable stored record (False: scored cold, from the order alone)."""
-    return {by: bool(usable_history(histories.get(by, ()), order, 2)) for by in ENTITIES}
+_N_ORDERS = {by: FEATURE_COLUMNS.index(f"n_orders_by_{by}") for by in ENTITIES}
+
+
+def known_entities(features: Sequence[float]) -> dict[str, bool]:
+    """Whether each entity of an order was known: its window held earlier orders (`n_orders_by_<entity>` > 1).
+    False: that entity's features come from the order alone (a cold start)."""
+    return {by: bool(features[_N_ORDERS[by]] > 1) for by in ENTITIES}
 
 # %% ../nbs/10_features.ipynb #4012b3f3
 def state_horizon_us(label_delay_days: int = LABEL_DELAY_DAYS) -> int:

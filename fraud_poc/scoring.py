@@ -24,7 +24,7 @@ import redis.exceptions
 import xgboost as xgb
 
 from .serving_state import decode_state
-from .features import serving_features, state_horizon_us, timestamp_us
+from .features import known_entities, serving_features, state_horizon_us, timestamp_us
 from .redis_pipe import RedisPipe
 from .redis_store import Keys, async_redis
 from .row_predictor import RowPredictor
@@ -433,13 +433,6 @@ MAX_SWITCHES = 5
 logger = logging.getLogger(__name__)
 
 
-def _known_entities(features: np.ndarray) -> KnownEntities:
-    """An entity is known when its window held earlier orders (`n_orders_by_<entity>` > 1)."""
-    return KnownEntities(
-        **{entity: bool(features[FEATURE_COLUMNS.index(f"n_orders_by_{entity}")] > 1) for entity in ENTITIES}
-    )
-
-
 def history_of(raw: bytes | None) -> list[tuple]:
     """Stored records of an entity value ([] for an unknown value)."""
     return [] if raw is None else decode_state(raw)
@@ -540,7 +533,7 @@ class Scorer:
         scores, contributions = await self._batcher.score(live, x)
         predictions = []
         for i, record in enumerate(records):
-            known = _known_entities(features[i])
+            known = KnownEntities(**known_entities(features[i]))
             predictions.append(
                 Prediction(
                     order_id=record[0],
