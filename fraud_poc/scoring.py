@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['EPOCH', 'Record', 'APPEND_SCRIPT', 'APPEND_SCRIPT_SHA', 'LABEL_SCRIPT', 'Call', 'APPROX_CONTRIBUTIONS',
-           'MAX_SWITCHES', 'logger', 'order_record', 'append_record', 'script_keys', 'script_args', 'label_keys',
-           'label_args', 'run_script_calls', 'fail_waiting', 'ScriptBatcher', 'ServiceUnavailable', 'NoLiveModel',
-           'StoreUnavailable', 'UnknownOrder', 'LiveModel', 'load_live_model', 'score_matrix', 'top_contributions',
-           'ModelBatcher', 'history_of', 'Scorer', 'scorer_for']
+           'MAX_SWITCHES', 'logger', 'order_record', 'script_keys', 'script_args', 'label_keys', 'label_args',
+           'run_script_calls', 'fail_waiting', 'ScriptBatcher', 'ServiceUnavailable', 'NoLiveModel', 'StoreUnavailable',
+           'UnknownOrder', 'LiveModel', 'load_live_model', 'score_matrix', 'top_contributions', 'ModelBatcher',
+           'history_of', 'Scorer', 'scorer_for']
 
 # %% ../nbs/30_scoring.ipynb #e6ef7b90
 import asyncio
@@ -57,21 +57,6 @@ def order_record(order: Order) -> Record:
         float(order.order_amount),
         NO_FRAUD,  # a new order has no label yet
     )
-
-# %% ../nbs/30_scoring.ipynb #d83451a9
-def _record_key(record: tuple) -> tuple[int, bytes]:
-    return record[1], record[0].encode()
-
-
-def append_record(records: list[tuple], record: tuple, window: int, horizon_us: int) -> list[tuple]:
-    """`records` with `record` inserted in (ts_us, order_id) order, then the oldest dropped while more than `window`
-    remain and the oldest is `horizon_us` or more older than the newest; unchanged if its order_id is there."""
-    if any(r[0] == record[0] for r in records):
-        return records
-    kept = sorted([*records, record], key=_record_key)
-    while len(kept) > window and kept[0][1] <= kept[-1][1] - horizon_us:
-        kept.pop(0)
-    return kept
 
 # %% ../nbs/30_scoring.ipynb #7247f2e6
 # Both scripts start here: KEYS[1] is the live pointer, ARGV[1] the pointer the caller loaded ('' skips the
