@@ -4,10 +4,11 @@
 
 # %% auto #0
 __all__ = ['T', 'STEP_LOCK', 'STOP_WAIT_SECONDS', 'RunAlreadyFailed', 'RunQueued', 'AttemptStopped', 'holding_step_lock',
-           'run_step', 'cancel_dask_work', 'run_pipeline_step']
+           'run_step', 'cancel_dask_work', 'run_pipeline_step', 'step_details']
 
 # %% ../nbs/26_step_runner.ipynb #2d1a2da5
 import asyncio
+import json
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -127,6 +128,7 @@ async def run_step(
         ended=None,
         attempts=attempts,
         error=None,
+        details=None,
         owner=PROCESS_OWNER,
     )
     stop, holding = threading.Event(), threading.Event()
@@ -160,6 +162,7 @@ async def run_step(
         ended=now(),
         rows_in=_rows(result, "rows_in"),
         rows_out=_rows(result, "rows_out"),
+        details=step_details(result),
     )
     return result
 
@@ -204,3 +207,14 @@ async def run_pipeline_step(
 def _rows(result: Any, name: str) -> int | None:
     value = getattr(result, name, None)
     return None if value is None else int(value)
+
+
+def _plain(value: Any) -> Any:
+    """A value JSON cannot take as it is: a NumPy scalar as its Python value, anything else as text."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def step_details(result: Any) -> dict | None:
+    """The result's `details` as plain JSON values (kept in the step's status), or None if it has none."""
+    details = getattr(result, "details", None)
+    return None if details is None else json.loads(json.dumps(details, default=_plain))

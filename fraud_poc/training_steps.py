@@ -90,6 +90,19 @@ class TrainResult:
         """Holdout rows scored."""
         return self.holdout_rows
 
+    @property
+    def details(self) -> dict[str, Any]:
+        """What `pipeline-status` shows of it besides rows (the metrics are the run's own)."""
+        return {
+            "model_id": self.model_id,
+            "reused": self.reused,
+            "train_seconds": self.train_seconds,
+            "threshold": self.threshold,
+            "gate": self.reason,
+            "champion_id": self.champion_id,
+            "champion_average_precision": self.champion_average_precision,
+        }
+
 
 def booster_params(settings: TrainModelSettings) -> dict[str, Any]:
     """XGBoost parameters from the step's settings."""
@@ -286,6 +299,23 @@ class PrepareResult:
     def rows_out(self) -> int:
         """Entity states in the live version."""
         return self.total_states
+
+    @property
+    def details(self) -> dict[str, Any]:
+        """What `pipeline-status` shows of it besides rows."""
+        return {
+            "version": self.version,
+            "counts": self.counts,
+            "loaded": self.loaded,
+            "read_seconds": self.read_seconds,
+            "write_seconds": self.write_seconds,
+            "states_per_second": self.states_per_second,
+            "carried_orders": self.carried_orders,
+            "carried_labels": self.carried_labels,
+            "removed_keys": self.removed_keys,
+            "removed_models": self.removed_models,
+            "refused": self.refused,
+        }
 
 
 def serving_states(data_root: str | Path, run_id: str, by: str) -> dd.DataFrame:

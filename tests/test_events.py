@@ -120,10 +120,17 @@ async def test_six_steps_promote_the_first_model(apps, first_run, redis_client, 
     assert run.state.value == "done" and run.promoted is True, run
     assert [s.step for s in run.steps] == STEPS and all(s.state.value == "done" for s in run.steps), run.steps
     assert all(s.rows_out for s in run.steps[:4]), run.steps  # steps 1-4 report the rows they wrote
+    details = {s.step: s.details for s in run.steps}  # what each step reported is kept and shown
+    assert details["sample-data"]["files"] == [f"orders-2025-0{m}.parquet" for m in (1, 2, 3)], details
+    assert details["preprocess"]["duplicates_dropped"] == 0 and details["preprocess"]["partitions"] >= 1, details
+    assert (details["feature-calc"]["window"], details["feature-calc"]["label_delay_days"]) == (10, 7), details
+    assert details["training-data"]["holdout_rows"] == run.steps[4].rows_out, details
+    assert details["train-model"]["model_id"] == run.model_id and not details["train-model"]["reused"], details
+    assert details["prepare-db"]["version"] == first_run and details["prepare-db"]["loaded"], details
     live = json.loads(redis_client.get(Keys(key_prefix + "events:").live))
     assert live["model_id"] == run.model_id
     listed = await call(training, "list-runs", limit="5")
-    assert first_run in [r.run_id for r in listed.runs]
+    assert [r for r in listed.runs if r.run_id == first_run] == [run]  # with the same details
 
 
 async def test_gate_keeps_a_worse_model_out(apps, first_run, redis_client, key_prefix):
