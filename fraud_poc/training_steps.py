@@ -20,7 +20,13 @@ import pyarrow.dataset as pads
 from distributed import Client
 
 from .carry_over import Carried, switch_carrying_over
-from .datasets import entity_dir, read_dataset, serving_state_dir, training_paths
+from fraud_poc.datasets import (
+    check_feature_params,
+    entity_dir,
+    read_dataset,
+    serving_state_dir,
+    training_paths,
+)
 from fraud_poc.feature_store import (
     ANY_LIVE,
     GateOutdated,
@@ -230,6 +236,7 @@ def train_model_step(
     client: Client,
     data_root: str | Path,
     run_id: str,
+    *,
     redis_url: str,
     key_prefix: str,
     settings: TrainModelSettings,
@@ -237,6 +244,7 @@ def train_model_step(
     label_delay_days: int = LABEL_DELAY_DAYS,
 ) -> TrainResult:
     """Step 5: train (or reuse this run's registered model), then gate it against the live champion."""
+    check_feature_params(data_root, run_id, window, label_delay_days)  # the model's fingerprint says these
     model_id = model_id_for_run(run_id)
     reused = model_exists(data_root, model_id)
     metadata = (
@@ -336,6 +344,7 @@ def prepare_db_step(
     data_root: str | Path,
     run_id: str,
     model_id: str,
+    *,
     redis_url: str,
     key_prefix: str,
     window: int,
@@ -346,6 +355,9 @@ def prepare_db_step(
 ) -> PrepareResult:
     """Step 6: load the run's serving state as version `run_id`, upload the model, switch both live (only if
     `expected_live`, the model the gate compared with, is still live), drop the old version."""
+    check_feature_params(
+        data_root, run_id, window, label_delay_days
+    )  # never a version of states of another W
     r, keys, version = sync_redis(redis_url), Keys(key_prefix), run_id
     booster_ubj, stored_metadata = (
         model_bytes(data_root, model_id),
