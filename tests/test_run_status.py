@@ -79,3 +79,15 @@ async def test_unknown_run_or_step_is_a_key_error(key_prefix):
     with pytest.raises(KeyError):
         await update_step(redis, keys, "r", "no-such-step", rows_in=1)
     await redis.delete(keys.run("r"), keys.runs)
+
+
+async def test_a_status_stored_before_details_still_decodes_and_updates(key_prefix):
+    """Statuses written by the previous version (no `details` field) are read and changed as they are."""
+    redis, keys = async_redis(REDIS_URL), Keys(f"{key_prefix}atomic-old:")
+    await create_run(redis, keys, "r", "sample")
+    old = '{"step": "preprocess", "state": "done", "rows_in": 4, "rows_out": 3, "attempts": 1}'
+    await redis.hset(keys.run("r"), "step:preprocess", old)
+    assert (await get_run(redis, keys, "r")).steps[1].details is None
+    step = await update_step(redis, keys, "r", "preprocess", details={"duplicates_dropped": 1})
+    assert (step.rows_in, step.rows_out, step.details) == (4, 3, {"duplicates_dropped": 1}), step
+    await redis.delete(keys.run("r"), keys.runs)
