@@ -32,7 +32,12 @@ from fraud_poc.dask_client import LOCAL_CLUSTER_CONFIG, release_worker_memory
 from fraud_poc.data_steps import calc_features, make_training_data, preprocess_orders, write_sample_data
 from fraud_poc.registry import model_id_for_run
 from fraud_poc.schema import LABEL_DELAY_DAYS, WINDOW
-from fraud_poc.settings import FeatureStoreSettings, TrainingDataSettings, TrainModelSettings
+from fraud_poc.settings import (
+    FeatureStoreSettings,
+    PreprocessSettings,
+    TrainingDataSettings,
+    TrainModelSettings,
+)
 from fraud_poc.training_steps import PrepareResult, TrainResult, prepare_db_step, train_model_step
 
 
@@ -46,7 +51,7 @@ class BenchRun:
     num_orders: int
     num_customers: int
     months: int
-    rows_per_partition: int = 150_000
+    rows_per_partition: int = PreprocessSettings().rows_per_partition
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "fraudbench:"
 
@@ -58,21 +63,25 @@ STEPS: list[tuple[str, Callable[[BenchRun], object]]] = [
             run.client,
             run.data_root,
             run.run_id,
-            run.num_orders,
-            run.num_customers,
-            run.months,
-            "2025-01-01",
-            0.02,
-            42,
+            num_orders=run.num_orders,
+            num_customers=run.num_customers,
+            months=run.months,
+            start_date="2025-01-01",
+            fraud_rate=0.02,
+            seed=42,
         ),
     ),
     (
         "preprocess",
-        lambda run: preprocess_orders(run.client, run.data_root, run.run_id, None, run.rows_per_partition),
+        lambda run: preprocess_orders(
+            run.client, run.data_root, run.run_id, None, rows_per_partition=run.rows_per_partition
+        ),
     ),
     (
         "feature-calc",
-        lambda run: calc_features(run.client, run.data_root, run.run_id, WINDOW, LABEL_DELAY_DAYS),
+        lambda run: calc_features(
+            run.client, run.data_root, run.run_id, window=WINDOW, label_delay_days=LABEL_DELAY_DAYS
+        ),
     ),
     (
         "training-data",
@@ -81,7 +90,12 @@ STEPS: list[tuple[str, Callable[[BenchRun], object]]] = [
     (
         "train-model",
         lambda run: train_model_step(
-            run.client, run.data_root, run.run_id, run.redis_url, run.key_prefix, TrainModelSettings()
+            run.client,
+            run.data_root,
+            run.run_id,
+            redis_url=run.redis_url,
+            key_prefix=run.key_prefix,
+            settings=TrainModelSettings(),
         ),
     ),
     (
@@ -91,10 +105,10 @@ STEPS: list[tuple[str, Callable[[BenchRun], object]]] = [
             run.data_root,
             run.run_id,
             model_id_for_run(run.run_id),
-            run.redis_url,
-            run.key_prefix,
-            FeatureStoreSettings().window,
-            FeatureStoreSettings().chunk_size,
+            redis_url=run.redis_url,
+            key_prefix=run.key_prefix,
+            window=FeatureStoreSettings().window,
+            chunk_size=FeatureStoreSettings().chunk_size,
         ),
     ),
 ]
@@ -180,7 +194,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="threads per worker")
     parser.add_argument(
-        "--rows-per-partition", type=int, default=150_000, help="of the per-entity datasets (step 2)"
+        "--rows-per-partition",
+        type=int,
+        default=PreprocessSettings().rows_per_partition,
+        help="of the per-entity datasets (step 2)",
     )
     parser.add_argument(
         "--steps", type=int, default=len(STEPS), help="run only the first N steps (4: the data steps)"

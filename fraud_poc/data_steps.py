@@ -36,10 +36,11 @@ from fraud_poc.datasets import (
     replace_atomically,
     serving_state_dir,
     training_paths,
+    write_feature_params,
     write_parquet,
 )
 from .sample_data import CustomerPopulation, MonthSpec, generate_month, make_population, month_specs
-from .settings import TrainingDataSettings
+from .settings import PreprocessSettings, TrainingDataSettings
 from .schema import ENTITIES, FEATURE_COLUMNS, LABEL, LABEL_DATE, RAW_COLUMNS, SCENARIO
 from .serving_state import ENCODED_COLUMNS, encoded_states
 from fraud_poc.training_data import (
@@ -82,6 +83,7 @@ def write_sample_data(
     client: Client,
     data_root: str | Path,
     run_id: str,
+    *,
     num_orders: int,
     num_customers: int,
     months: int,
@@ -158,7 +160,8 @@ def preprocess_orders(
     data_root: str | Path,
     run_id: str,
     raw_path: Path | None,
-    rows_per_partition: int = 150_000,  # 1.2M orders: 8 partitions, peak memory under 2 GB (bench)
+    *,
+    rows_per_partition: int = PreprocessSettings().rows_per_partition,
     max_file_bytes: int = MAX_FILE_BYTES,
     limits: OrderLimits = DEFAULT_LIMITS,
 ) -> StepResult:
@@ -252,7 +255,7 @@ def _features_output(left: pd.DataFrame, *others: pd.DataFrame) -> pd.DataFrame:
 
 
 def calc_features(
-    client: Client, data_root: str | Path, run_id: str, window: int, label_delay_days: int
+    client: Client, data_root: str | Path, run_id: str, *, window: int, label_delay_days: int
 ) -> StepResult:
     """Step 3: compute every order's features from the per-entity datasets; write `features/` and `serving_state/`."""
     for entity in ENTITIES:
@@ -284,6 +287,7 @@ def calc_features(
             for by, frame in states_by_entity.items()
         ]
         rows, *_ = client.gather(client.compute([by_first.shape[0], *writes]))
+        write_feature_params(tmp_state, window, label_delay_days)  # later steps check they use the same
     return StepResult(
         rows_in=int(rows),
         rows_out=int(rows),

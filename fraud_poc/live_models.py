@@ -18,7 +18,13 @@ from typing import Any, Iterator
 import redis
 from distributed import Client
 
-from .datasets import model_dir, run_dir, serving_state_dir
+from fraud_poc.datasets import (
+    FeatureParamsMismatch,
+    check_feature_params,
+    model_dir,
+    run_dir,
+    serving_state_dir,
+)
 from fraud_poc.feature_store import (
     NotPromotable,
     live_pointer,
@@ -131,6 +137,7 @@ def promote_registered(
     client: Client,
     data_root: str | Path,
     model_id: str,
+    *,
     redis_url: str,
     key_prefix: str,
     window: int,
@@ -145,6 +152,10 @@ def promote_registered(
     meta = load_metadata(data_root, model_id)
     if meta["feature_set_fingerprint"] != feature_set_fingerprint(FEATURE_COLUMNS, window, label_delay_days):
         raise NotPromotable(f"model {model_id} was trained on another feature set than this service computes")
+    try:  # a run from before the model's fingerprint recorded them may have states of another W or δ
+        check_feature_params(data_root, meta["run_id"], window, label_delay_days)
+    except FeatureParamsMismatch as e:
+        raise NotPromotable(f"model {model_id}: {e}") from e
     r, keys, run_id = sync_redis(redis_url), Keys(key_prefix), meta["run_id"]
     with live_lock(r, keys, "promote-model"):
         live = live_pointer(r, keys)
@@ -159,11 +170,11 @@ def promote_registered(
             data_root,
             run_id,
             model_id,
-            redis_url,
-            key_prefix,
-            window,
-            chunk_size,
-            label_delay_days,
+            redis_url=redis_url,
+            key_prefix=key_prefix,
+            window=window,
+            chunk_size=chunk_size,
+            label_delay_days=label_delay_days,
             carry_since=run_started(r, keys, run_id),
         )
     return _change("promoted", done.live, done.previous, done.loaded, done.removed_keys)

@@ -176,6 +176,9 @@ class StepStatus:
     attempts: int = 0
     error: Optional[str] = None
     owner: Optional[str] = None  # the process running (or that last ran) an attempt: host:pid:token
+    # what the step's last successful attempt reported besides rows (duplicates dropped, partitions, window, δ,
+    # split bounds, model, load times); None before that and in statuses written before this field
+    details: Optional[dict] = None
 
 
 @dataobject

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from uuid import uuid4
 
 import redis.asyncio as aioredis
+from redis.exceptions import WatchError
 from hopeit.dataobjects.payload import Payload
 
 from .payloads import PIPELINE_STEPS, RunStatus, StepState, StepStatus
@@ -114,40 +115,63 @@ async def list_runs(redis: aioredis.Redis, keys: Keys, limit: int) -> list[RunSt
     return [run for run in runs if run is not None]
 
 # %% ../nbs/25_run_status.ipynb #3baae1b5
+_MAX_TRIES = 100  # optimistic transactions retried: each round, one of the writers wins
+
+
+async def _change_run_hash(
+    redis: aioredis.Redis, keys: Keys, run_id: str, step: str | None, step_changes: dict, run_changes: dict
+) -> tuple[StepStatus | None, RunStatus]:
+    """Read the run (and `step`), change them and write them back in one WATCH/MULTI transaction, again from the
+    start whenever another writer changed the run in between: two writers never lose each other's change."""
+    key, step_field = keys.run(run_id), f"step:{step}"
+    for _ in range(_MAX_TRIES):
+        async with redis.pipeline(transaction=True) as pipe:
+            await pipe.watch(key)
+            raw_run, raw_step = await pipe.hmget(key, ["run", step_field])
+            if raw_run is None or (step is not None and raw_step is None):
+                raise KeyError(f"unknown run {run_id}" + ("" if step is None else f" or step {step}"))
+            run, changes = Payload.from_json(raw_run, RunStatus), dict(run_changes)
+            pipe.multi()
+            status = None
+            if step is not None:
+                status = Payload.from_json(raw_step, StepStatus)
+                for name, value in step_changes.items():
+                    setattr(status, name, value)
+                pipe.hset(key, step_field, Payload.to_json(status))
+                if status.state in (StepState.RUNNING, StepState.FAILED):  # the run's own state follows
+                    changes["state"] = status.state
+            if run.state in (StepState.DONE, StepState.FAILED) and changes.get("state") not in (
+                None,
+                run.state,
+            ):
+                changes.pop(
+                    "state"
+                )  # a finished run stays finished (a late duplicate message changes nothing)
+            for name, value in changes.items():
+                setattr(run, name, value)
+            if changes:
+                pipe.hset(key, "run", Payload.to_json(run))
+            if run.state in (StepState.DONE, StepState.FAILED):  # its slot (or place in the queue) is free
+                pipe.srem(running_key(keys), run_id)
+                pipe.zrem(queued_key(keys), run_id)
+            try:
+                await pipe.execute()
+            except WatchError:
+                continue
+            return status, run
+    raise RuntimeError(f"run {run_id}: gave up after {_MAX_TRIES} conflicting writes")
+
+
 async def update_step(redis: aioredis.Redis, keys: Keys, run_id: str, step: str, **changes) -> StepStatus:
-    """Change fields of one step's status (the run's own state follows: running, failed or done)."""
-    raw = await redis.hget(keys.run(run_id), f"step:{step}")
-    if raw is None:
-        raise KeyError(f"unknown run {run_id} or step {step}")
-    status = Payload.from_json(raw, StepStatus)
-    for name, value in changes.items():
-        setattr(status, name, value)
-    await redis.hset(keys.run(run_id), f"step:{step}", Payload.to_json(status))
-    if status.state in (StepState.RUNNING, StepState.FAILED):
-        await update_run(redis, keys, run_id, state=status.state)
+    """Change fields of one step's status atomically (the run's own state follows: running or failed)."""
+    status, _ = await _change_run_hash(redis, keys, run_id, step, changes, {})
     return status
 
 
 async def update_run(redis: aioredis.Redis, keys: Keys, run_id: str, **changes) -> RunStatus:
-    """Change run-level fields: state, model id, metrics, promotion result."""
-    raw = await redis.hget(keys.run(run_id), "run")
-    if raw is None:
-        raise KeyError(f"unknown run {run_id}")
-    status = Payload.from_json(raw, RunStatus)
-    if status.state in (StepState.DONE, StepState.FAILED) and changes.get("state") not in (
-        None,
-        status.state,
-    ):
-        changes.pop("state")  # a finished run stays finished (a late duplicate message changes nothing)
-    for name, value in changes.items():
-        setattr(status, name, value)
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.hset(keys.run(run_id), "run", Payload.to_json(status))
-        if status.state in (StepState.DONE, StepState.FAILED):  # its slot (or place in the queue) is free
-            pipe.srem(running_key(keys), run_id)
-            pipe.zrem(queued_key(keys), run_id)
-        await pipe.execute()
-    return status
+    """Change run-level fields atomically: state, model id, metrics, promotion result."""
+    _, run = await _change_run_hash(redis, keys, run_id, None, {}, changes)
+    return run
 
 # %% ../nbs/25_run_status.ipynb #28096cfa
 # KEYS: running set, queued zset; ARGV: run id, max running. 1: admitted (or was already), 0: no free slot

@@ -20,7 +20,13 @@ import pyarrow.dataset as pads
 from distributed import Client
 
 from .carry_over import Carried, switch_carrying_over
-from .datasets import entity_dir, read_dataset, serving_state_dir, training_paths
+from fraud_poc.datasets import (
+    check_feature_params,
+    entity_dir,
+    read_dataset,
+    serving_state_dir,
+    training_paths,
+)
 from fraud_poc.feature_store import (
     ANY_LIVE,
     GateOutdated,
@@ -89,6 +95,19 @@ class TrainResult:
     def rows_out(self) -> int:
         """Holdout rows scored."""
         return self.holdout_rows
+
+    @property
+    def details(self) -> dict[str, Any]:
+        """What `pipeline-status` shows of it besides rows (the metrics are the run's own)."""
+        return {
+            "model_id": self.model_id,
+            "reused": self.reused,
+            "train_seconds": self.train_seconds,
+            "threshold": self.threshold,
+            "gate": self.reason,
+            "champion_id": self.champion_id,
+            "champion_average_precision": self.champion_average_precision,
+        }
 
 
 def booster_params(settings: TrainModelSettings) -> dict[str, Any]:
@@ -217,6 +236,7 @@ def train_model_step(
     client: Client,
     data_root: str | Path,
     run_id: str,
+    *,
     redis_url: str,
     key_prefix: str,
     settings: TrainModelSettings,
@@ -224,6 +244,7 @@ def train_model_step(
     label_delay_days: int = LABEL_DELAY_DAYS,
 ) -> TrainResult:
     """Step 5: train (or reuse this run's registered model), then gate it against the live champion."""
+    check_feature_params(data_root, run_id, window, label_delay_days)  # the model's fingerprint says these
     model_id = model_id_for_run(run_id)
     reused = model_exists(data_root, model_id)
     metadata = (
@@ -287,6 +308,23 @@ class PrepareResult:
         """Entity states in the live version."""
         return self.total_states
 
+    @property
+    def details(self) -> dict[str, Any]:
+        """What `pipeline-status` shows of it besides rows."""
+        return {
+            "version": self.version,
+            "counts": self.counts,
+            "loaded": self.loaded,
+            "read_seconds": self.read_seconds,
+            "write_seconds": self.write_seconds,
+            "states_per_second": self.states_per_second,
+            "carried_orders": self.carried_orders,
+            "carried_labels": self.carried_labels,
+            "removed_keys": self.removed_keys,
+            "removed_models": self.removed_models,
+            "refused": self.refused,
+        }
+
 
 def serving_states(data_root: str | Path, run_id: str, by: str) -> dd.DataFrame:
     """Lazy frame of step 3's encoded states of every value of `by` (`value`, `state`), one partition per file."""
@@ -306,6 +344,7 @@ def prepare_db_step(
     data_root: str | Path,
     run_id: str,
     model_id: str,
+    *,
     redis_url: str,
     key_prefix: str,
     window: int,
@@ -316,6 +355,9 @@ def prepare_db_step(
 ) -> PrepareResult:
     """Step 6: load the run's serving state as version `run_id`, upload the model, switch both live (only if
     `expected_live`, the model the gate compared with, is still live), drop the old version."""
+    check_feature_params(
+        data_root, run_id, window, label_delay_days
+    )  # never a version of states of another W
     r, keys, version = sync_redis(redis_url), Keys(key_prefix), run_id
     booster_ubj, stored_metadata = (
         model_bytes(data_root, model_id),

@@ -16,7 +16,7 @@ from hopeit.testing.apps import config, execute_event
 from multidict import CIMultiDict
 
 from fraud_poc.dask_client import close_dask_client
-from fraud_poc.datasets import raw_dir, read_dataset
+from fraud_poc.datasets import FeatureParamsMismatch, raw_dir, read_dataset
 from fraud_poc.payloads import (
     CleanRunsRequest,
     DeliveryCheck,
@@ -120,10 +120,23 @@ async def test_six_steps_promote_the_first_model(apps, first_run, redis_client, 
     assert run.state.value == "done" and run.promoted is True, run
     assert [s.step for s in run.steps] == STEPS and all(s.state.value == "done" for s in run.steps), run.steps
     assert all(s.rows_out for s in run.steps[:4]), run.steps  # steps 1-4 report the rows they wrote
+    details = {s.step: s.details for s in run.steps}  # what each step reported is kept and shown
+    assert details["sample-data"]["files"] == [f"orders-2025-0{m}.parquet" for m in (1, 2, 3)], details
+    assert details["preprocess"]["duplicates_dropped"] == 0 and details["preprocess"]["partitions"] >= 1, (
+        details
+    )
+    assert (details["feature-calc"]["window"], details["feature-calc"]["label_delay_days"]) == (10, 7), (
+        details
+    )
+    assert details["training-data"]["holdout_rows"] == run.steps[4].rows_out, details
+    assert details["train-model"]["model_id"] == run.model_id and not details["train-model"]["reused"], (
+        details
+    )
+    assert details["prepare-db"]["version"] == first_run and details["prepare-db"]["loaded"], details
     live = json.loads(redis_client.get(Keys(key_prefix + "events:").live))
     assert live["model_id"] == run.model_id
     listed = await call(training, "list-runs", limit="5")
-    assert first_run in [r.run_id for r in listed.runs]
+    assert [r for r in listed.runs if r.run_id == first_run] == [run]  # with the same details
 
 
 async def test_gate_keeps_a_worse_model_out(apps, first_run, redis_client, key_prefix):
@@ -144,6 +157,29 @@ async def test_gate_keeps_a_worse_model_out(apps, first_run, redis_client, key_p
     assert live["model_id"] != run.model_id
     models = await call(training, "list-models")
     assert run.model_id in [m.model_id for m in models.models]  # registered, not live
+
+
+async def test_a_run_whose_features_used_another_window_fails_at_once(apps):
+    """Feature-calc ran with W = 11 (its settings changed during the run): train-model, with W = 10, refuses the
+    run at its first attempt (a permanent error: no redelivery can mend it) and says why in the step's status."""
+    training, _, _ = apps
+    settings = training.effective_settings["feature-calc"]["extras"]["feature_store"]
+    settings["window"] = 11
+    try:
+        job = await call(
+            training, "run-pipeline", RunPipelineRequest(**{**SMALL, "seed": 13, "train_only": True})
+        )
+        for step in STEPS[:4]:
+            job = await call(training, step, job)
+    finally:
+        settings["window"] = 10
+    with pytest.raises(FeatureParamsMismatch, match="computed with window 11 .* this step uses window 10"):
+        await call(training, "train-model", job)
+    run = await status(training, job.run_id)
+    step = run.steps[4]
+    assert (run.state.value, step.state.value, step.attempts) == ("failed", "failed", 1), run
+    assert step.error.startswith(f"run {job.run_id}: its features were computed with window 11"), step
+    assert run.steps[2].details["window"] == 11 and run.model_id is None, run
 
 
 async def test_prediction_events(apps, first_run):

@@ -12,7 +12,7 @@ import redis
 from distributed import Client
 
 from fraud_poc.data_steps import calc_features, make_training_data, preprocess_orders, write_sample_data
-from fraud_poc.datasets import raw_dir, serving_state_dir, training_paths
+from fraud_poc.datasets import FeatureParamsMismatch, raw_dir, serving_state_dir, training_paths
 from fraud_poc.feature_store import live_pointer, version_meta
 from fraud_poc.features import latest_orders
 from fraud_poc.redis_store import Keys
@@ -46,13 +46,28 @@ def store():
         r.unlink(key)
 
 
+def prepare_args(key_prefix: str) -> dict:
+    """prepare-db's settings (keyword-only) with this test's Redis and key prefix."""
+    return {"redis_url": REDIS_URL, "key_prefix": key_prefix, "window": WINDOW, "chunk_size": 500}
+
+
 def run_steps_1_to_4(
     client: Client, data_root: Path, run_id: str, num_orders: int, num_customers: int, seed: int
 ) -> pd.DataFrame:
     """The real steps 1-4 of a small run; returns the run's orders (as generated)."""
-    write_sample_data(client, data_root, run_id, num_orders, num_customers, 2, "2025-01-01", 0.03, seed)
+    write_sample_data(
+        client,
+        data_root,
+        run_id,
+        num_orders=num_orders,
+        num_customers=num_customers,
+        months=2,
+        start_date="2025-01-01",
+        fraud_rate=0.03,
+        seed=seed,
+    )
     preprocess_orders(client, data_root, run_id, None)
-    calc_features(client, data_root, run_id, WINDOW, LABEL_DELAY_DAYS)
+    calc_features(client, data_root, run_id, window=WINDOW, label_delay_days=LABEL_DELAY_DAYS)
     make_training_data(
         client,
         data_root,
@@ -83,7 +98,9 @@ def test_pipeline_steps_5_and_6(client, store, runs):
     data_root, orders_a, orders_b = runs
 
     # run 1: the first model is promoted and goes live with its features
-    first = train_model_step(client, data_root, "run-1", REDIS_URL, keys.prefix, SETTINGS)
+    first = train_model_step(
+        client, data_root, "run-1", redis_url=REDIS_URL, key_prefix=keys.prefix, settings=SETTINGS
+    )
     assert (first.model_id, first.promoted, first.champion_id, first.reused) == (
         "xgb-run-1",
         True,
@@ -112,7 +129,7 @@ def test_pipeline_steps_5_and_6(client, store, runs):
     ]
     assert live_pointer(r, keys) is None
 
-    prepared = prepare_db_step(client, data_root, "run-1", "xgb-run-1", REDIS_URL, keys.prefix, WINDOW, 500)
+    prepared = prepare_db_step(client, data_root, "run-1", "xgb-run-1", **prepare_args(keys.prefix))
     assert prepared.loaded and prepared.previous is None and prepared.rows_in == len(orders_a)
     assert prepared.counts == {by: orders_a[by].nunique() for by in ENTITIES}
     assert (
@@ -136,13 +153,15 @@ def test_pipeline_steps_5_and_6(client, store, runs):
 
     # idempotent re-runs: same model, same version, no new keys, nothing switched
     keys_before = sorted(r.scan_iter(match=keys.prefix + "*"))
-    again = train_model_step(client, data_root, "run-1", REDIS_URL, keys.prefix, SETTINGS)
+    again = train_model_step(
+        client, data_root, "run-1", redis_url=REDIS_URL, key_prefix=keys.prefix, settings=SETTINGS
+    )
     assert again.reused and again.promoted and again.metrics == first.metrics
     assert (again.champion_id, again.champion_average_precision) == (
         "xgb-run-1",
         first.metrics["average_precision"],
     )
-    redo = prepare_db_step(client, data_root, "run-1", "xgb-run-1", REDIS_URL, keys.prefix, WINDOW, 500)
+    redo = prepare_db_step(client, data_root, "run-1", "xgb-run-1", **prepare_args(keys.prefix))
     assert not redo.loaded and redo.live == prepared.live and redo.removed_keys == 0
     assert sorted(r.scan_iter(match=keys.prefix + "*")) == keys_before
 
@@ -150,7 +169,9 @@ def test_pipeline_steps_5_and_6(client, store, runs):
     weak = TrainModelSettings(
         num_boost_round=1, early_stopping_rounds=1, max_depth=1, min_average_precision=0.0
     )
-    worse = train_model_step(client, data_root, "run-3", REDIS_URL, keys.prefix, weak)
+    worse = train_model_step(
+        client, data_root, "run-3", redis_url=REDIS_URL, key_prefix=keys.prefix, settings=weak
+    )
     assert not worse.promoted and worse.champion_id == "xgb-run-1"
     assert worse.champion_average_precision == pytest.approx(
         first.metrics["average_precision"]
@@ -163,15 +184,22 @@ def test_pipeline_steps_5_and_6(client, store, runs):
     strict = TrainModelSettings(
         num_boost_round=80, early_stopping_rounds=10, max_depth=4, min_average_precision=0.999
     )
-    below = train_model_step(client, data_root, "run-2", REDIS_URL, keys.prefix, strict)
+    below = train_model_step(
+        client, data_root, "run-2", redis_url=REDIS_URL, key_prefix=keys.prefix, settings=strict
+    )
     assert not below.promoted and "is below the minimum 0.9990" in below.reason
     second = train_model_step(
-        client, data_root, "run-2", REDIS_URL, keys.prefix, TrainModelSettings(min_average_precision=0.0)
+        client,
+        data_root,
+        "run-2",
+        redis_url=REDIS_URL,
+        key_prefix=keys.prefix,
+        settings=TrainModelSettings(min_average_precision=0.0),
     )
     assert (
         second.reused and second.champion_id == "xgb-run-1" and second.champion_average_precision is not None
     )
-    switched = prepare_db_step(client, data_root, "run-2", "xgb-run-2", REDIS_URL, keys.prefix, WINDOW, 500)
+    switched = prepare_db_step(client, data_root, "run-2", "xgb-run-2", **prepare_args(keys.prefix))
     assert switched.previous["fs_version"] == "run-1" and switched.removed_keys == 0
     assert live_pointer(r, keys)["fs_version"] == "run-2" and version_meta(r, keys, "run-1") is not None
     assert switched.counts == {by: orders_b[by].nunique() for by in ENTITIES}
@@ -183,19 +211,26 @@ def test_prepare_db_failing_midway_leaves_live_untouched(client, runs):
     r = redis.Redis.from_url(REDIS_URL)
     keys = Keys(f"fraudtest:{uuid4().hex}:")
     try:
-        train_model_step(client, data_root, "run-1", REDIS_URL, keys.prefix, SETTINGS)
-        prepare_db_step(client, data_root, "run-1", "xgb-run-1", REDIS_URL, keys.prefix, WINDOW, 500)
+        train_model_step(
+            client, data_root, "run-1", redis_url=REDIS_URL, key_prefix=keys.prefix, settings=SETTINGS
+        )
+        prepare_db_step(client, data_root, "run-1", "xgb-run-1", **prepare_args(keys.prefix))
         live_before = live_pointer(r, keys)
         keys_before = sorted(r.scan_iter(match=keys.prefix + "*"))
         broken = data_root / "broken"
         shutil.copytree(data_root / "runs" / "run-2", broken / "runs" / "run-2")
         train_model_step(
-            client, broken, "run-2", REDIS_URL, keys.prefix, TrainModelSettings(min_average_precision=0.0)
+            client,
+            broken,
+            "run-2",
+            redis_url=REDIS_URL,
+            key_prefix=keys.prefix,
+            settings=TrainModelSettings(min_average_precision=0.0),
         )
         victim = sorted((serving_state_dir(broken, "run-2") / "email").glob("*.parquet"))[-1]
         victim.write_bytes(victim.read_bytes()[:200])  # a truncated file: that partition cannot be read
         with pytest.raises(Exception, match="(?i)parquet|arrow|invalid|magic"):
-            prepare_db_step(client, broken, "run-2", "xgb-run-2", REDIS_URL, keys.prefix, WINDOW, 500)
+            prepare_db_step(client, broken, "run-2", "xgb-run-2", **prepare_args(keys.prefix))
         assert live_pointer(r, keys) == live_before
         assert list(r.scan_iter(match=keys.fs_prefix("run-2") + "*")) == []
         assert sorted(r.scan_iter(match=keys.prefix + "*")) == keys_before
@@ -203,7 +238,7 @@ def test_prepare_db_failing_midway_leaves_live_untouched(client, runs):
         with pytest.raises(
             FileNotFoundError, match="no serving state of email .* run step feature-calc first"
         ):
-            prepare_db_step(client, broken, "run-2", "xgb-run-2", REDIS_URL, keys.prefix, WINDOW, 500)
+            prepare_db_step(client, broken, "run-2", "xgb-run-2", **prepare_args(keys.prefix))
         assert sorted(r.scan_iter(match=keys.prefix + "*")) == keys_before
     finally:
         for key in r.scan_iter(match=f"{keys.prefix}*", count=1000):
@@ -212,7 +247,9 @@ def test_prepare_db_failing_midway_leaves_live_untouched(client, runs):
 
 def test_training_data_must_exist(client, tmp_path):
     with pytest.raises(Exception, match="train.parquet"):
-        train_model_step(client, tmp_path, "run-x", REDIS_URL, "fraudtest:none:", SETTINGS)
+        train_model_step(
+            client, tmp_path, "run-x", redis_url=REDIS_URL, key_prefix="fraudtest:none:", settings=SETTINGS
+        )
     assert not (tmp_path / "models").exists() or list((tmp_path / "models").iterdir()) == []
     np.testing.assert_equal(list_models(tmp_path), [])
 
@@ -222,7 +259,7 @@ def test_prepare_db_needs_a_registered_model(client, runs):
     r = redis.Redis.from_url(REDIS_URL)
     keys = Keys(f"fraudtest:{uuid4().hex}:")
     with pytest.raises(FileNotFoundError, match="model xgb-nope is not in the registry"):
-        prepare_db_step(client, data_root, "run-2", "xgb-nope", REDIS_URL, keys.prefix, WINDOW, 500)
+        prepare_db_step(client, data_root, "run-2", "xgb-nope", **prepare_args(keys.prefix))
     assert list(r.scan_iter(match=keys.prefix + "*")) == []
 
 
@@ -235,16 +272,18 @@ def test_prepare_db_refuses_a_switch_the_gate_did_not_compare(client, runs):
     lenient = TrainModelSettings(min_average_precision=0.0)
     try:
         gates = [
-            train_model_step(client, data_root, run_id, REDIS_URL, keys.prefix, lenient)
+            train_model_step(
+                client, data_root, run_id, redis_url=REDIS_URL, key_prefix=keys.prefix, settings=lenient
+            )
             for run_id in ("run-1", "run-2")
         ]
         assert [g.champion_id for g in gates] == [None, None] and all(g.promoted for g in gates)
         first = prepare_db_step(
-            client, data_root, "run-1", "xgb-run-1", REDIS_URL, keys.prefix, WINDOW, 500, expected_live=""
+            client, data_root, "run-1", "xgb-run-1", **prepare_args(keys.prefix), expected_live=""
         )
         assert first.refused is None and live_pointer(r, keys)["model_id"] == "xgb-run-1"
         second = prepare_db_step(
-            client, data_root, "run-2", "xgb-run-2", REDIS_URL, keys.prefix, WINDOW, 500, expected_live=""
+            client, data_root, "run-2", "xgb-run-2", **prepare_args(keys.prefix), expected_live=""
         )
         assert second.refused is not None and "but xgb-run-1 is live now" in second.refused
         assert second.live == first.live == live_pointer(r, keys) and r.get(keys.live_previous) is None
@@ -254,10 +293,7 @@ def test_prepare_db_refuses_a_switch_the_gate_did_not_compare(client, runs):
             data_root,
             "run-2",
             "xgb-run-2",
-            REDIS_URL,
-            keys.prefix,
-            WINDOW,
-            500,
+            **prepare_args(keys.prefix),
             expected_live="xgb-run-1",
         )
         assert again.refused is None and live_pointer(r, keys)["model_id"] == "xgb-run-2"
@@ -265,3 +301,35 @@ def test_prepare_db_refuses_a_switch_the_gate_did_not_compare(client, runs):
     finally:
         for key in r.scan_iter(match=f"{keys.prefix}*", count=1000):
             r.unlink(key)
+
+
+def test_steps_5_and_6_refuse_features_of_another_window_or_label_delay(client, runs):
+    """Feature-calc recorded the window and label delay it used; train-model and prepare-db refuse a run whose
+    features were computed with other ones (a permanent error: the run fails at once), and change nothing."""
+    data_root, _, _ = runs
+    r = redis.Redis.from_url(REDIS_URL)
+    keys = Keys(f"fraudtest:{uuid4().hex}:")
+    recorded = f"computed with window {WINDOW} and label delay {LABEL_DELAY_DAYS} days"
+    models = list_models(data_root)
+    with pytest.raises(
+        FeatureParamsMismatch, match=f"run run-1: its features were {recorded} .* window {WINDOW + 1}"
+    ):
+        train_model_step(
+            client,
+            data_root,
+            "run-1",
+            redis_url=REDIS_URL,
+            key_prefix=keys.prefix,
+            settings=SETTINGS,
+            window=WINDOW + 1,
+        )
+    with pytest.raises(FeatureParamsMismatch, match=f"{recorded} .* label delay {LABEL_DELAY_DAYS + 1} days"):
+        prepare_db_step(
+            client,
+            data_root,
+            "run-1",
+            "xgb-run-1",
+            **prepare_args(keys.prefix),
+            label_delay_days=LABEL_DELAY_DAYS + 1,
+        )
+    assert list_models(data_root) == models and list(r.scan_iter(match=keys.prefix + "*")) == []

@@ -30,8 +30,8 @@ async def calculate(payload: PipelineJob, context: EventContext) -> PipelineJob:
         client,
         storage.data_root,
         payload.run_id,
-        feature_store.window,
-        feature_store.label_delay_days,
+        window=feature_store.window,
+        label_delay_days=feature_store.label_delay_days,
     )
     await run_pipeline_step(
         context.settings(key="redis", datatype=RedisSettings),

@@ -15,7 +15,14 @@ from ..dask_client import dask_client_async
 from ..data_steps import preprocess_orders
 from ..datasets import input_limits
 from ..payloads import PipelineJob
-from ..settings import DaskSettings, InputLimitsSettings, RedisSettings, RunLimits, StorageSettings
+from fraud_poc.settings import (
+    DaskSettings,
+    InputLimitsSettings,
+    PreprocessSettings,
+    RedisSettings,
+    RunLimits,
+    StorageSettings,
+)
 from ..step_runner import run_pipeline_step
 
 # %% ../../nbs/55_preprocess.ipynb #3a073e24
@@ -33,6 +40,7 @@ async def preprocess(payload: PipelineJob, context: EventContext) -> PipelineJob
         storage.data_root,
         payload.run_id,
         Path(payload.raw_path) if payload.raw_path else None,
+        rows_per_partition=context.settings(key="preprocess", datatype=PreprocessSettings).rows_per_partition,
         max_file_bytes=max_file_bytes,
         limits=limits,
     )

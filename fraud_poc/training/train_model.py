@@ -44,11 +44,11 @@ async def train(payload: PipelineJob, context: EventContext) -> PipelineJob | No
         client,
         storage.data_root,
         payload.run_id,
-        redis_settings.url,
-        redis_settings.key_prefix,
-        context.settings(key="train_model", datatype=TrainModelSettings),
-        feature_store.window,
-        feature_store.label_delay_days,
+        redis_url=redis_settings.url,
+        key_prefix=redis_settings.key_prefix,
+        settings=context.settings(key="train_model", datatype=TrainModelSettings),
+        window=feature_store.window,
+        label_delay_days=feature_store.label_delay_days,
     )
     result = await run_pipeline_step(
         redis_settings,
