@@ -7,7 +7,9 @@ __all__ = ['RETRY_ATTEMPTS', 'RETRY_ERRORS', 'Keys', 'retry_backoff', 'retry_pol
            'sync_redis', 'ensure_consumer_groups', 'redis_url_from_env']
 
 # %% ../nbs/03_redis_store.ipynb #1b5eff8a
+import asyncio
 import os
+import weakref
 from dataclasses import dataclass
 
 import redis
@@ -104,13 +106,23 @@ def retrying_options(asyncio: bool) -> dict:
     return {"retry": retry_policy(asyncio), "retry_on_error": [redis.exceptions.BusyLoadingError]}
 
 
-_async_clients: dict[str, aioredis.Redis] = {}
+# asyncio connections belong to the event loop that opened them: one pool per URL and loop (a service has one loop;
+# tests and notebooks may run several, one after the other)
+_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, aioredis.Redis]] = (
+    weakref.WeakKeyDictionary()
+)
 _sync_clients: dict[str, redis.Redis] = {}
 
 
 def async_redis(url: str) -> aioredis.Redis:
-    """Shared asyncio client for `url` (one connection pool per URL and process), retrying through restarts."""
-    if url not in _async_clients:
+    """Shared asyncio client for `url` (one connection pool per URL and running event loop), retrying through
+    restarts. Called outside a running loop, it is the client of the thread's current loop."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = asyncio.get_event_loop_policy().get_event_loop()
+    clients = _async_clients.setdefault(loop, {})
+    if url not in clients:
         # a burst waits for a free connection (up to 5 s) rather than failing once 100 are busy
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
@@ -120,8 +132,8 @@ def async_redis(url: str) -> aioredis.Redis:
             socket_timeout=5,
             **retrying_options(asyncio=True),
         )
-        _async_clients[url] = aioredis.Redis(connection_pool=pool)
-    return _async_clients[url]
+        clients[url] = aioredis.Redis(connection_pool=pool)
+    return clients[url]
 
 
 def sync_redis(url: str) -> redis.Redis:
