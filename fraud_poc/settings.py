@@ -81,6 +81,9 @@ class TrainModelSettings:
     min_holdout_rows: int = field(default=1000, ge=0)  # the gate judges no model on a smaller holdout
     min_holdout_fraud: int = field(default=20, ge=0)  # nor on fewer fraud cases in it
     seed: int = 42
+    # a worker lost while training: its peers' collective calls (and the tracker) give up after this, so the
+    # attempt fails and is retried instead of waiting for the dead worker until the step's stream timeout
+    collective_timeout_seconds: int = field(default=300, ge=10, le=3600)
 
 
 @dataobject

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import xgboost as xgb
 import xgboost.dask as dxgb
+from xgboost.collective import Config as CollConfig
 from sklearn import metrics
 from distributed import Client
 
@@ -84,8 +85,10 @@ def train_booster(
     early_stopping_rounds: int,
     features: list[str] = FEATURE_COLUMNS,
     label: str = LABEL,
+    collective_timeout: int = 300,
 ) -> TrainedModel:
-    """Train on `train` with early stopping on `tuning` (both need `features` and `label`), never on the holdout."""
+    """Train on `train` with early stopping on `tuning` (both need `features` and `label`), never on the holdout.
+    A worker lost mid-training makes the others' collective calls fail after `collective_timeout` seconds."""
     x_train, y_train = pin_partitions(client, train, features, label)
     x_tune, y_tune = pin_partitions(client, tuning, features, label)
     params = {**BASE_PARAMS, **params}
@@ -103,6 +106,7 @@ def train_booster(
             evals=[(dtune, "tuning")],
             early_stopping_rounds=early_stopping_rounds,
             verbose_eval=False,
+            coll_cfg=CollConfig(timeout=collective_timeout, tracker_timeout=collective_timeout),
         )
     booster: xgb.Booster = output["booster"]
     best = booster.best_iteration

@@ -152,7 +152,13 @@ def _train_and_register(
     params = booster_params(settings)
     started = time.perf_counter()
     trained = train_booster(
-        client, train, tuning, params, settings.num_boost_round, settings.early_stopping_rounds
+        client,
+        train,
+        tuning,
+        params,
+        settings.num_boost_round,
+        settings.early_stopping_rounds,
+        collective_timeout=settings.collective_timeout_seconds,
     )
     train_seconds = time.perf_counter() - started
     tuning_y = _holdout_truth(client, tuning)[0]

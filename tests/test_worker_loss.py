@@ -1,5 +1,7 @@
 """A Dask worker killed during train-model: the attempt fails, and the retry trains on the workers that exist.
 
+Also: the attempt that loses the worker must fail, not wait (XGBoost's collective timeout, `collective_timeout`).
+
 Before: `pin_partitions` restricted each partition strictly to a worker address. The failed attempt's tasks stay
 known to the scheduler, a retry computes the same keys, and the read tasks waited for the dead worker (`no-worker`)
 until the step's stream timeout. Now the placement is a preference: where the worker is alive the partition still
@@ -63,7 +65,9 @@ def test_retry_after_a_worker_died_in_training_runs_on_the_workers_that_exist(cl
         # read from files, as the step does: every attempt builds the same task keys
         train, tuning = dd.read_parquet(tmp_path / "train"), dd.read_parquet(tmp_path / "tuning")
         try:
-            results[name] = train_booster(client, train, tuning, PARAMS, ROUNDS, ROUNDS)
+            results[name] = train_booster(
+                client, train, tuning, PARAMS, ROUNDS, ROUNDS, collective_timeout=20
+            )
         except Exception as e:  # noqa: BLE001 -- the first attempt is expected to fail; recorded for the asserts
             results[name] = e
 
