@@ -29,7 +29,6 @@ import redis
 from distributed import Client, LocalCluster
 
 from fraud_poc.dask_client import LOCAL_CLUSTER_CONFIG, release_worker_memory
-from fraud_poc.data_steps import calc_features, make_training_data, preprocess_orders, write_sample_data
 from fraud_poc.registry import model_id_for_run
 from fraud_poc.schema import LABEL_DELAY_DAYS, WINDOW
 from fraud_poc.settings import (
@@ -38,7 +37,12 @@ from fraud_poc.settings import (
     TrainingDataSettings,
     TrainModelSettings,
 )
-from fraud_poc.training_steps import PrepareResult, TrainResult, prepare_db_step, train_model_step
+from fraud_poc.steps.feature_calc import calc_features
+from fraud_poc.steps.prepare_db import PrepareResult, prepare_db_step
+from fraud_poc.steps.preprocess import preprocess_orders
+from fraud_poc.steps.sample_data import write_sample_data
+from fraud_poc.steps.train_model import TrainResult, train_model_step
+from fraud_poc.steps.training_data import make_training_data
 
 
 @dataclass

@@ -19,13 +19,13 @@ import time
 import numpy as np
 import pandas as pd
 
+from fraud_poc.generator import SCENARIOS, generate_orders
 from fraud_poc.quality import holdout_quality, labelled_features
 from fraud_poc.report import recall_by_scenario_png
-from fraud_poc.sample_data import SCENARIOS, generate_orders
 from fraud_poc.schema import FEATURE_COLUMNS, FEATURE_SET_1, LABEL
 from fraud_poc.settings import TrainingDataSettings, TrainModelSettings
-from fraud_poc.training_data import split_training_data
-from fraud_poc.training_steps import booster_params
+from fraud_poc.steps.train_model import booster_params
+from fraud_poc.steps.training_data import holdout_rows, split_bounds, training_rows, tuning_rows
 
 FEATURE_SETS = {"set 1": FEATURE_SET_1, "sets 1+2": FEATURE_COLUMNS}
 
@@ -49,13 +49,14 @@ def main() -> None:
         started = time.perf_counter()
         orders = generate_orders(args.orders, args.customers, args.months, "2025-01-01", 0.02, seed)
         features = labelled_features(orders)
-        parts = split_training_data(
-            features,
-            split.validation_days,
-            split.non_fraud_fraction,
-            seed,
-            tuning_days=split.tuning_days,
-            warmup_days=split.warmup_days,
+        dates = features["order_date"]  # step 4's periods, rows in time order
+        bounds = split_bounds(
+            dates.min(), dates.max(), split.validation_days, split.tuning_days, split.warmup_days
+        )
+        train = training_rows(features, bounds, split.non_fraud_fraction, seed)
+        parts = tuple(
+            p.sort_values(["order_date", "order_id"], ignore_index=True)
+            for p in (train, tuning_rows(features, bounds), holdout_rows(features, bounds))
         )
         prepared = time.perf_counter() - started
         for name, columns in FEATURE_SETS.items():

@@ -51,11 +51,11 @@ sys.path.insert(0, str(REPO))
 
 from fraud_poc.feature_store import switch_live, upload_model, write_entity_states  # noqa: E402
 from fraud_poc.features import compute_features, latest_orders, serving_features  # noqa: E402
+from fraud_poc.generator import generate_orders  # noqa: E402
 from fraud_poc.launcher import SERVICES  # noqa: E402
 from fraud_poc.redis_pipe import RedisPipe  # noqa: E402
 from fraud_poc.redis_store import Keys, async_redis  # noqa: E402
 from fraud_poc.registry import model_metadata  # noqa: E402
-from fraud_poc.sample_data import generate_orders  # noqa: E402
 from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, LABEL, WINDOW, feature_set_fingerprint  # noqa: E402
 from fraud_poc.scoring import (  # noqa: E402
     APPEND_SCRIPT,
@@ -69,8 +69,8 @@ from fraud_poc.scoring import (  # noqa: E402
 from fraud_poc.service_payloads import Order  # noqa: E402
 from fraud_poc.serving_state import decode_state, entity_states  # noqa: E402
 from fraud_poc.settings import TrainModelSettings  # noqa: E402
+from fraud_poc.steps.train_model import booster_params  # noqa: E402
 from fraud_poc.train import BASE_PARAMS, choose_threshold  # noqa: E402
-from fraud_poc.training_steps import booster_params  # noqa: E402
 
 API = "/api/fraud-service/0x2"
 

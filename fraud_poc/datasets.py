@@ -8,7 +8,7 @@ __all__ = ['FEATURE_PARAMS_FILE', 'ORDER_FILE_SUFFIXES', 'DICTIONARY_COLUMNS', '
            'training_paths', 'model_dir', 'FeatureParamsMismatch', 'write_feature_params', 'feature_params',
            'check_feature_params', 'replace_atomically', 'resolve_inside', 'check_order_file', 'list_order_files',
            'order_file_columns', 'check_order_files', 'input_limits', 'read_orders_file', 'parquet_write_options',
-           'write_parquet', 'read_dataset']
+           'write_parquet', 'read_dataset', 'StepResult']
 
 # %% ../nbs/20_datasets.ipynb #3f9f7519
 import csv
@@ -19,6 +19,7 @@ import shutil
 import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from uuid import uuid4
 
@@ -299,3 +300,12 @@ def read_dataset(folder: Path, columns: list[str] | None = None) -> dd.DataFrame
     return dd.from_map(
         _read_parquet_file, [str(f) for f in files], args=[columns], meta=meta, label="read-dataset"
     )
+
+# %% ../nbs/20_datasets.ipynb #a8d1ef76
+@dataclass(frozen=True)
+class StepResult:
+    """What a step reports: rows read, rows written, and step-specific details (JSON-friendly)."""
+
+    rows_in: int
+    rows_out: int
+    details: dict = field(default_factory=dict)

@@ -36,7 +36,7 @@ from .redis_store import Keys, sync_redis
 from .registry import check_id, list_models, load_metadata, model_exists
 from .schema import FEATURE_COLUMNS, LABEL_DELAY_DAYS, feature_set_fingerprint
 from .carry_over import run_started, switch_carrying_over
-from .training_steps import prepare_db_step
+from .steps.prepare_db import prepare_db_step
 
 # %% ../nbs/28_live_models.ipynb #11dd8214
 LOCK_SECONDS = 1800  # above the longest load of a feature-store version; a crashed holder's lock expires

@@ -15,6 +15,7 @@ import pytest
 import redis
 import requests
 from distributed import Client, LocalCluster
+from step_runs import make_runs
 
 from fraud_poc.dask_client import LOCAL_CLUSTER_CONFIG
 from fraud_poc.launcher import SERVICES
@@ -55,6 +56,12 @@ def client():
     ):
         with Client(cluster, set_as_default=False) as dask_client:
             yield dask_client
+
+
+@pytest.fixture(scope="module")
+def runs(client, tmp_path_factory):
+    """Runs 1 and 3 (same orders) and run 2 (other orders) through steps 1-4 under a data root of the module's own."""
+    return make_runs(client, tmp_path_factory.mktemp("data"))
 
 
 def service_env(key_prefix: str, data_root: Path, redis_url: str = REDIS_URL) -> dict:

@@ -14,9 +14,9 @@ from conftest import REDIS_URL, ROOT, Service, service_env
 from test_service_http import go_live, load_version, metadata_for, train_booster
 
 from fraud_poc.features import compute_features
+from fraud_poc.generator import generate_orders
 from fraud_poc.launcher import SERVICES
 from fraud_poc.redis_store import Keys
-from fraud_poc.sample_data import generate_orders
 from fraud_poc.schema import LABEL
 
 TRAINING_API = "/api/training-pipeline/0x2"

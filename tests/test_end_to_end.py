@@ -14,8 +14,8 @@ from conftest import AUTH, Service, service_env
 
 from fraud_poc.datasets import read_orders_file
 from fraud_poc.features import compute_features
+from fraud_poc.generator import generate_orders
 from fraud_poc.redis_store import Keys
-from fraud_poc.sample_data import generate_orders
 from fraud_poc.serving_state import decode_state
 
 API = "/api/training-pipeline/0x2"

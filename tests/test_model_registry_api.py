@@ -12,8 +12,8 @@ import requests
 from conftest import AUTH, Service, service_env
 from test_end_to_end import finished, live, start, wait_for, write_orders
 
+from fraud_poc.generator import generate_orders
 from fraud_poc.redis_store import Keys
-from fraud_poc.sample_data import generate_orders
 
 API = "/api/training-pipeline/0x2"
 RUN = {"num_orders": 12_000, "num_customers": 300, "months": 3, "fraud_rate": 0.03, "seed": 7}

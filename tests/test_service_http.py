@@ -30,10 +30,10 @@ from conftest import API_TOKEN, AUTH
 
 from fraud_poc.feature_store import switch_live, upload_model, write_entity_states
 from fraud_poc.features import compute_features, latest_orders
+from fraud_poc.generator import generate_orders
 from fraud_poc.launcher import SERVICES
 from fraud_poc.redis_store import Keys
 from fraud_poc.registry import model_metadata
-from fraud_poc.sample_data import generate_orders
 from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, LABEL, LABEL_DATE, WINDOW, feature_set_fingerprint
 from fraud_poc.serving_state import decode_state, entity_states
 from fraud_poc.train import average_precision, choose_threshold

@@ -11,7 +11,7 @@ from functools import partial
 from hopeit.app.context import EventContext
 
 from ..dask_client import dask_client_async
-from ..data_steps import calc_features
+from ..steps.feature_calc import calc_features
 from ..payloads import PipelineJob
 from ..settings import DaskSettings, FeatureStoreSettings, RedisSettings, StorageSettings, RunLimits
 from ..step_runner import run_pipeline_step

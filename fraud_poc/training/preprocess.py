@@ -12,7 +12,7 @@ from functools import partial
 from hopeit.app.context import EventContext
 
 from ..dask_client import dask_client_async
-from ..data_steps import preprocess_orders
+from ..steps.preprocess import preprocess_orders
 from ..datasets import input_limits
 from ..payloads import PipelineJob
 from fraud_poc.settings import (

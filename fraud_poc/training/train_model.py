@@ -24,7 +24,7 @@ from fraud_poc.settings import (
     RunLimits,
 )
 from ..step_runner import run_pipeline_step
-from ..training_steps import train_model_step
+from ..steps.train_model import train_model_step
 from .clean_runs import clean_after_run
 
 # %% ../../nbs/58_train_model.ipynb #f8bb98c6

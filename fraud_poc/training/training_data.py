@@ -11,7 +11,7 @@ from functools import partial
 from hopeit.app.context import EventContext
 
 from ..dask_client import dask_client_async
-from ..data_steps import make_training_data
+from ..steps.training_data import make_training_data
 from ..payloads import PipelineJob
 from ..settings import DaskSettings, RedisSettings, StorageSettings, TrainingDataSettings, RunLimits
 from ..step_runner import run_pipeline_step

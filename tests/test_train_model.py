@@ -1,7 +1,6 @@
-"""fraud_poc.training_steps: train-model and prepare-db on generated runs, real Redis, real LocalCluster."""
+"""fraud_poc.steps.train_model: step 5 on runs made by the real steps 1-4, with prepare-db where the gate needs a
+live champion; real Redis, real LocalCluster."""
 
-import os
-import shutil
 from pathlib import Path
 from uuid import uuid4
 
@@ -9,10 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import redis
-from distributed import Client
+from step_runs import REDIS_URL, SETTINGS, prepare_args
 
-from fraud_poc.data_steps import calc_features, make_training_data, preprocess_orders, write_sample_data
-from fraud_poc.datasets import FeatureParamsMismatch, raw_dir, serving_state_dir, training_paths
+from fraud_poc.datasets import FeatureParamsMismatch, training_paths
 from fraud_poc.feature_store import live_pointer, version_meta
 from fraud_poc.features import latest_orders
 from fraud_poc.redis_store import Keys
@@ -27,14 +25,10 @@ from fraud_poc.schema import (
     WINDOW,
 )
 from fraud_poc.serving_state import decode_state
-from fraud_poc.settings import TrainingDataSettings, TrainModelSettings
+from fraud_poc.settings import TrainModelSettings
+from fraud_poc.steps.prepare_db import prepare_db_step
+from fraud_poc.steps.train_model import train_model_step
 from fraud_poc.train import average_precision
-from fraud_poc.training_steps import prepare_db_step, train_model_step
-
-REDIS_URL = os.environ.get("FRAUD_TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
-SETTINGS = TrainModelSettings(
-    num_boost_round=80, early_stopping_rounds=10, max_depth=4, min_average_precision=0.2
-)
 
 
 @pytest.fixture(scope="module")
@@ -44,49 +38,6 @@ def store():
     yield r, keys
     for key in r.scan_iter(match=f"{keys.prefix}*", count=1000):
         r.unlink(key)
-
-
-def prepare_args(key_prefix: str) -> dict:
-    """prepare-db's settings (keyword-only) with this test's Redis and key prefix."""
-    return {"redis_url": REDIS_URL, "key_prefix": key_prefix, "window": WINDOW, "chunk_size": 500}
-
-
-def run_steps_1_to_4(
-    client: Client, data_root: Path, run_id: str, num_orders: int, num_customers: int, seed: int
-) -> pd.DataFrame:
-    """The real steps 1-4 of a small run; returns the run's orders (as generated)."""
-    write_sample_data(
-        client,
-        data_root,
-        run_id,
-        num_orders=num_orders,
-        num_customers=num_customers,
-        months=2,
-        start_date="2025-01-01",
-        fraud_rate=0.03,
-        seed=seed,
-    )
-    preprocess_orders(client, data_root, run_id, None)
-    calc_features(client, data_root, run_id, window=WINDOW, label_delay_days=LABEL_DELAY_DAYS)
-    make_training_data(
-        client,
-        data_root,
-        run_id,
-        TrainingDataSettings(validation_days=12, tuning_days=12, warmup_days=5, seed=1),
-    )
-    return pd.concat(
-        [pd.read_parquet(f) for f in sorted(raw_dir(data_root, run_id).glob("*.parquet"))], ignore_index=True
-    )
-
-
-@pytest.fixture(scope="module")
-def runs(client, tmp_path_factory) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
-    """Data root with runs 1 and 3 (same orders) and run 2 (other orders)."""
-    root = tmp_path_factory.mktemp("data")
-    orders_a = run_steps_1_to_4(client, root, "run-1", 8000, 500, seed=5)
-    orders_b = run_steps_1_to_4(client, root, "run-2", 7000, 400, seed=6)
-    shutil.copytree(root / "runs" / "run-1", root / "runs" / "run-3")
-    return root, orders_a, orders_b
 
 
 def read_holdout(data_root: Path, run_id: str) -> pd.DataFrame:
@@ -206,45 +157,6 @@ def test_pipeline_steps_5_and_6(client, store, runs):
     assert list_models(data_root) == ["xgb-run-1", "xgb-run-2", "xgb-run-3"]
 
 
-def test_prepare_db_failing_midway_leaves_live_untouched(client, runs):
-    data_root, _, _ = runs
-    r = redis.Redis.from_url(REDIS_URL)
-    keys = Keys(f"fraudtest:{uuid4().hex}:")
-    try:
-        train_model_step(
-            client, data_root, "run-1", redis_url=REDIS_URL, key_prefix=keys.prefix, settings=SETTINGS
-        )
-        prepare_db_step(client, data_root, "run-1", "xgb-run-1", **prepare_args(keys.prefix))
-        live_before = live_pointer(r, keys)
-        keys_before = sorted(r.scan_iter(match=keys.prefix + "*"))
-        broken = data_root / "broken"
-        shutil.copytree(data_root / "runs" / "run-2", broken / "runs" / "run-2")
-        train_model_step(
-            client,
-            broken,
-            "run-2",
-            redis_url=REDIS_URL,
-            key_prefix=keys.prefix,
-            settings=TrainModelSettings(min_average_precision=0.0),
-        )
-        victim = sorted((serving_state_dir(broken, "run-2") / "email").glob("*.parquet"))[-1]
-        victim.write_bytes(victim.read_bytes()[:200])  # a truncated file: that partition cannot be read
-        with pytest.raises(Exception, match="(?i)parquet|arrow|invalid|magic"):
-            prepare_db_step(client, broken, "run-2", "xgb-run-2", **prepare_args(keys.prefix))
-        assert live_pointer(r, keys) == live_before
-        assert list(r.scan_iter(match=keys.fs_prefix("run-2") + "*")) == []
-        assert sorted(r.scan_iter(match=keys.prefix + "*")) == keys_before
-        shutil.rmtree(serving_state_dir(broken, "run-2") / "email")  # feature-calc never ran to the end
-        with pytest.raises(
-            FileNotFoundError, match="no serving state of email .* run step feature-calc first"
-        ):
-            prepare_db_step(client, broken, "run-2", "xgb-run-2", **prepare_args(keys.prefix))
-        assert sorted(r.scan_iter(match=keys.prefix + "*")) == keys_before
-    finally:
-        for key in r.scan_iter(match=f"{keys.prefix}*", count=1000):
-            r.unlink(key)
-
-
 def test_training_data_must_exist(client, tmp_path):
     with pytest.raises(Exception, match="train.parquet"):
         train_model_step(
@@ -252,55 +164,6 @@ def test_training_data_must_exist(client, tmp_path):
         )
     assert not (tmp_path / "models").exists() or list((tmp_path / "models").iterdir()) == []
     np.testing.assert_equal(list_models(tmp_path), [])
-
-
-def test_prepare_db_needs_a_registered_model(client, runs):
-    data_root, _, _ = runs
-    r = redis.Redis.from_url(REDIS_URL)
-    keys = Keys(f"fraudtest:{uuid4().hex}:")
-    with pytest.raises(FileNotFoundError, match="model xgb-nope is not in the registry"):
-        prepare_db_step(client, data_root, "run-2", "xgb-nope", **prepare_args(keys.prefix))
-    assert list(r.scan_iter(match=keys.prefix + "*")) == []
-
-
-def test_prepare_db_refuses_a_switch_the_gate_did_not_compare(client, runs):
-    """Two runs gated while nothing was live: the first to switch goes live, the second is refused at the
-    switch (its gate never compared it with the first), keeps its model registered, and says why."""
-    data_root, _, _ = runs
-    r = redis.Redis.from_url(REDIS_URL)
-    keys = Keys(f"fraudtest:{uuid4().hex}:")
-    lenient = TrainModelSettings(min_average_precision=0.0)
-    try:
-        gates = [
-            train_model_step(
-                client, data_root, run_id, redis_url=REDIS_URL, key_prefix=keys.prefix, settings=lenient
-            )
-            for run_id in ("run-1", "run-2")
-        ]
-        assert [g.champion_id for g in gates] == [None, None] and all(g.promoted for g in gates)
-        first = prepare_db_step(
-            client, data_root, "run-1", "xgb-run-1", **prepare_args(keys.prefix), expected_live=""
-        )
-        assert first.refused is None and live_pointer(r, keys)["model_id"] == "xgb-run-1"
-        second = prepare_db_step(
-            client, data_root, "run-2", "xgb-run-2", **prepare_args(keys.prefix), expected_live=""
-        )
-        assert second.refused is not None and "but xgb-run-1 is live now" in second.refused
-        assert second.live == first.live == live_pointer(r, keys) and r.get(keys.live_previous) is None
-        assert "xgb-run-2" in list_models(data_root)  # registered, not live
-        again = prepare_db_step(  # gated against the model that is live: it switches
-            client,
-            data_root,
-            "run-2",
-            "xgb-run-2",
-            **prepare_args(keys.prefix),
-            expected_live="xgb-run-1",
-        )
-        assert again.refused is None and live_pointer(r, keys)["model_id"] == "xgb-run-2"
-        assert again.previous["model_id"] == "xgb-run-1"
-    finally:
-        for key in r.scan_iter(match=f"{keys.prefix}*", count=1000):
-            r.unlink(key)
 
 
 def test_steps_5_and_6_refuse_features_of_another_window_or_label_delay(client, runs):

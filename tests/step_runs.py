@@ -1,0 +1,62 @@
+"""Steps 1-4 of small generated runs, as the pipeline runs them: the input of the train-model and prepare-db tests."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+from distributed import Client
+
+from fraud_poc.datasets import raw_dir
+from fraud_poc.schema import LABEL_DELAY_DAYS, WINDOW
+from fraud_poc.settings import TrainingDataSettings, TrainModelSettings
+from fraud_poc.steps.feature_calc import calc_features
+from fraud_poc.steps.preprocess import preprocess_orders
+from fraud_poc.steps.sample_data import write_sample_data
+from fraud_poc.steps.training_data import make_training_data
+
+REDIS_URL = os.environ.get("FRAUD_TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
+SETTINGS = TrainModelSettings(
+    num_boost_round=80, early_stopping_rounds=10, max_depth=4, min_average_precision=0.2
+)
+
+
+def prepare_args(key_prefix: str) -> dict:
+    """prepare-db's settings (keyword-only) with this test's Redis and key prefix."""
+    return {"redis_url": REDIS_URL, "key_prefix": key_prefix, "window": WINDOW, "chunk_size": 500}
+
+
+def run_steps_1_to_4(
+    client: Client, data_root: Path, run_id: str, num_orders: int, num_customers: int, seed: int
+) -> pd.DataFrame:
+    """The real steps 1-4 of a small run; returns the run's orders (as generated)."""
+    write_sample_data(
+        client,
+        data_root,
+        run_id,
+        num_orders=num_orders,
+        num_customers=num_customers,
+        months=2,
+        start_date="2025-01-01",
+        fraud_rate=0.03,
+        seed=seed,
+    )
+    preprocess_orders(client, data_root, run_id, None)
+    calc_features(client, data_root, run_id, window=WINDOW, label_delay_days=LABEL_DELAY_DAYS)
+    make_training_data(
+        client,
+        data_root,
+        run_id,
+        TrainingDataSettings(validation_days=12, tuning_days=12, warmup_days=5, seed=1),
+    )
+    return pd.concat(
+        [pd.read_parquet(f) for f in sorted(raw_dir(data_root, run_id).glob("*.parquet"))], ignore_index=True
+    )
+
+
+def make_runs(client: Client, root: Path) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
+    """Data root with runs 1 and 3 (same orders) and run 2 (other orders)."""
+    orders_a = run_steps_1_to_4(client, root, "run-1", 8000, 500, seed=5)
+    orders_b = run_steps_1_to_4(client, root, "run-2", 7000, 400, seed=6)
+    shutil.copytree(root / "runs" / "run-1", root / "runs" / "run-3")
+    return root, orders_a, orders_b
