@@ -24,16 +24,19 @@ import redis
 from distributed import Client, Future, wait
 
 from .redis_store import Keys, sync_redis
-from .schema import FEATURE_COLUMNS, FEATURE_SET_VERSION, LABEL_DELAY_DAYS, feature_set_fingerprint
+from fraud_poc.schema import (
+    FEATURE_COLUMNS,
+    FEATURE_SET_VERSION,
+    LABEL_DELAY_DAYS,
+    SAFE_ID,
+    feature_set_fingerprint,
+)
 from .serving_state import decode_state
 
 # %% ../nbs/22_feature_store.ipynb #bb2a2dfe
-_SAFE_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
 def check_version(version: str) -> str:
     """`version` if it is usable in key names (no `:` or glob characters), else ValueError."""
-    if not _SAFE_VERSION.fullmatch(version):
+    if not SAFE_ID.fullmatch(version):
         raise ValueError(f"invalid feature-store version {version!r}: use letters, digits, '.', '_' or '-'")
     return version
 
@@ -311,9 +314,7 @@ def loaded_versions(r: redis.Redis, keys: Keys) -> list[str]:
     found = (
         key.decode()[len(head) : -len(tail)] for key in r.scan_iter(match=_glob_escape(head) + "*" + tail)
     )
-    return sorted(
-        v for v in found if _SAFE_VERSION.fullmatch(v)
-    )  # a state key ending in `:meta` is no version
+    return sorted(v for v in found if SAFE_ID.fullmatch(v))  # a state key ending in `:meta` is no version
 
 
 def remove_versions_except(r: redis.Redis, keys: Keys, keep: set[str]) -> int:
