@@ -57,18 +57,12 @@ from fraud_poc.redis_store import Keys, async_redis  # noqa: E402
 from fraud_poc.registry import model_metadata  # noqa: E402
 from fraud_poc.sample_data import generate_orders  # noqa: E402
 from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, LABEL, WINDOW, feature_set_fingerprint  # noqa: E402
-from fraud_poc.scoring import (  # noqa: E402
-    APPEND_SCRIPT,
-    APPEND_SCRIPT_SHA,
-    Scorer,
-    order_record,
-    score_matrix,
-    script_args,
-    script_keys,
-)
+from fraud_poc.scorer import Scorer  # noqa: E402
 from fraud_poc.service_payloads import Order  # noqa: E402
+from fraud_poc.serving_model import score_matrix  # noqa: E402
 from fraud_poc.serving_state import decode_state, entity_states  # noqa: E402
 from fraud_poc.settings import TrainModelSettings  # noqa: E402
+from fraud_poc.store_scripts import APPEND_SCRIPT, APPEND_SCRIPT_SHA, order_record, script_args, script_keys  # noqa: E402
 from fraud_poc.train import BASE_PARAMS, choose_threshold  # noqa: E402
 from fraud_poc.training_steps import booster_params  # noqa: E402
 

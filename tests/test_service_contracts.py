@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from hopeit.dataobjects.payload import Payload
 
 from fraud_poc.service_payloads import Contribution, KnownEntities, Order, Prediction
@@ -52,9 +53,10 @@ def _imports(module: str) -> set[str]:
     return found
 
 
-def test_scoring_is_below_the_event_layer():
+@pytest.mark.parametrize("module", ["store_scripts", "serving_model", "batching", "scorer"])
+def test_scoring_is_below_the_event_layer(module):
     """Layer 2 never imports hopeit's app or server machinery, nor the event modules."""
-    imports = _imports("fraud_poc.scoring")
+    imports = _imports(f"fraud_poc.{module}")
     assert not [name for name in imports if name.startswith(("hopeit.app", "hopeit.server", ".service."))]
 
 

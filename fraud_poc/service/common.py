@@ -10,7 +10,7 @@ import gc
 
 from hopeit.app.context import EventContext
 
-from ..scoring import Scorer, scorer_for
+from ..scorer import Scorer, scorer_for
 from ..settings import FeatureStoreSettings, RedisSettings, ServiceSettings
 
 # %% ../../nbs/39_service_common.ipynb #0e062e0b
