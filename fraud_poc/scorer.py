@@ -17,10 +17,10 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from .batching import ModelBatcher, ScriptBatcher
-from .features import known_entities, serving_features, state_horizon_us, timestamp_us
+from .features import known_entities, serving_features, timestamp_us
 from .redis_pipe import RedisPipe
 from .redis_store import Keys, async_redis
-from .schema import ENTITIES, FEATURE_COLUMNS, LABEL_DELAY_DAYS
+from .schema import ENTITIES, FEATURE_COLUMNS
 from fraud_poc.service_payloads import (
     KnownEntities,
     KnownOrder,
@@ -78,16 +78,13 @@ class Scorer:
         redis: aioredis.Redis,
         pipe: RedisPipe,
         keys: Keys,
-        window: int,
         top_k: int,
-        label_delay_days: int = LABEL_DELAY_DAYS,
         log_max_len: int = 0,
     ):
-        self.redis, self.keys, self.window, self.top_k = redis, keys, window, top_k
+        self.redis, self.keys, self.top_k = redis, keys, top_k
         self.log_max_len = (
             log_max_len  # event log of scored orders and labels (0: none), trimmed to about this
         )
-        self.label_delay_days, self.horizon_us = label_delay_days, state_horizon_us(label_delay_days)
         self._label_script = redis.register_script(LABEL_SCRIPT)
         self.live: LiveModel | None = None
         self._switching = asyncio.Lock()
@@ -105,11 +102,14 @@ class Scorer:
         self, live: LiveModel | None, records: list[Record], locations: list[tuple[float, float]]
     ) -> list[list]:
         """One script call per order, sent with the calls of concurrent requests in one round trip."""
-        pointer, version = (live.pointer, live.fs_version) if live else (b"-", "")
+        # W and the horizon are the live model's; without one, the pointer check fails before they are read
+        pointer, version, window, horizon = (
+            (live.pointer, live.fs_version, live.window, live.horizon_us) if live else (b"-", "", 0, 0)
+        )
         calls = [
             (
                 script_keys(self.keys, version, r),
-                script_args(pointer, self.window, r, self.horizon_us, where, self.log_max_len),
+                script_args(pointer, window, r, horizon, where, self.log_max_len),
             )
             for r, where in zip(records, locations, strict=True)
         ]
@@ -129,9 +129,7 @@ class Scorer:
             if booster_raw is None or metadata_raw is None:
                 raise StoreUnavailable(f"live model {model_id} is not in Redis ({self.keys.model(model_id)})")
             try:
-                live = await asyncio.to_thread(
-                    load_live_model, pointer, booster_raw, metadata_raw, self.window, self.label_delay_days
-                )
+                live = await asyncio.to_thread(load_live_model, pointer, booster_raw, metadata_raw)
             except ValueError as e:
                 raise StoreUnavailable(f"live model {model_id} cannot be used: {e}") from e
             logger.info("live model %s, feature store %s", live.model_id, live.fs_version)
@@ -155,7 +153,7 @@ class Scorer:
                     {e: history_of(raw) for e, raw in zip(ENTITIES, reply[1:], strict=True)},
                     record,
                     live.window,
-                    self.label_delay_days,
+                    live.label_delay_days,
                 )
                 for record, reply in zip(records, replies, strict=True)
             ],
@@ -297,13 +295,9 @@ class Scorer:
 _scorers: dict[tuple, Scorer] = {}
 
 
-def scorer_for(
-    url: str, key_prefix: str, window: int, top_k: int, label_delay_days: int, log_max_len: int
-) -> Scorer:
+def scorer_for(url: str, key_prefix: str, top_k: int, log_max_len: int) -> Scorer:
     """The process's shared Scorer for this Redis and prefix."""
-    key = (url, key_prefix, window, top_k, label_delay_days, log_max_len)
+    key = (url, key_prefix, top_k, log_max_len)
     if key not in _scorers:
-        _scorers[key] = Scorer(
-            async_redis(url), RedisPipe(url), Keys(key_prefix), window, top_k, label_delay_days, log_max_len
-        )
+        _scorers[key] = Scorer(async_redis(url), RedisPipe(url), Keys(key_prefix), top_k, log_max_len)
     return _scorers[key]
