@@ -6,7 +6,7 @@
 __all__ = ['ANY_LIVE', 'check_version', 'write_entity_states', 'order_index_entries', 'write_encoded_states', 'version_meta',
            'live_pointer', 'remove_version', 'FeatureVersionLoad', 'write_feature_version', 'NotPromotable',
            'GateOutdated', 'upload_model', 'promote', 'remove_models_except', 'loaded_versions',
-           'remove_versions_except', 'switch_live', 'read_live_states', 'find_values']
+           'remove_versions_except', 'switch_live', 'read_live_states']
 
 # %% ../nbs/22_feature_store.ipynb #73c8f97e
 import json
@@ -370,10 +370,3 @@ def read_live_states(
             }
         pointer = current
     raise RuntimeError(f"the live pointer changed {attempts} times while reading states")
-
-
-def find_values(r: redis.Redis, keys: Keys, version: str, by: str, prefix: str, limit: int) -> list[str]:
-    """Up to `limit` values of entity `by` starting with `prefix`, in lexicographic order."""
-    start = b"[" + prefix.encode()
-    found = r.zrange(keys.fs_index(version, by), start, start + b"\xff", bylex=True, offset=0, num=limit)
-    return [value.decode() for value in found]
