@@ -57,19 +57,13 @@ from fraud_poc.redis_pipe import RedisPipe  # noqa: E402
 from fraud_poc.redis_store import Keys, async_redis  # noqa: E402
 from fraud_poc.registry import model_metadata  # noqa: E402
 from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, LABEL, WINDOW, feature_set_fingerprint  # noqa: E402
-from fraud_poc.scoring import (  # noqa: E402
-    APPEND_SCRIPT,
-    APPEND_SCRIPT_SHA,
-    Scorer,
-    order_record,
-    score_matrix,
-    script_args,
-    script_keys,
-)
+from fraud_poc.scorer import Scorer  # noqa: E402
 from fraud_poc.service_payloads import Order  # noqa: E402
+from fraud_poc.serving_model import score_matrix  # noqa: E402
 from fraud_poc.serving_state import decode_state, entity_states  # noqa: E402
 from fraud_poc.settings import TrainModelSettings  # noqa: E402
 from fraud_poc.steps.train_model import booster_params  # noqa: E402
+from fraud_poc.store_scripts import APPEND_SCRIPT, APPEND_SCRIPT_SHA, order_record, script_args, script_keys  # noqa: E402
 from fraud_poc.train import BASE_PARAMS, choose_threshold  # noqa: E402
 
 API = "/api/fraud-service/0x2"
@@ -308,7 +302,7 @@ async def measure_floor(redis_url: str, prefix: str, source: OrderSource, repeat
     client = async_redis(redis_url)
     keys = Keys(prefix)
     pipe = RedisPipe(redis_url)  # the service's hot-path connection
-    scorer = Scorer(client, pipe, keys, WINDOW, top_k=5, log_max_len=1_000_000)
+    scorer = Scorer(client, pipe, keys, top_k=5, log_max_len=1_000_000)
     live = await scorer.current()
     await client.script_load(APPEND_SCRIPT)
 
@@ -327,7 +321,7 @@ async def measure_floor(redis_url: str, prefix: str, source: OrderSource, repeat
         record = order_record(Order(**source.next()))
         k, a = (
             script_keys(keys, live.fs_version, record),
-            script_args(live.pointer, WINDOW, record, scorer.horizon_us),
+            script_args(live.pointer, live.window, record, live.horizon_us),
         )
         return await pipe.execute([("EVALSHA", APPEND_SCRIPT_SHA, len(k), *k, *a)])
 
@@ -336,12 +330,12 @@ async def measure_floor(redis_url: str, prefix: str, source: OrderSource, repeat
     record = order_record(order)
     k, a = (
         script_keys(keys, live.fs_version, record),
-        script_args(live.pointer, WINDOW, record, scorer.horizon_us),
+        script_args(live.pointer, live.window, record, live.horizon_us),
     )
     reply = await client.evalsha(APPEND_SCRIPT_SHA, len(k), *k, *a)
     histories = {e: decode_state(raw) if raw else [] for e, raw in zip(ENTITIES, reply[1:], strict=True)}
-    features_us = timed_us(lambda: serving_features(histories, record, WINDOW), repeat)
-    x = np.asarray(serving_features(histories, record, WINDOW))[live.feature_index][None, :]
+    features_us = timed_us(lambda: serving_features(histories, record, live.window), repeat)
+    x = np.asarray(serving_features(histories, record, live.window))[live.feature_index][None, :]
     booster = live.booster
     python_us = timed_us(lambda: booster.inplace_predict(x, validate_features=False), repeat)
     inplace_us = timed_us(lambda: live.predictor.scores(x), repeat)

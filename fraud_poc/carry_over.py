@@ -20,7 +20,14 @@ from .features import state_horizon_us
 from .redis_store import Keys
 from .schema import LABEL, NO_FRAUD
 from .scored_orders import orders_from_events
-from .scoring import APPEND_SCRIPT, LABEL_SCRIPT, label_args, label_keys, script_args, script_keys
+from fraud_poc.store_scripts import (
+    APPEND_SCRIPT,
+    LABEL_SCRIPT,
+    label_args,
+    label_keys,
+    script_args,
+    script_keys,
+)
 
 # %% ../nbs/31_carry_over.ipynb #b088da6f
 def stream_id_at(when: datetime) -> str:

@@ -28,7 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .schema import ENTITIES, SCENARIO
+from .schema import ENTITIES, SAFE_ID, SCENARIO
 from .settings import InputLimitsSettings
 from fraud_poc.validation import (
     DEFAULT_LIMITS,
@@ -39,12 +39,9 @@ from fraud_poc.validation import (
 )
 
 # %% ../nbs/20_datasets.ipynb #36f56190
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
 def _plain_name(kind: str, name: str) -> str:
     """`name` if it is safe as a single folder name, else ValueError."""
-    if not _PLAIN_NAME.fullmatch(name):
+    if not SAFE_ID.fullmatch(name):
         raise ValueError(f"invalid {kind} {name!r}: use letters, digits, '.', '_' and '-' only")
     return name
 

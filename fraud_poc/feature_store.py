@@ -6,7 +6,7 @@
 __all__ = ['ANY_LIVE', 'check_version', 'write_entity_states', 'order_index_entries', 'write_encoded_states', 'version_meta',
            'live_pointer', 'remove_version', 'FeatureVersionLoad', 'write_feature_version', 'NotPromotable',
            'GateOutdated', 'upload_model', 'promote', 'remove_models_except', 'loaded_versions',
-           'remove_versions_except', 'switch_live', 'read_live_states', 'find_values']
+           'remove_versions_except', 'switch_live', 'read_live_states']
 
 # %% ../nbs/22_feature_store.ipynb #73c8f97e
 import json
@@ -24,16 +24,19 @@ import redis
 from distributed import Client, Future, wait
 
 from .redis_store import Keys, sync_redis
-from .schema import FEATURE_COLUMNS, FEATURE_SET_VERSION, LABEL_DELAY_DAYS, feature_set_fingerprint
+from fraud_poc.schema import (
+    FEATURE_COLUMNS,
+    FEATURE_SET_VERSION,
+    LABEL_DELAY_DAYS,
+    SAFE_ID,
+    feature_set_fingerprint,
+)
 from .serving_state import decode_state
 
 # %% ../nbs/22_feature_store.ipynb #bb2a2dfe
-_SAFE_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
 def check_version(version: str) -> str:
     """`version` if it is usable in key names (no `:` or glob characters), else ValueError."""
-    if not _SAFE_VERSION.fullmatch(version):
+    if not SAFE_ID.fullmatch(version):
         raise ValueError(f"invalid feature-store version {version!r}: use letters, digits, '.', '_' or '-'")
     return version
 
@@ -311,9 +314,7 @@ def loaded_versions(r: redis.Redis, keys: Keys) -> list[str]:
     found = (
         key.decode()[len(head) : -len(tail)] for key in r.scan_iter(match=_glob_escape(head) + "*" + tail)
     )
-    return sorted(
-        v for v in found if _SAFE_VERSION.fullmatch(v)
-    )  # a state key ending in `:meta` is no version
+    return sorted(v for v in found if SAFE_ID.fullmatch(v))  # a state key ending in `:meta` is no version
 
 
 def remove_versions_except(r: redis.Redis, keys: Keys, keep: set[str]) -> int:
@@ -369,10 +370,3 @@ def read_live_states(
             }
         pointer = current
     raise RuntimeError(f"the live pointer changed {attempts} times while reading states")
-
-
-def find_values(r: redis.Redis, keys: Keys, version: str, by: str, prefix: str, limit: int) -> list[str]:
-    """Up to `limit` values of entity `by` starting with `prefix`, in lexicographic order."""
-    start = b"[" + prefix.encode()
-    found = r.zrange(keys.fs_index(version, by), start, start + b"\xff", bylex=True, offset=0, num=limit)
-    return [value.decode() for value in found]

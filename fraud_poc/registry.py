@@ -10,7 +10,6 @@ __all__ = ['MODEL_FILE', 'METADATA_FILE', 'REPORT_DIR', 'check_id', 'model_id_fo
 # %% ../nbs/23_registry.ipynb #de4e3aa3
 import json
 import platform
-import re
 import shutil
 import tempfile
 import uuid
@@ -27,6 +26,7 @@ from fraud_poc.schema import (
     FEATURE_COLUMNS,
     FEATURE_SET_VERSION,
     LABEL_DELAY_DAYS,
+    SAFE_ID,
     WINDOW,
     feature_set_fingerprint,
 )
@@ -35,12 +35,11 @@ from fraud_poc.schema import (
 MODEL_FILE = "model.ubj"
 METADATA_FILE = "metadata.json"
 REPORT_DIR = "report"
-_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def check_id(kind: str, value: str) -> str:
     """`value` if it is a safe file and key name (letters, digits, `.`, `_`, `-`), else ValueError."""
-    if not _SAFE_ID.fullmatch(value):
+    if not SAFE_ID.fullmatch(value):
         raise ValueError(f"invalid {kind} {value!r}: use letters, digits, '.', '_' or '-' (at most 128)")
     return value
 

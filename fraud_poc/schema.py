@@ -5,12 +5,13 @@
 # %% auto #0
 __all__ = ['RAW_COLUMNS', 'LABEL', 'LABEL_DATE', 'SCENARIO', 'ENTITIES', 'WINDOW', 'MAX_ORDER_AMOUNT', 'MAX_TEXT_LENGTH',
            'DATE_RANGE', 'AMOUNT_STATS', 'TIME_WINDOWS_DAYS', 'TIME_STATS', 'LABEL_DELAY_DAYS', 'FEATURE_SET_1',
-           'FEATURE_COLUMNS', 'FEATURE_SET_VERSION', 'STATE_FIELDS', 'NO_FRAUD', 'entity_feature_columns',
+           'FEATURE_COLUMNS', 'FEATURE_SET_VERSION', 'STATE_FIELDS', 'NO_FRAUD', 'SAFE_ID', 'entity_feature_columns',
            'time_feature_columns', 'feature_columns', 'feature_set_fingerprint']
 
 # %% ../nbs/00_schema.ipynb #7ac2f665
 import hashlib
 import json
+import re
 
 # %% ../nbs/00_schema.ipynb #f826a59e
 RAW_COLUMNS: dict[str, str] = {
@@ -88,3 +89,6 @@ STATE_FIELDS: tuple[str, ...] = (
     "fraud_ts",
 )
 NO_FRAUD = -1  # fraud_ts of an order without a fraud label
+
+# %% ../nbs/00_schema.ipynb #8091e61c
+SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # ids usable as one folder name and in Redis keys

@@ -89,7 +89,7 @@ class TrainModelSettings:
 @dataobject
 @dataclass
 class FeatureStoreSettings:
-    """Steps 3 and 6 and serving: window size, label delay δ (SPEC 2.2) and bulk-load chunking."""
+    """Training service: window W, label delay δ (SPEC 2.2), bulk-load chunking (serving takes W, δ from its model)."""
 
     window: int = 10
     label_delay_days: int = field(default=7, ge=1, le=365)

@@ -40,7 +40,10 @@ LAYERS = {
         "delivery",
         "step_runner",
         "steps",  # the six pipeline steps' work, one module each
-        "scoring",
+        "store_scripts",
+        "serving_model",
+        "batching",
+        "scorer",
         "carry_over",
         "live_models",
     },

@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from hopeit.dataobjects.payload import Payload
 
 from fraud_poc.service_payloads import Contribution, KnownEntities, Order, Prediction
@@ -52,9 +53,17 @@ def _imports(module: str) -> set[str]:
     return found
 
 
-def test_scoring_is_below_the_event_layer():
+def test_the_service_has_no_window_setting():
+    """W and δ reach serving only from the live model's metadata (what train-model recorded), never from config."""
+    config = json.loads((REPO / "config" / "fraud-service.json").read_text())
+    assert "feature_store" not in config["settings"]
+    assert not [name for name, event in config["events"].items() if "feature_store" in event["setting_keys"]]
+
+
+@pytest.mark.parametrize("module", ["store_scripts", "serving_model", "batching", "scorer"])
+def test_scoring_is_below_the_event_layer(module):
     """Layer 2 never imports hopeit's app or server machinery, nor the event modules."""
-    imports = _imports("fraud_poc.scoring")
+    imports = _imports(f"fraud_poc.{module}")
     assert not [name for name in imports if name.startswith(("hopeit.app", "hopeit.server", ".service."))]
 
 

@@ -654,3 +654,45 @@ async def test_report_label_refuses_what_it_cannot_record(services: Services, li
         assert status == 400 and answer["fields"][0]["field"] == "is_fraud", answer
         status, answer = await post(session, url, {"order_id": order["order_id"], "is_fraud": True}, AUTH)
         assert status == 200 and answer["states_changed"] == 3, answer  # the refusals had changed nothing
+
+
+async def test_window_comes_from_the_live_model(services: Services, live: History):
+    """A model trained with W = 7 and δ = 2 is served with them, by the same service and config: the append
+    script keeps a customer's states to the last 7 orders (beyond 30 + δ days) and the features are W = 7's."""
+    r, keys = redis.Redis.from_url(services.main.redis_url), services.main.keys
+    before = live_pointer(services.main)
+    window, delay = 7, 2
+    fingerprint = feature_set_fingerprint(FEATURE_COLUMNS, window, delay)
+    meta = {
+        "version": "v-w7",
+        "window": window,
+        "label_delay_days": delay,
+        "feature_set_fingerprint": fingerprint,
+    }
+    r.set(
+        keys.fs_meta("v-w7"), json.dumps({**meta, "counts": {}})
+    )  # an empty version: states are built online
+    metrics = {"threshold": 0.5, "average_precision": 0.5}
+    metadata = model_metadata("m-w7", "run-m-w7", {}, metrics, {}, {}, window, label_delay_days=delay)
+    go_live(r, keys, "m-w7", live.booster, metadata, "v-w7")
+    tag = uuid4().hex[:8]
+    start = pd.Timestamp("2026-01-01T00:00:00Z")  # ten days apart: 110 days in all, beyond 30 + δ
+    orders = [
+        {**fresh_order(tag, n), "order_date": (start + pd.Timedelta(days=10 * n)).isoformat()}
+        for n in range(12)
+    ]
+    try:
+        async with aiohttp.ClientSession() as session:
+            answers = [await post(session, f"{services.main.base}/predict", order) for order in orders]
+            status, info = await get(session, f"{services.main.base}/model-info")
+        assert {status for status, _ in answers} == {200} and status == 200, answers[-1]
+        assert (info["model_id"], info["metadata"]["window"]) == ("m-w7", window)
+        kept = state_ids(r, keys, "v-w7", "customer_id", f"{tag}-customer")
+        assert kept == [o["order_id"] for o in orders[-window:]]
+        frame = pd.DataFrame(orders).assign(order_date=lambda d: pd.to_datetime(d["order_date"], utc=True))
+        expected = compute_features(frame, window, delay).set_index("order_id")[FEATURE_COLUMNS]
+        got = pd.DataFrame([a["features"] for _, a in answers], index=expected.index)[FEATURE_COLUMNS]
+        np.testing.assert_allclose(got.to_numpy(), expected.to_numpy(), rtol=0, atol=1e-9)
+        assert got["n_orders_by_customer_id"].iloc[-1] == window
+    finally:  # what was live before is live again
+        switch_live(r, keys, before["model_id"], before["fs_version"], run_id=before["run_id"])

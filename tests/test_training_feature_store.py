@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import redis
+from store_reads import find_values
 
 from fraud_poc.feature_store import (
     NotPromotable,
-    find_values,
     live_pointer,
     loaded_versions,
     promote,

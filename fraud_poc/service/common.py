@@ -10,21 +10,13 @@ import gc
 
 from hopeit.app.context import EventContext
 
-from ..scoring import Scorer, scorer_for
-from ..settings import FeatureStoreSettings, RedisSettings, ServiceSettings
+from ..scorer import Scorer, scorer_for
+from ..settings import RedisSettings, ServiceSettings
 
 # %% ../../nbs/39_service_common.ipynb #0e062e0b
 def event_scorer(context: EventContext) -> Scorer:
-    """The process's shared scorer, from the event's `redis`, `feature_store` and `service` settings."""
+    """The process's shared scorer, from the event's `redis` and `service` settings (W and δ: the live model's)."""
     redis = context.settings(key="redis", datatype=RedisSettings)
-    feature_store = context.settings(key="feature_store", datatype=FeatureStoreSettings)
     service = context.settings(key="service", datatype=ServiceSettings)
     gc.freeze()  # the app is loaded: full collections no longer walk it (see above)
-    return scorer_for(
-        redis.url,
-        redis.key_prefix,
-        feature_store.window,
-        service.top_contributions,
-        feature_store.label_delay_days,
-        service.events_max_len,
-    )
+    return scorer_for(redis.url, redis.key_prefix, service.top_contributions, service.events_max_len)

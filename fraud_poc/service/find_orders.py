@@ -11,7 +11,7 @@ from typing import Optional
 from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 
-from ..scoring import Scorer, ServiceUnavailable
+from ..scorer import Scorer, ServiceUnavailable
 from .common import event_scorer
 from fraud_poc.service_payloads import (
     ErrorResponse,

@@ -10,7 +10,7 @@ from hopeit.app.api import event_api
 from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 
-from ..scoring import Scorer, ServiceUnavailable
+from ..scorer import Scorer, ServiceUnavailable
 from .common import event_scorer
 from ..service_payloads import ErrorResponse, ModelInfo, unavailable, unknown_query
 

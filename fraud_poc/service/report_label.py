@@ -12,7 +12,7 @@ from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 
 from ..auth import check_token, secured_api
-from ..scoring import Scorer, ServiceUnavailable, UnknownOrder
+from ..scorer import Scorer, ServiceUnavailable, UnknownOrder
 from .common import event_scorer
 from fraud_poc.service_payloads import (
     DateWindow,
