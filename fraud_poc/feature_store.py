@@ -6,7 +6,7 @@
 __all__ = ['ANY_LIVE', 'check_version', 'write_entity_states', 'order_index_entries', 'write_encoded_states', 'version_meta',
            'live_pointer', 'remove_version', 'FeatureVersionLoad', 'write_feature_version', 'NotPromotable',
            'GateOutdated', 'upload_model', 'promote', 'remove_models_except', 'loaded_versions',
-           'remove_versions_except', 'switch_live', 'read_live_states']
+           'remove_versions_except', 'switch_live']
 
 # %% ../nbs/22_feature_store.ipynb #73c8f97e
 import json
@@ -31,7 +31,6 @@ from fraud_poc.schema import (
     SAFE_ID,
     feature_set_fingerprint,
 )
-from .serving_state import decode_state
 
 # %% ../nbs/22_feature_store.ipynb #bb2a2dfe
 def check_version(version: str) -> str:
@@ -348,25 +347,3 @@ def switch_live(
         "removed_keys": removed_keys,
         "removed_models": removed_models,
     }
-
-# %% ../nbs/22_feature_store.ipynb #06f71863
-def read_live_states(
-    r: redis.Redis, keys: Keys, lookups: dict[str, str], attempts: int = 5
-) -> tuple[dict[str, Any] | None, dict[str, list[tuple]]]:
-    """The live pointer and the states of `{entity: value}` from that same version ([] for unknown values)."""
-    pointer = live_pointer(r, keys)
-    for _ in range(attempts):
-        if pointer is None:
-            return None, {}
-        pipe = r.pipeline(transaction=True)
-        pipe.get(keys.live)
-        for by, value in lookups.items():
-            pipe.get(keys.fs_state(pointer["fs_version"], by, value))
-        live_raw, *raw_states = pipe.execute()
-        current = None if live_raw is None else json.loads(live_raw)
-        if current == pointer:
-            return pointer, {
-                by: decode_state(raw) if raw else [] for by, raw in zip(lookups, raw_states, strict=True)
-            }
-        pointer = current
-    raise RuntimeError(f"the live pointer changed {attempts} times while reading states")

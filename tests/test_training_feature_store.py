@@ -9,14 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import redis
-from store_reads import find_values
+from store_reads import find_values, read_live_states
 
 from fraud_poc.feature_store import (
     NotPromotable,
     live_pointer,
     loaded_versions,
     promote,
-    read_live_states,
     switch_live,
     upload_model,
     version_meta,
