@@ -6,6 +6,7 @@ processes) and peak memory (RSS of this process plus its worker processes, sampl
 
     .venv/bin/python bench/bench_pipeline.py             # the services' default cluster: 2 worker processes x 1 thread
     .venv/bin/python bench/bench_pipeline.py --steps 4 --in-process --workers 1 --threads 2   # fastest for steps 1-4
+    .venv/bin/python bench/bench_pipeline.py --scale 10   # then 12M orders, 100,000 customers: the ratios per step
 
 Each step of `STEPS` is a `(name, callable)` pair; the callable takes a `BenchRun` and returns something with
 `rows_out`. Steps 5-6 (train-model, prepare-db) use the configured Redis (`FRAUD_REDIS_URL`, default
@@ -209,12 +210,95 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--data-root", type=Path, default=None, help="default: a temporary folder, removed after"
     )
+    parser.add_argument(
+        "--scale",
+        type=int,
+        default=1,
+        help="then again with this many times the orders and customers, and the ratios per step (10: 1.2M vs 12M)",
+    )
     return parser.parse_args()
+
+
+@dataclass
+class StepFigures:
+    result: object
+    wall: float
+    cpu: float
+    peak: int
+
+
+def run_steps(
+    client: Client, args: argparse.Namespace, orders: int, customers: int, key_prefix: str
+) -> dict[str, StepFigures]:
+    """The first `args.steps` steps on a sample of `orders` and `customers`, a table line per step as it ends."""
+    data_root = args.data_root or Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    run = BenchRun(
+        client,
+        data_root,
+        "bench",
+        orders,
+        customers,
+        args.months,
+        args.rows_per_partition,
+        os.environ.get("FRAUD_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        key_prefix,
+    )
+    shape = f"{args.workers} {'in-process' if args.in_process else 'process'} worker(s) x {args.threads} thread(s)"
+    print(
+        f"{orders:,} orders, {customers:,} customers, {args.months} months; cluster: {shape}; "
+        f"{args.rows_per_partition:,} rows per partition"
+    )
+    print(f"{'step':<15}{'wall s':>8}{'orders/s':>12}{'cpu s':>8}{'peak MB':>9}{'rows out':>11}")
+    figures: dict[str, StepFigures] = {}
+    try:
+        for name, step in STEPS[: args.steps]:
+            cpu_before = cpu_seconds()
+            with MemorySampler() as memory:
+                start = time.perf_counter()
+                result = step(run)
+                release_worker_memory(client)  # as the service does after every step
+                wall = time.perf_counter() - start
+            figures[name] = StepFigures(result, wall, cpu_seconds() - cpu_before, memory.peak)
+            rows_out = getattr(result, "rows_out", 0)
+            print(
+                f"{name:<15}{wall:>8.2f}{orders / wall:>12,.0f}{figures[name].cpu:>8.1f}"
+                f"{memory.peak / 2**20:>9,.0f}{rows_out:>11,}"
+            )
+        total_wall = sum(f.wall for f in figures.values())
+        total_cpu = sum(f.cpu for f in figures.values())
+        peak = max(f.peak for f in figures.values())
+        print(
+            f"{'total':<15}{total_wall:>8.2f}{orders / total_wall:>12,.0f}{total_cpu:>8.1f}{peak / 2**20:>9,.0f}"
+        )
+        print(f"load average (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in psutil.getloadavg())}")
+        prepare = figures.get("prepare-db")
+        train = figures.get("train-model")
+        print_training_details(
+            train and train.result, prepare and prepare.result, prepare.wall if prepare else 0.0
+        )
+    finally:
+        bench_redis = redis.Redis.from_url(run.redis_url)
+        for key in bench_redis.scan_iter(match=f"{key_prefix}*", count=1000):
+            bench_redis.unlink(key)
+        if args.data_root is None:
+            shutil.rmtree(data_root, ignore_errors=True)
+    return figures
+
+
+def print_scaling(small: dict[str, StepFigures], large: dict[str, StepFigures], factor: int) -> None:
+    """Per step, the larger sample's wall time, CPU and peak memory as multiples of the smaller's (linear: factor)."""
+    print(f"scaling x{factor} (linear: {factor:.1f}x time and CPU)")
+    print(f"{'step':<15}{'wall':>8}{'cpu':>8}{'peak MB':>9}")
+    for name in small:
+        a, b = small[name], large[name]
+        print(f"{name:<15}{b.wall / a.wall:>7.1f}x{b.cpu / a.cpu:>7.1f}x{b.peak / a.peak:>8.1f}x")
+    wall = sum(f.wall for f in large.values()) / sum(f.wall for f in small.values())
+    cpu = sum(f.cpu for f in large.values()) / sum(f.cpu for f in small.values())
+    print(f"{'total':<15}{wall:>7.1f}x{cpu:>7.1f}x")
 
 
 def main() -> None:
     args = parse_args()
-    data_root = args.data_root or Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     with dask.config.set(
         LOCAL_CLUSTER_CONFIG
     ):  # the services' local cluster settings (fraud_poc.dask_client)
@@ -226,61 +310,17 @@ def main() -> None:
             memory_limit="6GiB",
         )
     client = Client(cluster, set_as_default=False)
-    redis_url = os.environ.get("FRAUD_REDIS_URL", "redis://127.0.0.1:6379/0")
     key_prefix = f"fraudbench:{os.getpid()}:"
-    run = BenchRun(
-        client,
-        data_root,
-        "bench",
-        args.orders,
-        args.customers,
-        args.months,
-        args.rows_per_partition,
-        redis_url,
-        key_prefix,
-    )
-    results: dict[str, tuple[object, float]] = {}
-    shape = f"{args.workers} {'in-process' if args.in_process else 'process'} worker(s) x {args.threads} thread(s)"
-    print(
-        f"{args.orders:,} orders, {args.customers:,} customers, {args.months} months; cluster: {shape}; "
-        f"{args.rows_per_partition:,} rows per partition"
-    )
-    print(f"{'step':<15}{'wall s':>8}{'orders/s':>12}{'cpu s':>8}{'peak MB':>9}{'rows out':>11}")
-    total_wall, total_cpu, overall_peak = 0.0, 0.0, 0
     try:
-        for name, step in STEPS[: args.steps]:
-            cpu_before = cpu_seconds()
-            with MemorySampler() as memory:
-                start = time.perf_counter()
-                result = step(run)
-                release_worker_memory(client)  # as the service does after every step
-                wall = time.perf_counter() - start
-            cpu = cpu_seconds() - cpu_before
-            total_wall, total_cpu, overall_peak = (
-                total_wall + wall,
-                total_cpu + cpu,
-                max(overall_peak, memory.peak),
-            )
-            results[name] = (result, wall)
-            rows_out = getattr(result, "rows_out", 0)
-            print(
-                f"{name:<15}{wall:>8.2f}{args.orders / wall:>12,.0f}{cpu:>8.1f}{memory.peak / 2**20:>9,.0f}{rows_out:>11,}"
-            )
-        print(
-            f"{'total':<15}{total_wall:>8.2f}{args.orders / total_wall:>12,.0f}{total_cpu:>8.1f}"
-            f"{overall_peak / 2**20:>9,.0f}"
-        )
-        print(f"load average (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in psutil.getloadavg())}")
-        prepare, prepare_wall = results.get("prepare-db", (None, 0.0))
-        print_training_details(results.get("train-model", (None, 0.0))[0], prepare, prepare_wall)
+        small = run_steps(client, args, args.orders, args.customers, key_prefix)
+        if args.scale > 1:
+            print()
+            large = run_steps(client, args, args.orders * args.scale, args.customers * args.scale, key_prefix)
+            print()
+            print_scaling(small, large, args.scale)
     finally:
         client.close()
         cluster.close()
-        bench_redis = redis.Redis.from_url(redis_url)
-        for key in bench_redis.scan_iter(match=f"{key_prefix}*", count=1000):
-            bench_redis.unlink(key)
-        if args.data_root is None:
-            shutil.rmtree(data_root, ignore_errors=True)
 
 
 if __name__ == "__main__":
