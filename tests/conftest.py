@@ -15,10 +15,15 @@ import pytest
 import redis
 import requests
 from distributed import Client, LocalCluster
-from step_runs import make_runs
+from step_runs import FEATURE_PARAMS, ROWS_PER_PARTITION, SAMPLE, SPLIT, StepsRun, make_runs
 
 from fraud_poc.dask_client import LOCAL_CLUSTER_CONFIG
+from fraud_poc.generator import generate_orders
 from fraud_poc.launcher import SERVICES
+from fraud_poc.steps.feature_calc import calc_features
+from fraud_poc.steps.preprocess import preprocess_orders
+from fraud_poc.steps.sample_data import write_sample_data
+from fraud_poc.steps.training_data import make_training_data
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("FRAUD_TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
@@ -62,6 +67,39 @@ def client():
 def runs(client, tmp_path_factory):
     """Runs 1 and 3 (same orders) and run 2 (other orders) through steps 1-4 under a data root of the module's own."""
     return make_runs(client, tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def sample_run(client, tmp_path_factory) -> StepsRun:
+    """Step 1 on `SAMPLE` (run "r1", a data root of the session's own): the run the step tests share."""
+    run = StepsRun(tmp_path_factory.mktemp("steps"), "r1", generate_orders(**SAMPLE))
+    run.results["sample-data"] = write_sample_data(client, run.data_root, run.run_id, **SAMPLE)
+    return run
+
+
+@pytest.fixture(scope="session")
+def preprocessed_run(client, sample_run) -> StepsRun:
+    """`sample_run` after step 2."""
+    sample_run.results["preprocess"] = preprocess_orders(
+        client, sample_run.data_root, sample_run.run_id, None, rows_per_partition=ROWS_PER_PARTITION
+    )
+    return sample_run
+
+
+@pytest.fixture(scope="session")
+def features_run(client, preprocessed_run) -> StepsRun:
+    """`sample_run` after step 3 (window and label delay `FEATURE_PARAMS`)."""
+    run = preprocessed_run
+    run.results["feature-calc"] = calc_features(client, run.data_root, run.run_id, **FEATURE_PARAMS)
+    return run
+
+
+@pytest.fixture(scope="session")
+def training_run(client, features_run) -> StepsRun:
+    """`sample_run` after step 4 (split `SPLIT`)."""
+    run = features_run
+    run.results["training-data"] = make_training_data(client, run.data_root, run.run_id, SPLIT)
+    return run
 
 
 def service_env(key_prefix: str, data_root: Path, redis_url: str = REDIS_URL) -> dict:

@@ -1,19 +1,36 @@
-"""Steps 1-4 of small generated runs, as the pipeline runs them: the input of the train-model and prepare-db tests."""
+"""Steps 1-4 of small generated runs, as the pipeline runs them: the runs the step tests start from."""
 
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 from distributed import Client
 
-from fraud_poc.datasets import raw_dir
+from fraud_poc.datasets import StepResult, raw_dir
 from fraud_poc.schema import LABEL_DELAY_DAYS, WINDOW
 from fraud_poc.settings import TrainingDataSettings, TrainModelSettings
 from fraud_poc.steps.feature_calc import calc_features
 from fraud_poc.steps.preprocess import preprocess_orders
 from fraud_poc.steps.sample_data import write_sample_data
 from fraud_poc.steps.training_data import make_training_data
+
+# The one sample of the step tests (tests/test_{sample_data,preprocess,feature_calc,training_data}.py): each step once
+# over the session, in order, and each test file starts from the step before its own.
+SAMPLE = {
+    "num_orders": 20_000,
+    "num_customers": 800,
+    "months": 3,
+    "start_date": "2025-01-01",
+    "fraud_rate": 0.02,
+    "seed": 7,
+}
+ROWS_PER_PARTITION = 4_000  # step 2 writes 5 partitions per entity
+FEATURE_PARAMS = {"window": 8, "label_delay_days": 5}  # not the defaults: a step that ignores them is caught
+SPLIT = TrainingDataSettings(
+    validation_days=14, tuning_days=14, warmup_days=10, non_fraud_fraction=0.5, seed=3
+)
 
 REDIS_URL = os.environ.get("FRAUD_TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
 SETTINGS = TrainModelSettings(
@@ -60,3 +77,23 @@ def make_runs(client: Client, root: Path) -> tuple[Path, pd.DataFrame, pd.DataFr
     orders_b = run_steps_1_to_4(client, root, "run-2", 7000, 400, seed=6)
     shutil.copytree(root / "runs" / "run-1", root / "runs" / "run-3")
     return root, orders_a, orders_b
+
+
+@dataclass
+class StepsRun:
+    """One run of `SAMPLE` under a data root, with the result of each step run so far."""
+
+    data_root: Path
+    run_id: str
+    # `generator.generate_orders(**SAMPLE)`, made in this process: what step 1 must write
+    orders: pd.DataFrame
+    results: dict[str, StepResult] = field(default_factory=dict)
+
+    @property
+    def folder(self) -> Path:
+        return self.data_root / "runs" / self.run_id
+
+    def copy(self, data_root: Path) -> Path:
+        """Copy the run's folder (same run id) under another data root; return that root."""
+        shutil.copytree(self.folder, data_root / "runs" / self.run_id)
+        return data_root

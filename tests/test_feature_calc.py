@@ -1,0 +1,95 @@
+"""fraud_poc.steps.feature_calc: step 3 on a real LocalCluster over step 2's datasets, under a data root of the
+session's own; its output against the batch definition computed in pandas (`features.compute_features`)."""
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from step_runs import FEATURE_PARAMS, SAMPLE
+
+from fraud_poc import features
+from fraud_poc.datasets import entity_dir, feature_params, features_dir, serving_state_dir
+from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, LABEL, SCENARIO, WINDOW
+from fraud_poc.serving_state import ENCODED_COLUMNS, decode_state, entity_states
+from fraud_poc.steps.feature_calc import FEATURES_OUTPUT_COLUMNS, calc_features
+
+
+def read_outputs(data_root: Path, run_id: str) -> dict[str, pd.DataFrame]:
+    """Step 3's output: the features and each entity's serving state."""
+    return {
+        "features": pd.read_parquet(features_dir(data_root, run_id)),
+        **{by: pd.read_parquet(serving_state_dir(data_root, run_id) / by) for by in ENTITIES},
+    }
+
+
+def assert_same_outputs(after: dict[str, pd.DataFrame], before: dict[str, pd.DataFrame]) -> None:
+    assert list(after) == list(before) and all(after[name].equals(before[name]) for name in before)
+
+
+def test_features_equal_the_batch_definition(features_run):
+    run = features_run
+    step3 = run.results["feature-calc"]
+    assert (step3.rows_in, step3.rows_out) == (SAMPLE["num_orders"], SAMPLE["num_orders"])
+    assert step3.details == {**FEATURE_PARAMS, "partitions": run.results["preprocess"].details["partitions"]}
+    assert json.loads(json.dumps(asdict(step3))) == asdict(step3)  # the run status stores it as JSON
+    assert feature_params(run.data_root, run.run_id) == FEATURE_PARAMS  # recorded for the later steps
+    computed = pd.read_parquet(features_dir(run.data_root, run.run_id))
+    assert list(computed.columns) == FEATURES_OUTPUT_COLUMNS
+    computed = computed.sort_values("order_id", ignore_index=True)
+    expected = features.compute_features(run.orders, **FEATURE_PARAMS).sort_values(
+        "order_id", ignore_index=True
+    )
+    assert computed[["order_id", *FEATURE_COLUMNS]].equals(expected)
+    labels = run.orders.sort_values("order_id", ignore_index=True)[["order_date", LABEL, SCENARIO]]
+    assert computed[["order_date", LABEL, SCENARIO]].equals(labels)
+
+
+def test_serving_state_is_every_values_latest_orders(features_run):
+    run = features_run
+    for by in ENTITIES:
+        stored = pd.read_parquet(serving_state_dir(run.data_root, run.run_id) / by)
+        assert stored.columns.tolist() == ENCODED_COLUMNS and stored["value"].is_unique
+        latest = features.latest_orders(run.orders, by, **FEATURE_PARAMS)
+        expected = dict(zip(*entity_states(latest, by), strict=True))
+        assert {v: decode_state(p) for v, p in zip(stored["value"], stored["state"], strict=True)} == {
+            v: decode_state(p) for v, p in expected.items()
+        }
+
+
+def test_retry_replaces_the_output_with_the_same_and_leaves_step_2s_alone(client, features_run):
+    run = features_run
+    before = read_outputs(run.data_root, run.run_id)
+    email = pd.read_parquet(entity_dir(run.data_root, run.run_id, "email"))
+    assert calc_features(client, run.data_root, run.run_id, **FEATURE_PARAMS) == run.results["feature-calc"]
+    assert_same_outputs(read_outputs(run.data_root, run.run_id), before)
+    assert feature_params(run.data_root, run.run_id) == FEATURE_PARAMS
+    assert pd.read_parquet(entity_dir(run.data_root, run.run_id, "email")).equals(email)
+    assert not [p for p in run.folder.iterdir() if p.name.startswith(".")]  # no temporary or replaced copies
+
+
+def test_a_failing_attempt_leaves_the_previous_output_and_params(client, features_run, tmp_path):
+    run = features_run
+    data_root = run.copy(tmp_path)
+    before = read_outputs(data_root, run.run_id)
+    victim = sorted(entity_dir(data_root, run.run_id, "email").glob("*.parquet"))[-1]
+    victim.write_bytes(victim.read_bytes()[:200])  # a truncated file: that partition cannot be read
+    with pytest.raises(Exception, match="(?i)parquet|arrow|invalid|magic"):
+        calc_features(client, data_root, run.run_id, window=WINDOW, label_delay_days=7)
+    assert_same_outputs(read_outputs(data_root, run.run_id), before)
+    assert feature_params(data_root, run.run_id) == FEATURE_PARAMS  # not the failed attempt's
+    assert not [p for p in (data_root / "runs" / run.run_id).iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("missing", ENTITIES)
+def test_missing_step_2_output_names_it_and_the_step_to_run_first(client, features_run, tmp_path, missing):
+    run = features_run
+    data_root = run.copy(tmp_path)
+    shutil.rmtree(entity_dir(data_root, run.run_id, missing))
+    with pytest.raises(
+        FileNotFoundError, match=f"no orders by {missing} for run 'r1': run step preprocess first"
+    ):
+        calc_features(client, data_root, run.run_id, **FEATURE_PARAMS)
+    assert features_dir(data_root, run.run_id).is_dir()  # the previous features, untouched
