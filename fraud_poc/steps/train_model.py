@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import dask.dataframe as dd
 import numpy as np
 from distributed import Client
 
@@ -102,13 +101,16 @@ def booster_params(settings: TrainModelSettings) -> dict[str, Any]:
     }
 
 # %% ../../nbs/36_train_model.ipynb #5f30c1ba
-def _label_counts(client: Client, frame: dd.DataFrame) -> tuple[int, int]:
-    rows, fraud = client.compute([frame[LABEL].count(), frame[LABEL].astype("int64").sum()], sync=True)
+def _label_counts(client: Client, path: Path) -> tuple[int, int]:
+    """Rows and fraud rows of a split, reading its label column only."""
+    labels = read_dataset(path, [LABEL])[LABEL]
+    rows, fraud = client.compute([labels.count(), labels.astype("int64").sum()], sync=True)
     return int(rows), int(fraud)
 
 
-def _holdout_truth(client: Client, holdout: dd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    truth = client.compute(holdout[[LABEL, SCENARIO]], sync=True)
+def _truth(client: Client, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and fraud scenarios of a split, in its row order, reading those two columns only."""
+    truth = client.compute(read_dataset(path, [LABEL, SCENARIO]), sync=True)
     return truth[LABEL].to_numpy(dtype=bool), truth[SCENARIO].astype("string").fillna("").to_numpy(
         dtype=object
     )
@@ -127,8 +129,8 @@ def _train_and_register(
     report to the registry; returns the metadata."""
     train_path, tuning_path, holdout_path = training_paths(data_root, run_id)
     train = read_dataset(train_path, [*FEATURE_COLUMNS, LABEL])
-    tuning = read_dataset(tuning_path, [*FEATURE_COLUMNS, LABEL, SCENARIO])
-    holdout = read_dataset(holdout_path, [*FEATURE_COLUMNS, LABEL, SCENARIO])
+    tuning = read_dataset(tuning_path, [*FEATURE_COLUMNS, LABEL])
+    holdout = read_dataset(holdout_path, FEATURE_COLUMNS)
     params = booster_params(settings)
     started = time.perf_counter()
     trained = train_booster(
@@ -141,13 +143,13 @@ def _train_and_register(
         collective_timeout=settings.collective_timeout_seconds,
     )
     train_seconds = time.perf_counter() - started
-    tuning_y = _holdout_truth(client, tuning)[0]
+    tuning_y = _truth(client, tuning_path)[0]
     threshold = choose_threshold(
         tuning_y, predict_scores(client, trained.booster, tuning), settings.threshold_metric
     )
     scores = predict_scores(client, trained.booster, holdout)
-    y, scenarios = _holdout_truth(client, holdout)
-    train_rows, train_fraud = _label_counts(client, train)
+    y, scenarios = _truth(client, holdout_path)
+    train_rows, train_fraud = _label_counts(client, train_path)
     data_sizes = {
         "train_rows": train_rows,
         "train_fraud": train_fraud,
@@ -213,9 +215,11 @@ def champion_average_precision(
     fingerprint = feature_set_fingerprint(FEATURE_COLUMNS, window, label_delay_days)
     if json.loads(raw_metadata)["feature_set_fingerprint"] != fingerprint:
         return champion_id, None
-    holdout = read_dataset(training_paths(data_root, run_id)[2], [*FEATURE_COLUMNS, LABEL, SCENARIO])
-    scores = predict_scores(client, booster_from_bytes(raw_booster), holdout)
-    return champion_id, average_precision(_holdout_truth(client, holdout)[0], scores)
+    holdout_path = training_paths(data_root, run_id)[2]
+    scores = predict_scores(
+        client, booster_from_bytes(raw_booster), read_dataset(holdout_path, FEATURE_COLUMNS)
+    )
+    return champion_id, average_precision(_truth(client, holdout_path)[0], scores)
 
 
 def train_model_step(
