@@ -86,6 +86,8 @@ class CustomerPopulation:
 
 def make_population(num_customers: int, seed: int) -> CustomerPopulation:
     """Draw `num_customers` customer profiles, deterministically for `seed`."""
+    if num_customers < 1:
+        raise ValueError(f"num_customers must be >= 1, got {num_customers}")
     rng = np.random.default_rng([seed, 0])
     n = num_customers
     ids = np.arange(n)

@@ -66,7 +66,9 @@ def test_a_failing_attempt_leaves_the_previous_output(client, sample_run, tmp_pa
     data_root = sample_run.copy(tmp_path)
     folder = raw_dir(data_root, sample_run.run_id)
     before = read_files(folder)
-    with pytest.raises(ValueError):  # no customers: generating a month fails on the workers, mid-write
+    with pytest.raises(
+        ValueError, match=r"num_customers must be >= 1, got 0"
+    ):  # fails on a worker, mid-write
         write_sample_data(client, data_root, sample_run.run_id, **{**SAMPLE, "num_customers": 0})
     after = read_files(folder)
     assert list(after) == MONTH_FILES and all(after[name].equals(before[name]) for name in MONTH_FILES)
