@@ -26,6 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def start_make(target: str, env: dict, log: Path, *variables: str) -> subprocess.Popen:
     """`make TARGET VAR=...` in a process group of its own (the test stops the whole group, as Ctrl-C would)."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        # pytest started in the background (`cmd &` without job control) ignores Ctrl-C, and an ignored signal stays
+        # ignored across exec: make would let it through to its children but not stop itself. A handled one is reset
+        # to its default in the child, as a terminal starts a command.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     return subprocess.Popen(
         ["make", "--no-print-directory", target, *variables],
         cwd=ROOT,
