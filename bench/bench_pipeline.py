@@ -30,6 +30,7 @@ import redis
 from distributed import Client, LocalCluster
 
 from fraud_poc.dask_client import LOCAL_CLUSTER_CONFIG, release_worker_memory
+from fraud_poc.redis_store import glob_escape, unlink_matching
 from fraud_poc.registry import model_id_for_run
 from fraud_poc.schema import LABEL_DELAY_DAYS, WINDOW
 from fraud_poc.settings import (
@@ -277,15 +278,7 @@ def run_steps(
             train and train.result, prepare and prepare.result, prepare.wall if prepare else 0.0
         )
     finally:
-        bench_redis = redis.Redis.from_url(run.redis_url)
-        batch: list[bytes] = []
-        for key in bench_redis.scan_iter(match=f"{key_prefix}*", count=1000):
-            batch.append(key)
-            if len(batch) == 1000:  # one round trip per 1,000 keys: 12M orders leave about a million
-                bench_redis.unlink(*batch)
-                batch.clear()
-        if batch:
-            bench_redis.unlink(*batch)
+        unlink_matching(redis.Redis.from_url(run.redis_url), glob_escape(key_prefix) + "*")
         if args.data_root is None:
             shutil.rmtree(data_root, ignore_errors=True)
     return figures

@@ -10,7 +10,6 @@ __all__ = ['ANY_LIVE', 'check_version', 'write_entity_states', 'order_index_entr
 
 # %% ../nbs/22_feature_store.ipynb #73c8f97e
 import json
-import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,7 +22,7 @@ import pandas as pd
 import redis
 from distributed import Client, Future, wait
 
-from .redis_store import Keys, sync_redis
+from .redis_store import Keys, glob_escape, sync_redis, unlink_matching
 from fraud_poc.schema import (
     FEATURE_COLUMNS,
     FEATURE_SET_VERSION,
@@ -98,31 +97,13 @@ def live_pointer(r: redis.Redis, keys: Keys) -> dict[str, Any] | None:
     return None if raw is None else json.loads(raw)
 
 
-def _glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
-
-
-def _unlink_matching(
-    r: redis.Redis, pattern: str, chunk_size: int, keep: frozenset[bytes] = frozenset()
-) -> int:
-    removed, batch = 0, []
-    for key in r.scan_iter(match=pattern, count=chunk_size):
-        if key in keep:
-            continue
-        batch.append(key)
-        if len(batch) >= chunk_size:
-            removed += r.unlink(*batch)
-            batch = []
-    return removed + (r.unlink(*batch) if batch else 0)
-
-
 def remove_version(r: redis.Redis, keys: Keys, version: str, chunk_size: int = 1000) -> int:
     """Delete every key of a version (meta first, so it is never promotable while half-deleted); returns the count."""
     live = live_pointer(r, keys)
     if live is not None and live["fs_version"] == check_version(version):
         raise ValueError(f"feature-store version {version} is live: it cannot be removed")
     removed = r.unlink(keys.fs_meta(version))
-    return removed + _unlink_matching(r, _glob_escape(keys.fs_prefix(version)) + "*", chunk_size)
+    return removed + unlink_matching(r, glob_escape(keys.fs_prefix(version)) + "*", chunk_size)
 
 # %% ../nbs/22_feature_store.ipynb #3124004b
 @dataclass(frozen=True)
@@ -304,14 +285,14 @@ def promote(
 def remove_models_except(r: redis.Redis, keys: Keys, keep: set[str], chunk_size: int = 1000) -> int:
     """Delete the Redis hashes of every model not in `keep`; returns the count."""
     keep_keys = frozenset(keys.model(model_id).encode() for model_id in keep)
-    return _unlink_matching(r, _glob_escape(keys.model("")) + "*", chunk_size, keep_keys)
+    return unlink_matching(r, glob_escape(keys.model("")) + "*", chunk_size, keep_keys)
 
 
 def loaded_versions(r: redis.Redis, keys: Keys) -> list[str]:
     """Feature-store versions whose load completed (their meta exists), sorted."""
     head, tail = keys.fs_meta("\0").split("\0")
     found = (
-        key.decode()[len(head) : -len(tail)] for key in r.scan_iter(match=_glob_escape(head) + "*" + tail)
+        key.decode()[len(head) : -len(tail)] for key in r.scan_iter(match=glob_escape(head) + "*" + tail)
     )
     return sorted(v for v in found if SAFE_ID.fullmatch(v))  # a state key ending in `:meta` is no version
 

@@ -32,7 +32,7 @@ from .datasets import model_dir
 from .masking import mask_url
 from .redis_store import redis_url_from_env
 from .redis_server import redis_answers, start_embedded_redis, stop_embedded_redis
-from .redis_store import Keys, sync_redis
+from .redis_store import Keys, glob_escape, sync_redis, unlink_matching
 from .registry import METADATA_FILE, MODEL_FILE, REPORT_DIR
 from .schema import ENTITIES
 
@@ -266,11 +266,7 @@ def copy_live_to_sandbox(url: str, prefix: str, sandbox: str, entities: list[dic
 
 def drop_sandbox(url: str, sandbox: str) -> int:
     """Delete every key under the `sandbox` prefix; how many."""
-    r, deleted = sync_redis(url), 0
-    keys = list(r.scan_iter(match=f"{sandbox}*", count=1000))
-    for start in range(0, len(keys), 1000):
-        deleted += r.unlink(*keys[start : start + 1000])
-    return deleted
+    return unlink_matching(sync_redis(url), glob_escape(sandbox) + "*")
 
 # %% ../nbs/70_launcher.ipynb #bcf6ee1a
 def example_orders(known: dict[str, str], now: datetime) -> list[dict]:

@@ -4,11 +4,12 @@
 
 # %% auto #0
 __all__ = ['RETRY_ATTEMPTS', 'RETRY_ERRORS', 'Keys', 'retry_backoff', 'retry_policy', 'retrying_options', 'async_redis',
-           'sync_redis', 'ensure_consumer_groups', 'redis_url_from_env']
+           'sync_redis', 'ensure_consumer_groups', 'redis_url_from_env', 'glob_escape', 'unlink_matching']
 
 # %% ../nbs/03_redis_store.ipynb #1b5eff8a
 import asyncio
 import os
+import re
 import weakref
 from dataclasses import dataclass
 
@@ -164,3 +165,23 @@ async def ensure_consumer_groups(
 def redis_url_from_env() -> str:
     """$FRAUD_REDIS_URL, or the settings' default Redis URL when it is unset or empty."""
     return os.environ.get("FRAUD_REDIS_URL") or RedisSettings.url
+
+# %% ../nbs/03_redis_store.ipynb #002a5902
+def glob_escape(text: str) -> str:
+    """`text` as a literal inside a Redis SCAN MATCH pattern."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def unlink_matching(
+    r: redis.Redis, pattern: str, chunk_size: int = 1000, keep: frozenset[bytes] = frozenset()
+) -> int:
+    """Unlink every key matching `pattern` but those in `keep`, `chunk_size` keys per round trip; how many."""
+    removed, batch = 0, []
+    for key in r.scan_iter(match=pattern, count=chunk_size):
+        if key in keep:
+            continue
+        batch.append(key)
+        if len(batch) >= chunk_size:
+            removed += r.unlink(*batch)
+            batch = []
+    return removed + (r.unlink(*batch) if batch else 0)
