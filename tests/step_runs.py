@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 from distributed import Client
 
-from fraud_poc.datasets import StepResult, raw_dir
+from fraud_poc.datasets import StepResult, raw_dir, run_dir
 from fraud_poc.schema import LABEL_DELAY_DAYS, WINDOW
 from fraud_poc.settings import TrainingDataSettings, TrainModelSettings
 from fraud_poc.steps.feature_calc import calc_features
@@ -75,7 +75,7 @@ def make_runs(client: Client, root: Path) -> tuple[Path, pd.DataFrame, pd.DataFr
     """Data root with runs 1 and 3 (same orders) and run 2 (other orders)."""
     orders_a = run_steps_1_to_4(client, root, "run-1", 8000, 500, seed=5)
     orders_b = run_steps_1_to_4(client, root, "run-2", 7000, 400, seed=6)
-    shutil.copytree(root / "runs" / "run-1", root / "runs" / "run-3")
+    shutil.copytree(run_dir(root, "run-1"), run_dir(root, "run-3"))
     return root, orders_a, orders_b
 
 
@@ -91,9 +91,14 @@ class StepsRun:
 
     @property
     def folder(self) -> Path:
-        return self.data_root / "runs" / self.run_id
+        return run_dir(self.data_root, self.run_id)
+
+    def leftovers(self, data_root: Path | None = None) -> list[str]:
+        """Temporary or replaced copies (`replace_atomically`'s hidden folders) left in the run's folder."""
+        folder = run_dir(data_root, self.run_id) if data_root else self.folder
+        return [p.name for p in folder.iterdir() if p.name.startswith(".")]
 
     def copy(self, data_root: Path) -> Path:
         """Copy the run's folder (same run id) under another data root; return that root."""
-        shutil.copytree(self.folder, data_root / "runs" / self.run_id)
+        shutil.copytree(self.folder, run_dir(data_root, self.run_id))
         return data_root

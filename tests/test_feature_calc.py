@@ -67,7 +67,7 @@ def test_retry_replaces_the_output_with_the_same_and_leaves_step_2s_alone(client
     assert_same_outputs(read_outputs(run.data_root, run.run_id), before)
     assert feature_params(run.data_root, run.run_id) == FEATURE_PARAMS
     assert pd.read_parquet(entity_dir(run.data_root, run.run_id, "email")).equals(email)
-    assert not [p for p in run.folder.iterdir() if p.name.startswith(".")]  # no temporary or replaced copies
+    assert run.leftovers() == []
 
 
 def test_a_failing_attempt_leaves_the_previous_output_and_params(client, features_run, tmp_path):
@@ -80,7 +80,7 @@ def test_a_failing_attempt_leaves_the_previous_output_and_params(client, feature
         calc_features(client, data_root, run.run_id, window=WINDOW, label_delay_days=7)
     assert_same_outputs(read_outputs(data_root, run.run_id), before)
     assert feature_params(data_root, run.run_id) == FEATURE_PARAMS  # not the failed attempt's
-    assert not [p for p in (data_root / "runs" / run.run_id).iterdir() if p.name.startswith(".")]
+    assert run.leftovers(data_root) == []
 
 
 @pytest.mark.parametrize("missing", ENTITIES)

@@ -19,11 +19,6 @@ def read_files(folder: Path) -> dict[str, pd.DataFrame]:
     return {p.name: pd.read_parquet(p) for p in sorted(folder.iterdir())}
 
 
-def leftovers(folder: Path) -> list[str]:
-    """Temporary or replaced copies `replace_atomically` left beside the step's output."""
-    return [p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}.")]
-
-
 def test_one_file_per_month_holding_what_generate_orders_gives(sample_run):
     step1, orders = sample_run.results["sample-data"], sample_run.orders
     assert (step1.rows_in, step1.rows_out) == (0, SAMPLE["num_orders"])
@@ -48,7 +43,7 @@ def test_retry_replaces_the_output_with_the_same(client, sample_run):
     assert again == sample_run.results["sample-data"]
     after = read_files(folder)
     assert list(after) == MONTH_FILES and all(after[name].equals(before[name]) for name in MONTH_FILES)
-    assert leftovers(folder) == []
+    assert sample_run.leftovers() == []
 
 
 def test_a_retry_with_other_arguments_replaces_every_file(client, sample_run, tmp_path):
@@ -72,7 +67,7 @@ def test_a_failing_attempt_leaves_the_previous_output(client, sample_run, tmp_pa
         write_sample_data(client, data_root, sample_run.run_id, **{**SAMPLE, "num_customers": 0})
     after = read_files(folder)
     assert list(after) == MONTH_FILES and all(after[name].equals(before[name]) for name in MONTH_FILES)
-    assert leftovers(folder) == []
+    assert sample_run.leftovers(data_root) == []
 
 
 @pytest.mark.parametrize(
