@@ -16,9 +16,9 @@ import redis
 
 from .datasets import replace_atomically, write_parquet
 from .feature_store import ANY_LIVE, switch_live
-from .features import state_horizon_us
+from .features import state_horizon_hours
 from .redis_store import Keys
-from .schema import LABEL, NO_FRAUD
+from .schema import LABEL
 from .scored_orders import orders_from_events
 from fraud_poc.store_scripts import (
     APPEND_SCRIPT,
@@ -71,7 +71,7 @@ def carry_over(
     """Replay the events logged after `since_id` into feature-store `version`, in log order."""
     append, label = r.register_script(APPEND_SCRIPT), r.register_script(LABEL_SCRIPT)
     horizon, last, counts = (
-        state_horizon_us(label_delay_days),
+        state_horizon_hours(label_delay_days),
         since_id,
         {"order": 0, "label": 0, "unknown": 0},
     )
@@ -88,10 +88,9 @@ def carry_over(
                     e["email"],
                     e["ip_addr"],
                     float(e["order_amount"]),
-                    NO_FRAUD,  # labels come as label events
                 )
                 where = (float(e["location_lat"]), float(e["location_long"]))
-                args = script_args(b"", window, record, horizon, where, log_max_len=0)
+                args = script_args(b"", window, label_delay_days, horizon, record, where, log_max_len=0)
                 append(keys=script_keys(keys, version, record), args=args, client=pipe)
             else:
                 args = label_args(

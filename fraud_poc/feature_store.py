@@ -23,6 +23,7 @@ import redis
 from distributed import Client, Future, wait
 
 from .redis_store import Keys, glob_escape, sync_redis, unlink_matching
+from .serving_state import encode_tile
 from fraud_poc.schema import (
     FEATURE_COLUMNS,
     FEATURE_SET_VERSION,
@@ -40,33 +41,33 @@ def check_version(version: str) -> str:
 
 
 def write_entity_states(
-    r: redis.Redis,
-    keys: Keys,
-    version: str,
-    by: str,
-    values: list[str],
-    payloads: list[bytes],
-    chunk_size: int,
+    r: redis.Redis, keys: Keys, version: str, by: str, encoded: pd.DataFrame, chunk_size: int
 ) -> int:
-    """Write states, index entries and the order index of one entity, `chunk_size` values per round trip;
-    returns the count."""
-    index, state_key = keys.fs_index(version, by), keys.fs_state(version, by, "")  # state key: prefix + value
+    """Write one entity's encoded states (`serving_state.encoded_states`): records, tiles, index entries and the
+    order index, `chunk_size` values per round trip; returns the count."""
+    values = encoded["value"].tolist()
+    columns = [encoded[col].tolist() for col in ("state", "tiles", "orders")]
+    index = keys.fs_index(version, by)
     for start in range(0, len(values), chunk_size):
-        chunk, states = values[start : start + chunk_size], payloads[start : start + chunk_size]
+        chunk = slice(start, start + chunk_size)
+        states, tiles, orders = (column[chunk] for column in columns)
         pipe = r.pipeline(transaction=False)
-        pipe.mset(dict(zip([state_key + v for v in chunk], states, strict=True)))
-        pipe.zadd(index, dict.fromkeys(chunk, 0))
-        pipe.hset(keys.fs_orders(version), mapping=order_index_entries(states))
+        pipe.mset({keys.fs_state(version, by, v): s for v, s in zip(values[chunk], states, strict=True)})
+        for value, packed in zip(values[chunk], tiles, strict=True):
+            members = {encode_tile(t): t[0] for t in msgpack.unpackb(packed)}
+            pipe.zadd(keys.fs_tiles(version, by, value), members)
+        pipe.zadd(index, dict.fromkeys(values[chunk], 0))
+        pipe.hset(keys.fs_orders(version), mapping=order_index_entries(orders))
         pipe.execute()
     return len(values)
 
 
-def order_index_entries(states: list[bytes]) -> dict[str, bytes]:
-    """order_id -> msgpack [ts_us, customer_id, email, ip_addr] of every record in the encoded states."""
+def order_index_entries(orders: list[bytes]) -> dict[str, bytes]:
+    """order_id -> msgpack [ts_us, customer_id, email, ip_addr, hour, is_fraud] of every entry in the payloads."""
     return {
-        rec[0]: msgpack.packb([rec[1], rec[2], rec[3], rec[4]])
-        for state in states
-        for rec in msgpack.unpackb(state, raw=False)
+        entry[0]: msgpack.packb(entry[1:])
+        for payload in orders
+        for entry in msgpack.unpackb(payload, raw=False)
     }
 
 
@@ -78,11 +79,8 @@ def write_encoded_states(
     version: str,
     chunk_size: int,
 ) -> int:
-    """Dask task: write one partition's encoded states (`value`, `state`) with this worker's connection."""
-    values, payloads = encoded["value"].tolist(), encoded["state"].tolist()
-    return write_entity_states(
-        sync_redis(redis_url), Keys(key_prefix), version, by, values, payloads, chunk_size
-    )
+    """Dask task: write one partition's encoded states with this worker's connection."""
+    return write_entity_states(sync_redis(redis_url), Keys(key_prefix), version, by, encoded, chunk_size)
 
 # %% ../nbs/22_feature_store.ipynb #3f976bae
 def version_meta(r: redis.Redis, keys: Keys, version: str) -> dict[str, Any] | None:

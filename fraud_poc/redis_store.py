@@ -56,12 +56,16 @@ class Keys:
         """msgpack list of the last W orders of one entity value."""
         return f"{self.fs_prefix(version)}{entity}:{value}"
 
+    def fs_tiles(self, version: str, entity: str, value: str) -> str:
+        """Sorted set of one entity value's hourly tiles (members: msgpack `TILE_FIELDS`, scores: the hour)."""
+        return f"{self.fs_prefix(version)}tiles:{entity}:{value}"
+
     def fs_index(self, version: str, entity: str) -> str:
         """Sorted set (all scores 0) of an entity's values, for prefix search."""
         return f"{self.fs_prefix(version)}index:{entity}"
 
     def fs_orders(self, version: str) -> str:
-        """Hash of every order in the version's states: order_id -> msgpack [ts_us, customer_id, email, ip_addr]."""
+        """Hash of the orders in the version's states: order_id -> msgpack [ts_us, customer_id, email, ip_addr, hour, is_fraud]."""
         return f"{self.fs_prefix(version)}orders"
 
     @property

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['EPOCH', 'MAX_SWITCHES', 'logger', 'ServiceUnavailable', 'NoLiveModel', 'StoreUnavailable', 'UnknownOrder',
-           'history_of', 'Scorer', 'scorer_for']
+           'entity_view_of', 'Scorer', 'scorer_for']
 
 # %% ../nbs/48_scorer.ipynb #4b28c49d
 import asyncio
@@ -12,12 +12,13 @@ import json
 import logging
 from datetime import UTC, datetime, timedelta
 
+import msgpack
 import numpy as np
 import redis.asyncio as aioredis
 import redis.exceptions
 
 from .batching import ModelBatcher, ScriptBatcher
-from .features import known_entities, serving_features, timestamp_us
+from .features import EntityView, known_entities, serving_features, timestamp_us
 from .redis_pipe import RedisPipe
 from .redis_store import Keys, async_redis
 from .schema import ENTITIES, FEATURE_COLUMNS
@@ -30,7 +31,7 @@ from fraud_poc.service_payloads import (
     Prediction,
 )
 from .serving_model import LiveModel, load_live_model, top_contributions
-from .serving_state import decode_state
+from .serving_state import decode_state, decode_tile
 from fraud_poc.store_scripts import (
     LABEL_SCRIPT,
     Record,
@@ -65,9 +66,22 @@ MAX_SWITCHES = 5
 logger = logging.getLogger(__name__)
 
 
-def history_of(raw: bytes | None) -> list[tuple]:
-    """Stored records of an entity value ([] for an unknown value)."""
-    return [] if raw is None else decode_state(raw)
+def entity_view_of(view: list, record: Record, known: bytes | None, i: int) -> EntityView:
+    """The `EntityView` of one entity from the append script's reply (records, oldest tile, tiles at the edges).
+
+    `known` is the order's index entry if it was scored before (a retry): it is counted in this entity's tiles
+    if it went to the same value and its hour's tile is still there."""
+    at_edges = [decode_tile(tile) for tile in view[2:]]
+    counted = False
+    if known is not None:
+        entry = msgpack.unpackb(known, raw=False)
+        counted = entry[1 + i] == record[2 + i] and at_edges[0] is not None and at_edges[0][0] == entry[4]
+    return EntityView(
+        records=[] if view[0] is None else decode_state(view[0]),
+        at_edges=at_edges,
+        oldest=decode_tile(view[1]),
+        counted=counted,
+    )
 
 
 class Scorer:
@@ -103,13 +117,15 @@ class Scorer:
     ) -> list[list]:
         """One script call per order, sent with the calls of concurrent requests in one round trip."""
         # W and the horizon are the live model's; without one, the pointer check fails before they are read
-        pointer, version, window, horizon = (
-            (live.pointer, live.fs_version, live.window, live.horizon_us) if live else (b"-", "", 0, 0)
+        pointer, version, window, delay, horizon = (
+            (live.pointer, live.fs_version, live.window, live.label_delay_days, live.horizon_hours)
+            if live
+            else (b"-", "", 1, 1, 0)
         )
         calls = [
             (
                 script_keys(self.keys, version, r),
-                script_args(pointer, window, r, horizon, where, self.log_max_len),
+                script_args(pointer, window, delay, horizon, r, where, self.log_max_len),
             )
             for r, where in zip(records, locations, strict=True)
         ]
@@ -150,7 +166,10 @@ class Scorer:
         features = np.array(
             [
                 serving_features(
-                    {e: history_of(raw) for e, raw in zip(ENTITIES, reply[1:], strict=True)},
+                    {
+                        e: entity_view_of(view, record, reply[1], i)
+                        for i, (e, view) in enumerate(zip(ENTITIES, reply[2:], strict=True))
+                    },
                     record,
                     live.window,
                     live.label_delay_days,
@@ -194,12 +213,12 @@ class Scorer:
             replies = await self._call(
                 self._run_scripts, live, [records[i] for i in pending], [locations[i] for i in pending]
             )
-            done = [(i, r) for i, r in zip(pending, replies, strict=True) if len(r) == 4]
+            done = [(i, r) for i, r in zip(pending, replies, strict=True) if len(r) == 5]
             if done:
                 scored = await self._predictions(live, [records[i] for i, _ in done], [r for _, r in done])
                 for (i, _), prediction in zip(done, scored, strict=True):
                     results[i] = prediction
-            switched = [(i, r) for i, r in zip(pending, replies, strict=True) if len(r) != 4]
+            switched = [(i, r) for i, r in zip(pending, replies, strict=True) if len(r) != 5]
             if not switched:
                 return results
             pending = [i for i, _ in switched]

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import xgboost as xgb
 
-from .features import state_horizon_us
+from .features import state_horizon_hours
 from .row_predictor import RowPredictor
 from .schema import FEATURE_COLUMNS, FEATURE_SET_VERSION
 from .service_payloads import Contribution
@@ -38,7 +38,9 @@ class LiveModel:
     feature_index: np.ndarray  # position of each model feature in FEATURE_COLUMNS
     window: int  # W the model was trained with: serving keeps and scores the last W orders
     label_delay_days: int  # δ the model was trained with
-    horizon_us: int  # serving states keep the orders of the last 30 + δ days (`features.state_horizon_us`)
+    horizon_hours: (
+        int  # serving states keep the tiles of the last 24·(30 + δ) hours (`features.state_horizon_hours`)
+    )
     metadata: dict[str, Any]
 
 
@@ -87,7 +89,7 @@ def load_live_model(pointer: bytes, booster_raw: bytes, metadata_raw: bytes) -> 
         feature_index=np.array([FEATURE_COLUMNS.index(c) for c in columns]),
         window=window,
         label_delay_days=label_delay_days,
-        horizon_us=state_horizon_us(label_delay_days),
+        horizon_hours=state_horizon_hours(label_delay_days),
         metadata=metadata,
     )
 

@@ -35,10 +35,11 @@ _CARRIED = ["order_id", "order_date", LABEL, SCENARIO, "order_amount"]
 
 
 def _features_and_state(
-    orders: pd.DataFrame, by: str, window: int, label_delay_days: int, carried: list[str]
+    orders: pd.DataFrame, by: str, window: int, label_delay_days: int, as_of_us: int, carried: list[str]
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Columns `carried` of `orders` with, row for row, entity `by`'s features; and the encoded state of each value."""
-    entity, latest = features.entity_features_and_state(orders, by, window, label_delay_days)
+    """Columns `carried` of `orders` with, row for row, entity `by`'s features; and the encoded state of each value
+    (labels known by `as_of_us`)."""
+    entity, latest = features.entity_features_and_state(orders, by, window, label_delay_days, as_of_us)
     with_features = pd.concat(
         [orders[carried].reset_index(drop=True), entity.drop(columns="order_id")], axis=1
     )
@@ -46,13 +47,13 @@ def _features_and_state(
 
 
 def _by_entity_outputs(
-    orders: dd.DataFrame, by: str, window: int, label_delay_days: int, carried: list[str]
+    orders: dd.DataFrame, by: str, window: int, label_delay_days: int, as_of_us: int, carried: list[str]
 ) -> tuple[dd.DataFrame, dd.DataFrame]:
     """`_features_and_state` over the partitions of a per-entity dataset: (features, encoded states), one task each."""
-    meta_features, meta_states = _features_and_state(orders._meta, by, window, label_delay_days, carried)
+    params = (window, label_delay_days, as_of_us, carried)
+    meta_features, meta_states = _features_and_state(orders._meta, by, *params)
     pairs = [
-        delayed(_features_and_state, nout=2, pure=True)(part, by, window, label_delay_days, carried)
-        for part in orders.to_delayed()
+        delayed(_features_and_state, nout=2, pure=True)(part, by, *params) for part in orders.to_delayed()
     ]
     return (
         dd.from_delayed([pair[0] for pair in pairs], meta=meta_features, verify_meta=False),
@@ -93,12 +94,14 @@ def calc_features(
     first, *others = ENTITIES
     inputs = [*features.FEATURE_INPUT_COLUMNS, LABEL, LABEL_DATE]
     by_first = read_by_entity(data_root, run_id, first, [*inputs, SCENARIO])
-    left, states = _by_entity_outputs(by_first, first, window, label_delay_days, _CARRIED)
+    # the states know the labels dated up to the history's newest order; later ones come through report-label
+    as_of_us = features.timestamp_us(client.compute(by_first["order_date"].max()).result())
+    left, states = _by_entity_outputs(by_first, first, window, label_delay_days, as_of_us, _CARRIED)
     states_by_entity, aligned_others = {first: states}, []
     for by in others:
         orders = read_by_entity(data_root, run_id, by, inputs)
         entity, states_by_entity[by] = _by_entity_outputs(
-            orders, by, window, label_delay_days, ["order_id", first]
+            orders, by, window, label_delay_days, as_of_us, ["order_id", first]
         )
         shuffled = entity.shuffle(on=first, npartitions=by_first.npartitions, shuffle_method="tasks")
         aligned_others.append(shuffled.drop(columns=first))
