@@ -50,17 +50,24 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fraud_poc.feature_store import switch_live, upload_model, write_entity_states  # noqa: E402
-from fraud_poc.features import compute_features, latest_orders, serving_features  # noqa: E402
+from fraud_poc.features import compute_features, serving_features, serving_states  # noqa: E402
 from fraud_poc.generator import generate_orders  # noqa: E402
 from fraud_poc.launcher import SERVICES  # noqa: E402
 from fraud_poc.redis_pipe import RedisPipe  # noqa: E402
 from fraud_poc.redis_store import Keys, async_redis  # noqa: E402
 from fraud_poc.registry import model_metadata  # noqa: E402
-from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, LABEL, WINDOW, feature_set_fingerprint  # noqa: E402
-from fraud_poc.scorer import Scorer  # noqa: E402
+from fraud_poc.schema import (  # noqa: E402
+    ENTITIES,
+    FEATURE_COLUMNS,
+    LABEL,
+    LABEL_DELAY_DAYS,
+    WINDOW,
+    feature_set_fingerprint,
+)
+from fraud_poc.scorer import Scorer, entity_view_of  # noqa: E402
 from fraud_poc.service_payloads import Order  # noqa: E402
 from fraud_poc.serving_model import score_matrix  # noqa: E402
-from fraud_poc.serving_state import decode_state, entity_states  # noqa: E402
+from fraud_poc.serving_state import decode_state, encoded_states  # noqa: E402
 from fraud_poc.settings import TrainModelSettings  # noqa: E402
 from fraud_poc.steps.train_model import booster_params  # noqa: E402
 from fraud_poc.store_scripts import APPEND_SCRIPT, APPEND_SCRIPT_SHA, order_record, script_args, script_keys  # noqa: E402
@@ -160,11 +167,16 @@ def prepare_store(redis_url: str, prefix: str, args: argparse.Namespace) -> tupl
     params, booster = train_bench_model(features.to_numpy(), labels, args)
     threshold = choose_threshold(labels, booster.inplace_predict(features.to_numpy()))
     r, keys, version, model_id = redis.Redis.from_url(redis_url), Keys(prefix), "bench-v1", "bench-m1"
-    for by in ENTITIES:  # what feature-calc keeps and prepare-db loads
-        values, payloads = entity_states(latest_orders(orders, by, WINDOW), by)
-        write_entity_states(r, keys, version, by, values, payloads, chunk_size=500)
+    for by in ENTITIES:  # what feature-calc keeps and prepare-db loads: last W records and hourly tiles
+        encoded = encoded_states(serving_states(orders, by, WINDOW, LABEL_DELAY_DAYS), by)
+        write_entity_states(r, keys, version, by, encoded, chunk_size=500)
     print_state_memory(r, keys, version)
-    meta = {"version": version, "window": WINDOW, "feature_set_fingerprint": feature_set_fingerprint()}
+    meta = {
+        "version": version,
+        "window": WINDOW,
+        "label_delay_days": LABEL_DELAY_DAYS,
+        "feature_set_fingerprint": feature_set_fingerprint(FEATURE_COLUMNS, WINDOW, LABEL_DELAY_DAYS),
+    }
     r.set(keys.fs_meta(version), json.dumps(meta))
     metadata = model_metadata(
         model_id, "bench", params, {"threshold": threshold}, {"train": len(orders)}, {}, WINDOW
@@ -175,15 +187,22 @@ def prepare_store(redis_url: str, prefix: str, args: argparse.Namespace) -> tupl
 
 
 def print_state_memory(r: redis.Redis, keys: Keys, version: str, sample: int = 500) -> None:
-    """Redis memory per entity value (MEMORY USAGE of a sample of state keys) and records per state."""
+    """Redis memory per entity value (MEMORY USAGE of a sample of records and tile keys), records and tiles per
+    state."""
     for by in ENTITIES:
         values = [v.decode() for v in r.zrange(keys.fs_index(version, by), 0, -1)]
         picked = values[:: max(1, len(values) // sample)]
-        sizes = [r.memory_usage(keys.fs_state(version, by, v)) or 0 for v in picked]
+        sizes = [
+            (r.memory_usage(keys.fs_state(version, by, v)) or 0)
+            + (r.memory_usage(keys.fs_tiles(version, by, v)) or 0)
+            for v in picked
+        ]
         records = [len(decode_state(r.get(keys.fs_state(version, by, v)))) for v in picked]
+        tiles = [r.zcard(keys.fs_tiles(version, by, v)) for v in picked]
         print(
             f"state of {by}: {len(values):,} values; bytes per value mean {np.mean(sizes):,.0f}, "
-            f"max {max(sizes):,}; records per value mean {np.mean(records):.1f}, max {max(records)}"
+            f"max {max(sizes):,}; records per value mean {np.mean(records):.1f}, max {max(records)}; "
+            f"tiles per value mean {np.mean(tiles):.1f}, max {max(tiles)}"
         )
     index = r.memory_usage(keys.fs_orders(version)) or 0
     print(f"order index: {r.hlen(keys.fs_orders(version)):,} orders, {index / 1e6:.1f} MB")
@@ -317,25 +336,32 @@ async def measure_floor(redis_url: str, prefix: str, source: OrderSource, repeat
 
     ping_us = await rtt(lambda: pipe.execute([("PING",)]))
 
-    async def one_script() -> list:
-        record = order_record(Order(**source.next()))
-        k, a = (
-            script_keys(keys, live.fs_version, record),
-            script_args(live.pointer, live.window, record, live.horizon_us),
+    def call_of(record) -> tuple[list, list]:
+        args = script_args(
+            live.pointer, live.window, live.label_delay_days, live.horizon_hours, record, (40.4, -3.7)
         )
+        return script_keys(keys, live.fs_version, record), args
+
+    async def one_script() -> list:
+        k, a = call_of(order_record(Order(**source.next())))
         return await pipe.execute([("EVALSHA", APPEND_SCRIPT_SHA, len(k), *k, *a)])
 
     script_us = await rtt(one_script)
     order = Order(**source.next())
     record = order_record(order)
-    k, a = (
-        script_keys(keys, live.fs_version, record),
-        script_args(live.pointer, live.window, record, live.horizon_us),
-    )
+    k, a = call_of(record)
     reply = await client.evalsha(APPEND_SCRIPT_SHA, len(k), *k, *a)
-    histories = {e: decode_state(raw) if raw else [] for e, raw in zip(ENTITIES, reply[1:], strict=True)}
-    features_us = timed_us(lambda: serving_features(histories, record, live.window), repeat)
-    x = np.asarray(serving_features(histories, record, live.window))[live.feature_index][None, :]
+    # reply: [live, known entry or None, then per entity: records, oldest tile, tiles at the window edges]
+    views = {
+        e: entity_view_of(view, record, reply[1], i)
+        for i, (e, view) in enumerate(zip(ENTITIES, reply[2:], strict=True))
+    }
+
+    def features() -> np.ndarray:
+        return serving_features(views, record, live.window, live.label_delay_days)
+
+    features_us = timed_us(features, repeat)
+    x = np.asarray(features())[live.feature_index][None, :]
     booster = live.booster
     python_us = timed_us(lambda: booster.inplace_predict(x, validate_features=False), repeat)
     inplace_us = timed_us(lambda: live.predictor.scores(x), repeat)
@@ -345,7 +371,7 @@ async def measure_floor(redis_url: str, prefix: str, source: OrderSource, repeat
     print(f"floor (median of {repeat}, {load_average()}):")
     print(f"  Redis PING round trip                 {ping_us:8.1f} us")
     print(f"  Redis scoring script (read + append)  {script_us:8.1f} us")
-    print(f"  serving_features, one order           {features_us:8.1f} us")
+    print(f"  serving_features, one order           {features_us:8.1f} us  (views decoded before)")
     print(
         f"  model: in-place score, one row        {inplace_us:8.1f} us   ({trees} trees, depth <= {depth_of(live)};"
         f" Booster.inplace_predict {python_us:.1f} us)"

@@ -13,10 +13,10 @@ import requests
 from conftest import AUTH, Service, service_env
 
 from fraud_poc.datasets import read_orders_file
-from fraud_poc.features import compute_features
+from fraud_poc.features import compute_features, hours_of, timestamp_us
 from fraud_poc.generator import generate_orders
 from fraud_poc.redis_store import Keys
-from fraud_poc.serving_state import decode_state
+from fraud_poc.serving_state import decode_state, decode_tile
 
 API = "/api/training-pipeline/0x2"
 SERVICE_API = "/api/fraud-service/0x2"
@@ -260,12 +260,19 @@ def test_new_promotion_switches_prediction_service_without_restart(
     label_ts = pd.Timestamp(response.json()["label_date"]).value // 1000
     status = wait_for(training, run_id, finished)
     assert status["state"] == "done" and status["promoted"] is True, status
-    # carried over into the new version: the order in each of its states, with its label
+    # carried over into the new version: the order in each of its states, its label counted in its hour's tile
     keys = Keys(key_prefix)
+    hour = hours_of(timestamp_us(newcomer["order_date"]))
     for entity in ("customer_id", "email", "ip_addr"):
         raw = redis_client.get(keys.fs_state(run_id, entity, newcomer[entity]))
         assert raw is not None, entity
-        assert [(r[0], r[6]) for r in decode_state(raw)] == [("e2e-carried", label_ts)], entity
+        assert [r[0] for r in decode_state(raw)] == ["e2e-carried"], entity
+        tiles = [
+            decode_tile(member)
+            for member in redis_client.zrange(keys.fs_tiles(run_id, entity, newcomer[entity]), 0, -1)
+        ]
+        # TILE_FIELDS: hour, n_orders, cents, n_fraud, then running sums
+        assert [t[:4] for t in tiles] == [(hour, 1, 5500, 1)], (entity, tiles)
     # and exported, with its label, as raw orders that run-from-raw reads
     response = requests.post(f"{training.base}{API}/export-orders", headers=AUTH, timeout=30)
     assert response.status_code == 200, response.text

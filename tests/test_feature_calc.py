@@ -6,6 +6,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+import msgpack
 import pandas as pd
 import pytest
 from step_runs import FEATURE_PARAMS, SAMPLE
@@ -13,7 +14,7 @@ from step_runs import FEATURE_PARAMS, SAMPLE
 from fraud_poc import features
 from fraud_poc.datasets import entity_dir, feature_params, features_dir, serving_state_dir
 from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, LABEL, SCENARIO, WINDOW
-from fraud_poc.serving_state import ENCODED_COLUMNS, decode_state, entity_states
+from fraud_poc.serving_state import ENCODED_COLUMNS, decode_state, encoded_states
 from fraud_poc.steps.feature_calc import FEATURES_OUTPUT_COLUMNS, calc_features
 
 
@@ -47,16 +48,30 @@ def test_features_equal_the_batch_definition(features_run):
     assert computed[["order_date", LABEL, SCENARIO]].equals(labels)
 
 
-def test_serving_state_is_every_values_latest_orders(features_run):
+def decoded_states(encoded: pd.DataFrame) -> dict[str, tuple[list, list, list]]:
+    """value -> (records in stored order, tiles in stored order, order entries sorted): what the bytes hold."""
+    return {
+        value: (
+            decode_state(state),
+            [tuple(tile) for tile in msgpack.unpackb(tiles)],
+            sorted(tuple(entry) for entry in msgpack.unpackb(orders, raw=False)),
+        )
+        for value, state, tiles, orders in encoded[ENCODED_COLUMNS].itertuples(index=False, name=None)
+    }
+
+
+def test_serving_state_is_every_values_records_and_tiles(features_run):
+    """Each value's stored state is `serving_states` of the whole run's orders, labels known by its newest order."""
     run = features_run
+    as_of_us = features.timestamp_us(run.orders["order_date"].max())
     for by in ENTITIES:
         stored = pd.read_parquet(serving_state_dir(run.data_root, run.run_id) / by)
         assert stored.columns.tolist() == ENCODED_COLUMNS and stored["value"].is_unique
-        latest = features.latest_orders(run.orders, by, **FEATURE_PARAMS)
-        expected = dict(zip(*entity_states(latest, by), strict=True))
-        assert {v: decode_state(p) for v, p in zip(stored["value"], stored["state"], strict=True)} == {
-            v: decode_state(p) for v, p in expected.items()
-        }
+        states = features.serving_states(run.orders, by, **FEATURE_PARAMS, as_of_us=as_of_us)
+        expected = decoded_states(encoded_states(states, by))
+        assert decoded_states(stored) == expected
+        assert max(len(records) for records, _, _ in expected.values()) == FEATURE_PARAMS["window"]
+        assert any(tile[3] > 0 for _, tiles, _ in expected.values() for tile in tiles)  # labels in the tiles
 
 
 def test_retry_replaces_the_output_with_the_same_and_leaves_step_2s_alone(client, features_run):

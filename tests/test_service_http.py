@@ -7,6 +7,7 @@ store's format with `fraud_poc.feature_store`.
 """
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -29,19 +30,31 @@ import xgboost as xgb
 from conftest import API_TOKEN, AUTH
 
 from fraud_poc.feature_store import switch_live, upload_model, write_entity_states
-from fraud_poc.features import compute_features, latest_orders
+from fraud_poc.features import compute_features, hours_of, serving_states, timestamp_us
 from fraud_poc.generator import generate_orders
 from fraud_poc.launcher import SERVICES
 from fraud_poc.redis_store import Keys
 from fraud_poc.registry import model_metadata
-from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, LABEL, LABEL_DATE, WINDOW, feature_set_fingerprint
-from fraud_poc.serving_state import decode_state, entity_states
+from fraud_poc.schema import (
+    ENTITIES,
+    FEATURE_COLUMNS,
+    FEATURE_SET_1,
+    LABEL,
+    LABEL_DATE,
+    LABEL_DELAY_DAYS,
+    TIME_WINDOWS_DAYS,
+    WINDOW,
+    feature_set_fingerprint,
+    time_feature_columns,
+)
+from fraud_poc.serving_state import decode_state, decode_tile, encoded_states
 from fraud_poc.train import average_precision, choose_threshold
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_REDIS_URL = os.environ.get("FRAUD_REDIS_URL", "redis://127.0.0.1:6379/0")
 API = "/api/fraud-service/0x2"
 REPLAYED = 3000  # orders replayed one by one through `predict` in the parity test
+TIME_COLUMNS = [col for by in ENTITIES for col in time_feature_columns(by)]
 
 
 # ---------------------------------------------------------------- data and model
@@ -87,13 +100,20 @@ def history() -> History:
 
 
 def load_version(r: redis.Redis, keys: Keys, version: str, orders: pd.DataFrame) -> None:
-    """Write the serving state of `orders` as a complete feature-store version."""
+    """Write the serving state of `orders` as a complete feature-store version (labels dated up to its newest
+    order in the tiles; later ones are reported over `report-label` when they come)."""
     counts = {}
     for by in ENTITIES:  # what feature-calc keeps and prepare-db loads
-        values, payloads = entity_states(latest_orders(orders, by, WINDOW), by)
-        counts[by] = write_entity_states(r, keys, version, by, values, payloads, chunk_size=500)
-    fingerprint = feature_set_fingerprint(FEATURE_COLUMNS, WINDOW)
-    meta = {"version": version, "window": WINDOW, "feature_set_fingerprint": fingerprint, "counts": counts}
+        encoded = encoded_states(serving_states(orders, by, WINDOW, LABEL_DELAY_DAYS), by)
+        counts[by] = write_entity_states(r, keys, version, by, encoded, chunk_size=500)
+    fingerprint = feature_set_fingerprint(FEATURE_COLUMNS, WINDOW, LABEL_DELAY_DAYS)
+    meta = {
+        "version": version,
+        "window": WINDOW,
+        "label_delay_days": LABEL_DELAY_DAYS,
+        "feature_set_fingerprint": fingerprint,
+        "counts": counts,
+    }
     r.set(keys.fs_meta(version), json.dumps(meta))
 
 
@@ -286,16 +306,40 @@ def state_ids(r: redis.Redis, keys: Keys, version: str, entity: str, value: str)
     return [] if raw is None else [record[0] for record in decode_state(raw)]
 
 
+def state_tiles(r: redis.Redis, keys: Keys, version: str, entity: str, value: str) -> list[tuple[int, ...]]:
+    """The value's tiles (`TILE_FIELDS`), by hour."""
+    return [decode_tile(member) for member in r.zrange(keys.fs_tiles(version, entity, value), 0, -1)]
+
+
 # ---------------------------------------------------------------- tests
 
 
-def replay_events(replayed: pd.DataFrame) -> list[tuple[pd.Timestamp, int, dict]]:
-    """The replayed orders and, at their label dates, the fraud labels of the fraud among them; plus a
-    fraud report corrected to legitimate an hour later (before it could count anywhere) and a repeated report."""
+def label_instant(row: dict) -> pd.Timestamp:
+    """When a fraud order's label counts (SPEC 2.2): its label_date, else its order_date + δ."""
+    given = row.get(LABEL_DATE)
+    return row["order_date"] + pd.Timedelta(days=LABEL_DELAY_DAYS) if pd.isna(given) else given
+
+
+def late_labels(loaded: pd.DataFrame) -> pd.DataFrame:
+    """The fraud orders of a loaded history whose label is dated after its newest order: not in the loaded
+    tiles, so reported over `report-label` at their dates, as in life."""
+    fraud = loaded[loaded[LABEL]]
+    instants = pd.Series([label_instant(row) for row in fraud.to_dict("records")], index=fraud.index)
+    return fraud[instants > loaded["order_date"].max()]
+
+
+def replay_events(
+    replayed: pd.DataFrame, loaded_late: pd.DataFrame | None = None
+) -> list[tuple[pd.Timestamp, int, dict]]:
+    """The replayed orders and, at their label dates, the fraud labels of the fraud among them and of the loaded
+    history's orders labelled after it (`late_labels`); plus a fraud report corrected to legitimate an hour later
+    (before it could count anywhere) and a repeated report."""
     events = [(row["order_date"], 1, {"order": row}) for row in replayed.to_dict("records")]
-    for row in replayed[replayed[LABEL]].to_dict("records"):
-        label = {"order_id": row["order_id"], "is_fraud": True, "label_date": row[LABEL_DATE].isoformat()}
-        events.append((row[LABEL_DATE], 0, {"label": label}))
+    labelled = [replayed[replayed[LABEL]], *([] if loaded_late is None else [loaded_late])]
+    for row in pd.concat(labelled).to_dict("records"):
+        at = label_instant(row)
+        label = {"order_id": row["order_id"], "is_fraud": True, "label_date": at.isoformat()}
+        events.append((at, 0, {"label": label}))
     legit = replayed[~replayed[LABEL]].iloc[10]
     for hours, is_fraud in ((1, True), (2, False)):  # a wrong report, corrected before it matures
         at = legit["order_date"] + pd.Timedelta(hours=hours)
@@ -317,14 +361,24 @@ def replay_events(replayed: pd.DataFrame) -> list[tuple[pd.Timestamp, int, dict]
 
 async def test_parity_replaying_orders_one_by_one(services: Services, live: History):
     """Every feature `predict` returns equals the batch feature of that order on the same history, with the
-    labels reported through `report-label` at their label dates (SPEC 2.2's parity)."""
+    labels reported through `report-label` at their label dates, those of the loaded history's orders dated after
+    it included (SPEC 2.3's parity: time features exactly)."""
     r = redis.Redis.from_url(services.main.redis_url)
-    load_version(r, services.main.keys, "v-parity", live.orders.iloc[: live.cut])
+    loaded = live.orders.iloc[: live.cut]
+    load_version(r, services.main.keys, "v-parity", loaded)
     go_live(r, services.main.keys, "m-parity", live.booster, live.metadata, "v-parity")
     replayed = live.orders.iloc[live.cut :]
+    late = late_labels(loaded)
+    indexed = r.hmget(services.main.keys.fs_orders("v-parity"), late["order_id"].tolist())
+    known = np.array([entry is not None for entry in indexed], dtype=bool)
+    # an order the load did not index lies beyond every state's horizon: its label can count for no later order
+    horizon = pd.Timedelta(days=max(TIME_WINDOWS_DAYS) + LABEL_DELAY_DAYS)
+    assert (late.loc[~known, "order_date"] < loaded["order_date"].max() - horizon).all()
+    late = late[known]
+    assert len(late) > 10  # labels of the loaded history reach the service after the load
     served, labels = [], []
     async with aiohttp.ClientSession() as session:
-        for _, _, event in replay_events(replayed):
+        for _, _, event in replay_events(replayed, late):
             if "order" in event:
                 status, prediction = await post(
                     session, f"{services.main.base}/predict", order_json(event["order"])
@@ -346,13 +400,17 @@ async def test_parity_replaying_orders_one_by_one(services: Services, live: Hist
         }
         status, again = await post(session, f"{services.main.base}/report-label", repeat, AUTH)
         assert status == 200 and again["states_changed"] == 0, again
-    assert len(labels) == replayed[LABEL].sum() + 2 and sum(label["states_changed"] for label in labels) > 0
+    assert len(labels) == replayed[LABEL].sum() + len(late) + 2
+    assert sum(label["states_changed"] for label in labels) > 0
     assert [p["order_id"] for p in served] == replayed["order_id"].tolist()
     assert {p["model_id"] for p in served} == {"m-parity"}
     got = pd.DataFrame([p["features"] for p in served], index=replayed["order_id"])[FEATURE_COLUMNS]
     expected = live.features.loc[replayed["order_id"], FEATURE_COLUMNS]
     assert expected["n_fraud_30d_by_ip_addr"].sum() > 0  # confirmed fraud reaches the features
-    np.testing.assert_allclose(got.to_numpy(), expected.to_numpy(), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(
+        got[FEATURE_SET_1].to_numpy(), expected[FEATURE_SET_1].to_numpy(), rtol=0, atol=1e-9
+    )
+    np.testing.assert_array_equal(got[TIME_COLUMNS].to_numpy(), expected[TIME_COLUMNS].to_numpy())
     # the score is the model's on those features, and the decision is at the model's threshold
     booster = xgb.Booster()
     booster.load_model(bytearray(live.booster))
@@ -412,8 +470,9 @@ async def test_retry_is_scored_the_same_and_appended_once(services: Services, li
 
 
 async def test_concurrent_orders_of_one_customer_lose_none(services: Services, live: History):
-    """30 concurrent orders of one customer, two days apart: the state holds what the features need (the orders
-    of the last 30 + δ days before the newest, at least the last W), each order seen once, whatever the arrival."""
+    """30 concurrent orders of one customer, two days apart: the state holds what the features need (its last W
+    orders, and one tile per hour of the last 30 + δ days before the newest), each order seen once, whatever the
+    arrival."""
     tag = uuid4().hex[:8]
     orders = [fresh_order(tag, n) for n in range(30)]
     for n, order in enumerate(orders):  # distinct emails and ips: only the customer's state is shared
@@ -424,10 +483,16 @@ async def test_concurrent_orders_of_one_customer_lose_none(services: Services, l
     assert [status for status, _ in answers] == [200] * 30
     r = redis.Redis.from_url(services.main.redis_url)
     version = live_pointer(services.main)["fs_version"]
-    # newest: day 58; kept: after day 58 - 37 = 21, so from day 22 (order 11) on: more than W
-    assert state_ids(r, services.main.keys, version, "customer_id", f"{tag}-customer") == [
-        o["order_id"] for o in orders[11:]
+    value = f"{tag}-customer"
+    assert state_ids(r, services.main.keys, version, "customer_id", value) == [
+        o["order_id"] for o in orders[-WINDOW:]
     ]
+    # newest: day 58; tiles kept: hours from day 58 - 37 = 21 on, so from day 22 (order 11) on: more than W
+    tiles = state_tiles(r, services.main.keys, version, "customer_id", value)
+    hours = [hours_of(timestamp_us(pd.Timestamp(o["order_date"]))) for o in orders[11:]]
+    assert [t[:4] for t in tiles] == [(h, 1, 2500, 0) for h in hours]
+    # running sums: each tile adds its own counts (what came before the oldest depends on the arrival)
+    assert all(b[4:] == (a[4] + 1, a[5] + 2500, a[6]) for a, b in itertools.pairwise(tiles))
     assert all(1 <= p["features"]["n_orders_by_customer_id"] <= WINDOW for _, p in answers)
 
 

@@ -4,6 +4,7 @@ live champion; real Redis, real LocalCluster."""
 from pathlib import Path
 from uuid import uuid4
 
+import msgpack
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,7 +13,7 @@ from step_runs import REDIS_URL, SETTINGS, prepare_args
 
 from fraud_poc.datasets import FeatureParamsMismatch, training_paths
 from fraud_poc.feature_store import live_pointer, version_meta
-from fraud_poc.features import latest_orders
+from fraud_poc.features import serving_states, state_of, timestamp_us
 from fraud_poc.redis_store import Keys
 from fraud_poc.registry import list_models, load_booster, load_metadata
 from fraud_poc.schema import (
@@ -21,10 +22,9 @@ from fraud_poc.schema import (
     LABEL,
     LABEL_DELAY_DAYS,
     SCENARIO,
-    STATE_FIELDS,
     WINDOW,
 )
-from fraud_poc.serving_state import decode_state
+from fraud_poc.serving_state import decode_state, decode_tile
 from fraud_poc.settings import TrainModelSettings
 from fraud_poc.steps.prepare_db import prepare_db_step
 from fraud_poc.steps.train_model import train_model_step
@@ -42,6 +42,32 @@ def store():
 
 def read_holdout(data_root: Path, run_id: str) -> pd.DataFrame:
     return pd.read_parquet(training_paths(data_root, run_id)[2]).sort_values("order_id", ignore_index=True)
+
+
+def assert_loaded_states(r: redis.Redis, keys: Keys, version: str, orders: pd.DataFrame) -> None:
+    """Every value's records, tiles and order entries in Redis equal the batch definition: `serving_states` of the
+    run's orders, labels known by its newest order."""
+    as_of_us = timestamp_us(orders["order_date"].max())
+    entries = {}
+    for by in ENTITIES:
+        states = serving_states(orders, by, WINDOW, LABEL_DELAY_DAYS, as_of_us=as_of_us)
+        values = states.records[by].unique().tolist()
+        assert sorted(values) == sorted(orders[by].unique())
+        pipe = r.pipeline(transaction=False)
+        for v in values:
+            pipe.get(keys.fs_state(version, by, v))
+            pipe.zrange(keys.fs_tiles(version, by, v), 0, -1)
+        replies = pipe.execute()
+        stored = [
+            (decode_state(raw), [decode_tile(member) for member in members])
+            for raw, members in zip(replies[::2], replies[1::2], strict=True)
+        ]
+        assert stored == [state_of(states, by, v) for v in values], by
+        assert any(tile[3] for _, tiles in stored for tile in tiles)  # labels are in the tiles
+        for row in states.orders.itertuples(index=False, name=None):
+            entries[row[0]] = [int(row[1]), *row[2:5], int(row[5]), int(row[6])]
+    stored_entries = r.hgetall(keys.fs_orders(version))
+    assert {k.decode(): msgpack.unpackb(v, raw=False) for k, v in stored_entries.items()} == entries
 
 
 def test_pipeline_steps_5_and_6(client, store, runs):
@@ -92,15 +118,7 @@ def test_pipeline_steps_5_and_6(client, store, runs):
         r.hget(keys.model("xgb-run-1"), "booster")
         == (data_root / "models" / "xgb-run-1" / "model.ubj").read_bytes()
     )
-    for by in ENTITIES:  # every state equals the batch definition (last W orders as of the end of the data)
-        expected = latest_orders(orders_a, by, WINDOW)
-        values = expected[by].unique().tolist()
-        stored = r.mget([keys.fs_state("run-1", by, v) for v in values])
-        want = {
-            v: [tuple(rec) for rec in grp[list(STATE_FIELDS)].itertuples(index=False)]
-            for v, grp in expected.groupby(by, sort=False)
-        }
-        assert [decode_state(raw) for raw in stored] == [want[v] for v in values]
+    assert_loaded_states(r, keys, "run-1", orders_a)
 
     # idempotent re-runs: same model, same version, no new keys, nothing switched
     keys_before = sorted(r.scan_iter(match=keys.prefix + "*"))

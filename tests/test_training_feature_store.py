@@ -5,6 +5,7 @@ import threading
 from uuid import uuid4
 
 import dask.dataframe as dd
+import msgpack
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,9 +22,17 @@ from fraud_poc.feature_store import (
     version_meta,
     write_feature_version,
 )
+from fraud_poc.features import EntityStates, serving_states, state_of
 from fraud_poc.redis_store import Keys
-from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, NO_FRAUD, STATE_FIELDS, feature_set_fingerprint
-from fraud_poc.serving_state import decode_state, encode_state, encoded_states
+from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, LABEL_DELAY_DAYS, feature_set_fingerprint
+from fraud_poc.serving_state import (
+    ENCODED_COLUMNS,
+    decode_state,
+    decode_tile,
+    encode_state,
+    encode_tile,
+    encoded_states,
+)
 
 REDIS_URL = os.environ.get("FRAUD_TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
 WINDOW = 4
@@ -39,27 +48,36 @@ def store():
 
 
 def orders(n: int, seed: int, amount_base: float) -> pd.DataFrame:
-    """Latest-orders-like frame (STATE_FIELDS) with repeated entity values; amounts tell versions apart."""
+    """Raw orders with repeated entity values, all within 100 s of one UTC hour (one tile per value; W decides
+    which records are kept); ~10% fraud labelled at the order's own instant; amounts tell versions apart."""
     rng = np.random.default_rng(seed)
-    frame = pd.DataFrame(
+    ts_us = rng.integers(1_700_000_000_000_000, 1_700_000_100_000_000, n) // 1_000_000 * 1_000_000
+    order_date = pd.DatetimeIndex(pd.to_datetime(ts_us, unit="us", utc=True)).as_unit("us")
+    fraud = rng.random(n) < 0.1
+    return pd.DataFrame(
         {
             "order_id": [f"o{seed}-{i:05d}" for i in range(n)],
-            "ts_us": rng.integers(1_700_000_000_000_000, 1_700_000_100_000_000, n) // 1_000_000 * 1_000_000,
+            "order_date": order_date,
             "customer_id": [f"c{i}" for i in rng.integers(0, n // 6, n)],
             "email": [f"u{i}@mail.io" for i in rng.integers(0, n // 8, n)],
             "ip_addr": [f"10.1.{i // 256}.{i % 256}" for i in rng.integers(0, n // 10, n)],
+            "location_lat": 0.0,
+            "location_long": 0.0,
             "order_amount": amount_base + rng.integers(0, 100, n).astype("float64"),
-            "fraud_ts": NO_FRAUD,
+            "is_fraud": fraud,
+            "label_date": order_date.where(fraud),
         }
     )
-    return frame[list(STATE_FIELDS)]
+
+
+def states_of(frame: pd.DataFrame, by: str) -> EntityStates:
+    """Every `by` value's serving state after `frame` (labels known by its newest order)."""
+    return serving_states(frame, by, WINDOW, LABEL_DELAY_DAYS)
 
 
 def latest_encoded(frame: pd.DataFrame, by: str) -> pd.DataFrame:
-    """The last W orders of each value, encoded (these orders lie within 100 s: W decides what is kept)."""
-    return encoded_states(
-        frame.sort_values([by, "ts_us", "order_id"]).groupby(by, sort=False).tail(WINDOW), by
-    )
+    """The encoded states (`value`, `state`, `tiles`, `orders`) of `frame`'s orders by `by`."""
+    return encoded_states(states_of(frame, by), by)
 
 
 def partitioned_by(frame: pd.DataFrame, by: str, n: int = 4) -> dd.DataFrame:
@@ -70,11 +88,12 @@ def partitioned_by(frame: pd.DataFrame, by: str, n: int = 4) -> dd.DataFrame:
 
 
 def expected_state(frame: pd.DataFrame, by: str, value: str) -> list[tuple]:
-    rows = frame[frame[by] == value].sort_values(["ts_us", "order_id"]).tail(WINDOW)
-    return [
-        (o, int(t), c, e, i, float(a), int(f))
-        for o, t, c, e, i, a, f in rows.itertuples(index=False, name=None)
-    ]
+    """The value's records: its last W orders, `STATE_FIELDS` 6-tuples, oldest first."""
+    return state_of(states_of(frame, by), by, value)[0]
+
+
+def stored_tiles(r: redis.Redis, keys: Keys, version: str, by: str, value: str) -> list[tuple[int, ...]]:
+    return [decode_tile(member) for member in r.zrange(keys.fs_tiles(version, by, value), 0, -1)]
 
 
 def load(client, keys, frame: pd.DataFrame, version: str) -> dict:
@@ -95,18 +114,20 @@ def upload(r, keys, model_id: str, window: int = WINDOW) -> None:
 
 
 def test_state_codec_coerces_lua_numbers():
-    import msgpack
-
-    record = ("o1", 1_700_000_000_123_456, "c1", "a@b.io", "::1", 42.0, NO_FRAUD)
+    record = ("o1", 1_700_000_000_123_456, "c1", "a@b.io", "::1", 42.0)
     assert decode_state(encode_state([record])) == [record]
-    from_lua = msgpack.packb([["o1", 1_700_000_000_123_456, "c1", "a@b.io", "::1", 42, -1]])
+    from_lua = msgpack.packb([["o1", 1_700_000_000_123_456, "c1", "a@b.io", "::1", 42]])
     decoded = decode_state(from_lua)
     assert decoded == [record] and type(decoded[0][5]) is float
+    tile = (472_222, 3, 12_345, 1, 10, 99_999, 2)
+    assert decode_tile(encode_tile(tile)) == tile and decode_tile(None) is None
+    assert decode_tile(msgpack.packb([472_222, 3, 12_345, 1, 10, 99_999, 2])) == tile  # as Lua packs it
 
 
 def test_write_promote_read_back_and_remove_old(client, store):
     r, keys = store
     v1, v2 = orders(600, seed=1, amount_base=1000.0), orders(500, seed=2, amount_base=5000.0)
+    assert latest_encoded(v1, "email").columns.tolist() == ENCODED_COLUMNS  # what feature-calc writes
     meta = load(client, keys, v1, "v1")
     expected_counts = {by: v1[by].nunique() for by in ENTITIES}
     assert meta["counts"] == expected_counts and meta["total_states"] == sum(expected_counts.values())
@@ -115,15 +136,27 @@ def test_write_promote_read_back_and_remove_old(client, store):
     switch_live(r, keys, "xgb-v1", "v1", "run-v1")
     assert live_pointer(r, keys)["fs_version"] == "v1"
 
-    for by in ENTITIES:  # every state of every entity value, exactly
+    entries = {}
+    for by in ENTITIES:  # every state of every entity value, records and tiles, exactly
         values = sorted(v1[by].unique())
+        states = states_of(v1, by)
         raw = r.mget([keys.fs_state("v1", by, v) for v in values])
-        assert [decode_state(x) for x in raw] == [expected_state(v1, by, v) for v in values]
+        assert [decode_state(x) for x in raw] == [state_of(states, by, v)[0] for v in values]
+        assert [stored_tiles(r, keys, "v1", by, v) for v in values] == [
+            state_of(states, by, v)[1] for v in values
+        ]
         assert sorted(x.decode() for x in r.zrange(keys.fs_index("v1", by), 0, -1)) == values
+        for row in states.orders.itertuples(index=False, name=None):
+            entries[row[0]] = [int(row[1]), *row[2:5], int(row[5]), int(row[6])]
+    assert sum(entry[5] for entry in entries.values()) > 0  # labels counted in the tiles and the entries
+    stored_entries = r.hgetall(keys.fs_orders("v1"))
+    assert {k.decode(): msgpack.unpackb(v, raw=False) for k, v in stored_entries.items()} == entries
     some = v1.iloc[7]
     pointer, states = read_live_states(r, keys, {by: some[by] for by in ENTITIES})
     assert pointer["model_id"] == "xgb-v1"
     assert states == {by: expected_state(v1, by, some[by]) for by in ENTITIES}
+    _, with_tiles = read_live_states(r, keys, {"email": some["email"]}, with_tiles=True)
+    assert with_tiles == {"email": state_of(states_of(v1, "email"), "email", some["email"])}
     assert (
         find_values(r, keys, "v1", "ip_addr", "10.1.0.1", 3)
         == sorted(v for v in v1["ip_addr"].unique() if v.startswith("10.1.0.1"))[:3]
@@ -136,8 +169,11 @@ def test_write_promote_read_back_and_remove_old(client, store):
     assert summary["removed_keys"] == 0 and version_meta(r, keys, "v1") == meta  # kept for rollback
     load(client, keys, orders(100, seed=3, amount_base=0.0), "v3")
     upload(r, keys, "xgb-v3")
+    v1_keys = list(r.scan_iter(match=keys.fs_prefix("v1") + "*"))
+    # per value its records and its tiles; per entity its index; the order index; the meta
+    assert len(v1_keys) == 2 * meta["total_states"] + len(ENTITIES) + 2
     third = switch_live(r, keys, "xgb-v3", "v3", "run-v3")  # v1, two switches old, goes now
-    assert third["removed_keys"] == meta["total_states"] + len(ENTITIES) + 2 and third["removed_models"] == 1
+    assert third["removed_keys"] == len(v1_keys) and third["removed_models"] == 1
     assert list(r.scan_iter(match=keys.fs_prefix("v1") + "*")) == [] and loaded_versions(r, keys) == [
         "v2",
         "v3",
@@ -194,6 +230,9 @@ def test_load_failing_midway_leaves_previous_version_live(client, store):
     assert sorted(r.scan_iter(match=keys.fs_prefix("v1") + "*")) == before
     value = good["email"].iloc[0]
     assert read_live_states(r, keys, {"email": value})[1]["email"] == expected_state(good, "email", value)
+    assert (
+        stored_tiles(r, keys, "v1", "email", value) == state_of(states_of(good, "email"), "email", value)[1]
+    )
 
 
 def test_live_version_is_never_overwritten(client, store):
