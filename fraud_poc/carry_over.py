@@ -16,9 +16,8 @@ import redis
 
 from .datasets import replace_atomically, write_parquet
 from .feature_store import ANY_LIVE, switch_live
-from .features import state_horizon_hours
 from .redis_store import Keys
-from .schema import LABEL
+from .schema import LABEL, FeatureSpec
 from .scored_orders import orders_from_events
 from fraud_poc.store_scripts import (
     APPEND_SCRIPT,
@@ -64,17 +63,12 @@ def carry_over(
     keys: Keys,
     version: str,
     since_id: str,
-    window: int,
-    label_delay_days: int,
+    spec: FeatureSpec,
     chunk_size: int = 500,
 ) -> Carried:
     """Replay the events logged after `since_id` into feature-store `version`, in log order."""
     append, label = r.register_script(APPEND_SCRIPT), r.register_script(LABEL_SCRIPT)
-    horizon, last, counts = (
-        state_horizon_hours(label_delay_days),
-        since_id,
-        {"order": 0, "label": 0, "unknown": 0},
-    )
+    last, counts = since_id, {"order": 0, "label": 0, "unknown": 0}
     batch: list[tuple[str, dict]] = []
 
     def flush() -> None:
@@ -90,7 +84,9 @@ def carry_over(
                     float(e["order_amount"]),
                 )
                 where = (float(e["location_lat"]), float(e["location_long"]))
-                args = script_args(b"", window, label_delay_days, horizon, record, where, log_max_len=0)
+                args = script_args(
+                    b"", spec.window, spec.label_delay_days, spec.horizon_hours, record, where, log_max_len=0
+                )
                 append(keys=script_keys(keys, version, record), args=args, client=pipe)
             else:
                 args = label_args(
@@ -128,16 +124,15 @@ def switch_carrying_over(
     version: str,
     run_id: str,
     since: datetime,
-    window: int,
-    label_delay_days: int,
+    spec: FeatureSpec,
     expected_live: str | object = ANY_LIVE,
 ) -> tuple[dict, list[Carried]]:
     """`switch_live` with the events logged since `since` replayed into `version`, before and right after it."""
     start = EPOCH if since <= EPOCH + CARRY_MARGIN else since - CARRY_MARGIN
-    carried = [carry_over(r, keys, version, stream_id_at(start), window, label_delay_days)]
+    carried = [carry_over(r, keys, version, stream_id_at(start), spec)]
 
     def carry_rest() -> None:
-        carried.append(carry_over(r, keys, version, carried[0].last_id, window, label_delay_days))
+        carried.append(carry_over(r, keys, version, carried[0].last_id, spec))
 
     switched = switch_live(
         r, keys, model_id, version, run_id, after_switch=carry_rest, expected_live=expected_live

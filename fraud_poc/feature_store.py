@@ -24,13 +24,7 @@ from distributed import Client, Future, wait
 
 from .redis_store import Keys, glob_escape, sync_redis, unlink_matching
 from .serving_state import encode_tile
-from fraud_poc.schema import (
-    FEATURE_COLUMNS,
-    FEATURE_SET_VERSION,
-    LABEL_DELAY_DAYS,
-    SAFE_ID,
-    feature_set_fingerprint,
-)
+from .schema import SAFE_ID, FeatureSpec
 
 # %% ../nbs/22_feature_store.ipynb #bb2a2dfe
 def check_version(version: str) -> str:
@@ -125,9 +119,8 @@ def write_feature_version(
     keys: Keys,
     version: str,
     run_id: str,
-    window: int,
+    spec: FeatureSpec,
     chunk_size: int,
-    label_delay_days: int = LABEL_DELAY_DAYS,
 ) -> FeatureVersionLoad:
     """Load a complete feature-store version from per-entity frames of encoded states (meta written last)."""
     r = sync_redis(redis_url)
@@ -141,10 +134,11 @@ def write_feature_version(
         meta = {
             "version": version,
             "run_id": run_id,
-            "window": window,
-            "label_delay_days": label_delay_days,
-            "feature_set_version": FEATURE_SET_VERSION,
-            "feature_set_fingerprint": feature_set_fingerprint(FEATURE_COLUMNS, window, label_delay_days),
+            "window": spec.window,
+            "label_delay_days": spec.label_delay_days,
+            "feature_set_version": spec.feature_set_version,
+            "feature_set_fingerprint": spec.fingerprint,
+            "feature_spec": spec.to_json(),
             "counts": counts,
             "total_states": sum(counts.values()),
             "created": datetime.now(timezone.utc).isoformat(),

@@ -19,8 +19,8 @@ import redis
 from distributed import Client
 
 from fraud_poc.datasets import (
-    FeatureParamsMismatch,
-    check_feature_params,
+    FeatureSpecError,
+    feature_spec,
     model_dir,
     run_dir,
     serving_state_dir,
@@ -34,7 +34,7 @@ from fraud_poc.feature_store import (
 )
 from .redis_store import Keys, sync_redis
 from .registry import check_id, list_models, load_metadata, model_exists
-from .schema import FEATURE_COLUMNS, LABEL_DELAY_DAYS, feature_set_fingerprint
+from .schema import FeatureSpec
 from .carry_over import run_started, switch_carrying_over
 from .steps.prepare_db import prepare_db_step
 
@@ -76,13 +76,18 @@ def _summary(
     previous: dict | None,
     loaded: set[str],
     data_root,
-    fingerprint: str,
 ) -> dict[str, Any]:
     model_id, run_id = meta["model_id"], meta["run_id"]
     metrics, sizes = meta.get("metrics", {}), meta.get("data_sizes", {})
     is_live = live is not None and live["model_id"] == model_id
     in_redis, on_disk = run_id in loaded, serving_state_dir(data_root, run_id).is_dir()
-    if meta.get("feature_set_fingerprint") != fingerprint:
+    try:  # the model's own spec: this code must compute it, and its fingerprint must be the model's
+        computable = FeatureSpec.from_json(meta.get("feature_spec")).fingerprint == meta.get(
+            "feature_set_fingerprint"
+        )
+    except ValueError:
+        computable = False
+    if not computable:
         promotable = "no: trained on another feature set than this service computes"
     elif is_live:
         promotable = "no: live already"
@@ -109,12 +114,12 @@ def _summary(
     }
 
 
-def model_summaries(r: redis.Redis, keys: Keys, data_root: str | Path, window: int) -> dict[str, Any]:
+def model_summaries(r: redis.Redis, keys: Keys, data_root: str | Path) -> dict[str, Any]:
     """The live and previous pointers and every registered model, newest first, with whether it can go live."""
     live, previous = live_pointer(r, keys), previous_pointer(r, keys)
-    loaded, fingerprint = set(loaded_versions(r, keys)), feature_set_fingerprint(FEATURE_COLUMNS, window)
+    loaded = set(loaded_versions(r, keys))
     models = [
-        _summary(load_metadata(data_root, model_id), live, previous, loaded, data_root, fingerprint)
+        _summary(load_metadata(data_root, model_id), live, previous, loaded, data_root)
         for model_id in list_models(data_root)
     ]
     models.sort(key=lambda m: (m["created"], m["model_id"]), reverse=True)
@@ -140,9 +145,7 @@ def promote_registered(
     *,
     redis_url: str,
     key_prefix: str,
-    window: int,
     chunk_size: int,
-    label_delay_days: int = LABEL_DELAY_DAYS,
 ) -> dict[str, Any]:
     """Make a registered model live with its run's feature-store version (loaded from disk if needed), with what
     the service learned since that run (the carry-over)."""
@@ -150,12 +153,21 @@ def promote_registered(
     if not model_exists(data_root, model_id):
         raise UnknownModel(f"model {model_id} is not in the registry (list-models names the registered ones)")
     meta = load_metadata(data_root, model_id)
-    if meta["feature_set_fingerprint"] != feature_set_fingerprint(FEATURE_COLUMNS, window, label_delay_days):
-        raise NotPromotable(f"model {model_id} was trained on another feature set than this service computes")
-    try:  # a run from before the model's fingerprint recorded them may have states of another W or δ
-        check_feature_params(data_root, meta["run_id"], window, label_delay_days)
-    except FeatureParamsMismatch as e:
-        raise NotPromotable(f"model {model_id}: {e}") from e
+    try:
+        spec = FeatureSpec.from_json(meta.get("feature_spec"))
+    except ValueError as e:
+        raise NotPromotable(
+            f"model {model_id} was trained on another feature set than this service computes: {e}"
+        ) from e
+    if serving_state_dir(data_root, meta["run_id"]).is_dir():
+        try:
+            run_spec = feature_spec(data_root, meta["run_id"])
+        except FeatureSpecError as e:
+            raise NotPromotable(f"model {model_id}: {e}") from e
+        if run_spec != spec:
+            raise NotPromotable(
+                f"model {model_id}: its run's feature spec {run_spec} is not the model's {spec}"
+            )
     r, keys, run_id = sync_redis(redis_url), Keys(key_prefix), meta["run_id"]
     with live_lock(r, keys, "promote-model"):
         live = live_pointer(r, keys)
@@ -172,17 +184,13 @@ def promote_registered(
             model_id,
             redis_url=redis_url,
             key_prefix=key_prefix,
-            window=window,
             chunk_size=chunk_size,
-            label_delay_days=label_delay_days,
             carry_since=run_started(r, keys, run_id),
         )
     return _change("promoted", done.live, done.previous, done.loaded, done.removed_keys)
 
 
-def rollback_live(
-    redis_url: str, key_prefix: str, window: int, label_delay_days: int = LABEL_DELAY_DAYS
-) -> dict[str, Any]:
+def rollback_live(redis_url: str, key_prefix: str) -> dict[str, Any]:
     """Switch back to the previous model and feature-store version (both are kept for this), with what the
     service learned since that version's run (the carry-over)."""
     r, keys = sync_redis(redis_url), Keys(key_prefix)
@@ -191,6 +199,14 @@ def rollback_live(
         if previous is None:
             raise NotPromotable("there is no previous model to roll back to (only one model has been live)")
         since = run_started(r, keys, previous["run_id"])
+        raw = r.hget(keys.model(previous["model_id"]), "metadata")
+        if raw is None:
+            raise NotPromotable(
+                f"the previous model {previous['model_id']} is no longer in Redis: cannot roll back"
+            )
+        spec = FeatureSpec.from_json(
+            json.loads(raw).get("feature_spec")
+        )  # replay with the version's own spec
         switched, _ = switch_carrying_over(
             r,
             keys,
@@ -198,8 +214,7 @@ def rollback_live(
             previous["fs_version"],
             previous["run_id"],
             since,
-            window,
-            label_delay_days,
+            spec,
         )
     return _change("rolled back", switched["live"], switched["previous"], False, switched["removed_keys"])
 

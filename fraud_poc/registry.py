@@ -22,14 +22,7 @@ from typing import Any
 import xgboost as xgb
 
 from .datasets import model_dir
-from fraud_poc.schema import (
-    FEATURE_COLUMNS,
-    FEATURE_SET_VERSION,
-    LABEL_DELAY_DAYS,
-    SAFE_ID,
-    WINDOW,
-    feature_set_fingerprint,
-)
+from .schema import FEATURE_COLUMNS, SAFE_ID, FeatureSpec
 
 # %% ../nbs/23_registry.ipynb #85d3266e
 MODEL_FILE = "model.ubj"
@@ -70,9 +63,8 @@ def model_metadata(
     metrics: dict[str, Any],
     data_sizes: dict[str, int],
     training: dict[str, Any],
-    window: int = WINDOW,
+    spec: FeatureSpec,
     created: datetime | None = None,
-    label_delay_days: int = LABEL_DELAY_DAYS,
 ) -> dict[str, Any]:
     """Everything stored beside a model: what it is, what it was trained on, how good it is."""
     return {
@@ -80,10 +72,11 @@ def model_metadata(
         "run_id": run_id,
         "created": (created or datetime.now(timezone.utc)).isoformat(),
         "feature_columns": list(FEATURE_COLUMNS),
-        "feature_set_version": FEATURE_SET_VERSION,
-        "window": window,
-        "label_delay_days": label_delay_days,
-        "feature_set_fingerprint": feature_set_fingerprint(FEATURE_COLUMNS, window, label_delay_days),
+        "feature_set_version": spec.feature_set_version,
+        "window": spec.window,
+        "label_delay_days": spec.label_delay_days,
+        "feature_set_fingerprint": spec.fingerprint,
+        "feature_spec": spec.to_json(),
         "threshold": metrics["threshold"],
         "params": params,
         "training": training,

@@ -6,12 +6,16 @@
 __all__ = ['RAW_COLUMNS', 'LABEL', 'LABEL_DATE', 'SCENARIO', 'ENTITIES', 'WINDOW', 'MAX_ORDER_AMOUNT', 'MAX_TEXT_LENGTH',
            'DATE_RANGE', 'AMOUNT_STATS', 'TIME_WINDOWS_DAYS', 'TIME_STATS', 'LABEL_DELAY_DAYS', 'FEATURE_SET_1',
            'FEATURE_COLUMNS', 'FEATURE_SET_VERSION', 'STATE_FIELDS', 'TILE_FIELDS', 'ORDER_ENTRY_FIELDS', 'NO_FRAUD',
-           'SAFE_ID', 'entity_feature_columns', 'time_feature_columns', 'feature_columns', 'feature_set_fingerprint']
+           'SAFE_ID', 'entity_feature_columns', 'time_feature_columns', 'feature_columns', 'feature_set_fingerprint',
+           'FeatureSpec']
 
 # %% ../nbs/00_schema.ipynb #7ac2f665
 import hashlib
 import json
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 # %% ../nbs/00_schema.ipynb #f826a59e
 RAW_COLUMNS: dict[str, str] = {
@@ -79,6 +83,74 @@ def feature_set_fingerprint(
     return hashlib.sha256(
         json.dumps([FEATURE_SET_VERSION, columns, window, label_delay_days]).encode()
     ).hexdigest()[:12]
+
+# %% ../nbs/00_schema.ipynb #9fe9a9ca
+@dataclass(frozen=True)
+class FeatureSpec:
+    """The parameters of a run's features (SPEC 2.3), fixed by feature-calc and carried with its model."""
+
+    window: int = WINDOW  # W: orders in a window, the order itself included
+    label_delay_days: int = LABEL_DELAY_DAYS  # δ: days before an order's label is expected
+    windows_days: tuple[int, ...] = TIME_WINDOWS_DAYS
+    tile_hours: int = 1
+    feature_set_version: str = FEATURE_SET_VERSION
+
+    def __post_init__(self) -> None:
+        for name, low, high in (("window", 1, 1000), ("label_delay_days", 1, 365)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(
+                    f"feature spec: {name} must be an integer from {low} to {high}, got {value!r}"
+                )
+        computed = (tuple(self.windows_days), self.tile_hours, self.feature_set_version)
+        if computed != (TIME_WINDOWS_DAYS, 1, FEATURE_SET_VERSION):
+            raise ValueError(
+                f"feature spec: windows {list(self.windows_days)} days, tiles of {self.tile_hours} h, feature set "
+                f"{self.feature_set_version!r}; this code computes {list(TIME_WINDOWS_DAYS)} days, 1 h, "
+                f"{FEATURE_SET_VERSION!r}"
+            )
+
+    @property
+    def horizon_hours(self) -> int:
+        """Tiles a serving state keeps behind its newest: 24·(longest window + δ)."""
+        return 24 * (max(self.windows_days) + self.label_delay_days)
+
+    @property
+    def fingerprint(self) -> str:
+        """`feature_set_fingerprint` of these parameters: a model and a feature-store version go live together only
+        if theirs agree."""
+        return feature_set_fingerprint(FEATURE_COLUMNS, self.window, self.label_delay_days)
+
+    def to_json(self) -> dict[str, Any]:
+        """The spec as JSON-ready values, with its horizon and fingerprint."""
+        return {
+            "feature_set_version": self.feature_set_version,
+            "window": self.window,
+            "label_delay_days": self.label_delay_days,
+            "windows_days": list(self.windows_days),
+            "tile_hours": self.tile_hours,
+            "horizon_hours": self.horizon_hours,
+            "fingerprint": self.fingerprint,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "FeatureSpec":
+        """The spec of `to_json`'s values; ValueError naming what is missing, not computable or inconsistent."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"feature spec: expected an object, got {type(data).__name__}")
+        missing = [k for k in ("feature_set_version", "window", "label_delay_days") if k not in data]
+        if missing:
+            raise ValueError(f"feature spec: missing {missing}")
+        spec = cls(
+            window=data["window"],
+            label_delay_days=data["label_delay_days"],
+            windows_days=tuple(data.get("windows_days", TIME_WINDOWS_DAYS)),
+            tile_hours=data.get("tile_hours", 1),
+            feature_set_version=data["feature_set_version"],
+        )
+        if data.get("fingerprint", spec.fingerprint) != spec.fingerprint:
+            raise ValueError(f"feature spec: fingerprint {data['fingerprint']!r} does not match its fields")
+        return spec
 
 # %% ../nbs/00_schema.ipynb #df580003
 STATE_FIELDS: tuple[str, ...] = ("order_id", "ts_us", "customer_id", "email", "ip_addr", "order_amount")

@@ -21,7 +21,7 @@ from .batching import ModelBatcher, ScriptBatcher
 from .features import EntityView, known_entities, serving_features, timestamp_us
 from .redis_pipe import RedisPipe
 from .redis_store import Keys, async_redis
-from .schema import ENTITIES, FEATURE_COLUMNS
+from .schema import ENTITIES, FEATURE_COLUMNS, FeatureSpec
 from fraud_poc.service_payloads import (
     KnownEntities,
     KnownOrder,
@@ -117,15 +117,21 @@ class Scorer:
     ) -> list[list]:
         """One script call per order, sent with the calls of concurrent requests in one round trip."""
         # W and the horizon are the live model's; without one, the pointer check fails before they are read
-        pointer, version, window, delay, horizon = (
-            (live.pointer, live.fs_version, live.window, live.label_delay_days, live.horizon_hours)
-            if live
-            else (b"-", "", 1, 1, 0)
+        pointer, version, spec = (
+            (live.pointer, live.fs_version, live.spec) if live else (b"-", "", FeatureSpec())
         )
         calls = [
             (
                 script_keys(self.keys, version, r),
-                script_args(pointer, window, delay, horizon, r, where, self.log_max_len),
+                script_args(
+                    pointer,
+                    spec.window,
+                    spec.label_delay_days,
+                    spec.horizon_hours,
+                    r,
+                    where,
+                    self.log_max_len,
+                ),
             )
             for r, where in zip(records, locations, strict=True)
         ]
@@ -171,8 +177,8 @@ class Scorer:
                         for i, (e, view) in enumerate(zip(ENTITIES, reply[2:], strict=True))
                     },
                     record,
-                    live.window,
-                    live.label_delay_days,
+                    live.spec.window,
+                    live.spec.label_delay_days,
                 )
                 for record, reply in zip(records, replies, strict=True)
             ],
@@ -304,7 +310,7 @@ class Scorer:
             run_id=live.run_id,
             promoted_at=live.promoted_at,
             threshold=live.threshold,
-            feature_set_version=live.metadata["feature_set_version"],
+            feature_set_version=live.spec.feature_set_version,
             feature_columns=live.feature_columns,
             metrics=live.metadata.get("metrics", {}),
             metadata=live.metadata,

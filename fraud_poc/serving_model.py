@@ -13,9 +13,8 @@ from typing import Any
 import numpy as np
 import xgboost as xgb
 
-from .features import state_horizon_hours
 from .row_predictor import RowPredictor
-from .schema import FEATURE_COLUMNS, FEATURE_SET_VERSION
+from .schema import FEATURE_COLUMNS, FeatureSpec
 from .service_payloads import Contribution
 
 # %% ../nbs/46_serving_model.ipynb #5208c013
@@ -36,39 +35,26 @@ class LiveModel:
     threshold: float
     feature_columns: list[str]
     feature_index: np.ndarray  # position of each model feature in FEATURE_COLUMNS
-    window: int  # W the model was trained with: serving keeps and scores the last W orders
-    label_delay_days: int  # δ the model was trained with
-    horizon_hours: (
-        int  # serving states keep the tiles of the last 24·(30 + δ) hours (`features.state_horizon_hours`)
-    )
+    spec: FeatureSpec  # the spec the model was trained with: serving keeps the states and scores with it
     metadata: dict[str, Any]
 
 
-def trained_with(model_id: str, metadata: dict[str, Any], name: str) -> int:
-    """A feature parameter (`window`, `label_delay_days`) from the model's metadata; ValueError if missing."""
-    value = metadata.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"model {model_id}: its metadata has no valid {name} ({value!r}), so the window its features need "
-            "is unknown; models registered by train-model carry it"
-        )
-    return value
+def trained_with(model_id: str, metadata: dict[str, Any]) -> FeatureSpec:
+    """The feature spec in a model's metadata; ValueError naming what is wrong if it has none this code computes."""
+    try:
+        return FeatureSpec.from_json(metadata.get("feature_spec"))
+    except ValueError as e:
+        raise ValueError(f"model {model_id}: its metadata has no usable feature_spec ({e})") from e
 
 
 def load_live_model(pointer: bytes, booster_raw: bytes, metadata_raw: bytes) -> LiveModel:
     """Build the LiveModel of a pointer from the model hash's fields; ValueError if it does not fit this service."""
     live, metadata = json.loads(pointer), json.loads(metadata_raw)
     model_id, columns = live["model_id"], list(metadata["feature_columns"])
-    if metadata.get("feature_set_version") != FEATURE_SET_VERSION:
-        raise ValueError(
-            f"model {model_id} uses feature set {metadata.get('feature_set_version')!r}, "
-            f"this service computes {FEATURE_SET_VERSION!r}"
-        )
     unknown = [c for c in columns if c not in FEATURE_COLUMNS]
     if unknown:
         raise ValueError(f"model {model_id} needs features this service does not compute: {unknown}")
-    window = trained_with(model_id, metadata, "window")
-    label_delay_days = trained_with(model_id, metadata, "label_delay_days")
+    spec = trained_with(model_id, metadata)
     booster = xgb.Booster()
     booster.load_model(bytearray(booster_raw))
     booster.set_param({"nthread": 1})
@@ -87,9 +73,7 @@ def load_live_model(pointer: bytes, booster_raw: bytes, metadata_raw: bytes) -> 
         threshold=float(metadata["threshold"]),
         feature_columns=columns,
         feature_index=np.array([FEATURE_COLUMNS.index(c) for c in columns]),
-        window=window,
-        label_delay_days=label_delay_days,
-        horizon_hours=state_horizon_hours(label_delay_days),
+        spec=spec,
         metadata=metadata,
     )
 

@@ -30,7 +30,7 @@ from fraud_poc.run_status import (
     update_step,
 )
 from .settings import RedisSettings, RunLimits
-from .datasets import FeatureParamsMismatch
+from .datasets import FeatureSpecError
 from .validation import InvalidOrdersError
 
 T = TypeVar("T")
@@ -40,8 +40,8 @@ STEP_LOCK = threading.Lock()  # one step's Dask work at a time in this process
 STOP_WAIT_SECONDS = 120.0  # how long a timed-out attempt may take to stop before the error propagates anyway
 
 
-# errors that no retry can mend: the input is wrong, or the run's features were computed with other settings
-PERMANENT_ERRORS = (InvalidOrdersError, FeatureParamsMismatch)
+# errors that no retry can mend: the input is wrong, or the run's feature spec is missing or unusable
+PERMANENT_ERRORS = (InvalidOrdersError, FeatureSpecError)
 
 
 class RunAlreadyFailed(RuntimeError):

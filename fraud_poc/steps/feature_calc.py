@@ -23,9 +23,9 @@ from fraud_poc.datasets import (
     parquet_write_options,
     replace_atomically,
     serving_state_dir,
-    write_feature_params,
+    write_feature_spec,
 )
-from ..schema import ENTITIES, FEATURE_COLUMNS, LABEL, LABEL_DATE, SCENARIO
+from ..schema import ENTITIES, FEATURE_COLUMNS, LABEL, LABEL_DATE, SCENARIO, FeatureSpec
 from ..serving_state import ENCODED_COLUMNS, encoded_states
 from .preprocess import read_by_entity
 
@@ -35,11 +35,13 @@ _CARRIED = ["order_id", "order_date", LABEL, SCENARIO, "order_amount"]
 
 
 def _features_and_state(
-    orders: pd.DataFrame, by: str, window: int, label_delay_days: int, as_of_us: int, carried: list[str]
+    orders: pd.DataFrame, by: str, spec: FeatureSpec, as_of_us: int, carried: list[str]
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Columns `carried` of `orders` with, row for row, entity `by`'s features; and the encoded state of each value
     (labels known by `as_of_us`)."""
-    entity, latest = features.entity_features_and_state(orders, by, window, label_delay_days, as_of_us)
+    entity, latest = features.entity_features_and_state(
+        orders, by, spec.window, spec.label_delay_days, as_of_us
+    )
     with_features = pd.concat(
         [orders[carried].reset_index(drop=True), entity.drop(columns="order_id")], axis=1
     )
@@ -47,10 +49,10 @@ def _features_and_state(
 
 
 def _by_entity_outputs(
-    orders: dd.DataFrame, by: str, window: int, label_delay_days: int, as_of_us: int, carried: list[str]
+    orders: dd.DataFrame, by: str, spec: FeatureSpec, as_of_us: int, carried: list[str]
 ) -> tuple[dd.DataFrame, dd.DataFrame]:
     """`_features_and_state` over the partitions of a per-entity dataset: (features, encoded states), one task each."""
-    params = (window, label_delay_days, as_of_us, carried)
+    params = (spec, as_of_us, carried)
     meta_features, meta_states = _features_and_state(orders._meta, by, *params)
     pairs = [
         delayed(_features_and_state, nout=2, pure=True)(part, by, *params) for part in orders.to_delayed()
@@ -84,10 +86,9 @@ def _features_output(left: pd.DataFrame, *others: pd.DataFrame) -> pd.DataFrame:
     return align_features(left, *others)[FEATURES_OUTPUT_COLUMNS]
 
 
-def calc_features(
-    client: Client, data_root: str | Path, run_id: str, *, window: int, label_delay_days: int
-) -> StepResult:
-    """Step 3: compute every order's features from the per-entity datasets; write `features/` and `serving_state/`."""
+def calc_features(client: Client, data_root: str | Path, run_id: str, *, spec: FeatureSpec) -> StepResult:
+    """Step 3: compute every order's features from the per-entity datasets; write `features/` and `serving_state/`
+    with the spec they were computed with (what every later step takes its W and δ from)."""
     for entity in ENTITIES:
         if not entity_dir(data_root, run_id, entity).is_dir():
             raise FileNotFoundError(f"no orders by {entity} for run {run_id!r}: run step preprocess first")
@@ -96,13 +97,11 @@ def calc_features(
     by_first = read_by_entity(data_root, run_id, first, [*inputs, SCENARIO])
     # the states know the labels dated up to the history's newest order; later ones come through report-label
     as_of_us = features.timestamp_us(client.compute(by_first["order_date"].max()).result())
-    left, states = _by_entity_outputs(by_first, first, window, label_delay_days, as_of_us, _CARRIED)
+    left, states = _by_entity_outputs(by_first, first, spec, as_of_us, _CARRIED)
     states_by_entity, aligned_others = {first: states}, []
     for by in others:
         orders = read_by_entity(data_root, run_id, by, inputs)
-        entity, states_by_entity[by] = _by_entity_outputs(
-            orders, by, window, label_delay_days, as_of_us, ["order_id", first]
-        )
+        entity, states_by_entity[by] = _by_entity_outputs(orders, by, spec, as_of_us, ["order_id", first])
         shuffled = entity.shuffle(on=first, npartitions=by_first.npartitions, shuffle_method="tasks")
         aligned_others.append(shuffled.drop(columns=first))
     out_meta = _features_output(left._meta, *(other._meta for other in aligned_others))
@@ -119,9 +118,9 @@ def calc_features(
             for by, frame in states_by_entity.items()
         ]
         rows, *_ = client.gather(client.compute([by_first.shape[0], *writes]))
-        write_feature_params(tmp_state, window, label_delay_days)  # later steps check they use the same
+        write_feature_spec(tmp_state, spec)
     return StepResult(
         rows_in=int(rows),
         rows_out=int(rows),
-        details={"window": window, "label_delay_days": label_delay_days, "partitions": by_first.npartitions},
+        details={"feature_spec": spec.to_json(), "partitions": by_first.npartitions},
     )

@@ -16,7 +16,7 @@ import pyarrow.dataset as pads
 from distributed import Client
 
 from ..carry_over import Carried, switch_carrying_over
-from ..datasets import check_feature_params, entity_dir, read_dataset, serving_state_dir
+from ..datasets import entity_dir, feature_spec, read_dataset, serving_state_dir
 from fraud_poc.feature_store import (
     ANY_LIVE,
     GateOutdated,
@@ -28,7 +28,7 @@ from fraud_poc.feature_store import (
 )
 from ..redis_store import Keys, sync_redis
 from ..registry import load_metadata, model_bytes
-from ..schema import ENTITIES, LABEL_DELAY_DAYS
+from ..schema import ENTITIES
 
 # %% ../../nbs/37_prepare_db.ipynb #e206ac7a
 @dataclass(frozen=True)
@@ -97,17 +97,13 @@ def prepare_db_step(
     *,
     redis_url: str,
     key_prefix: str,
-    window: int,
     chunk_size: int,
-    label_delay_days: int = LABEL_DELAY_DAYS,
     carry_since: datetime | None = None,
     expected_live: str | object = ANY_LIVE,
 ) -> PrepareResult:
     """Step 6: load the run's serving state as version `run_id`, upload the model, switch both live (only if
     `expected_live`, the model the gate compared with, is still live), drop the old version."""
-    check_feature_params(
-        data_root, run_id, window, label_delay_days
-    )  # never a version of states of another W
+    spec = feature_spec(data_root, run_id)  # the W and δ of the run's states, fixed by its feature-calc
     r, keys, version = sync_redis(redis_url), Keys(key_prefix), run_id
     booster_ubj, stored_metadata = (
         model_bytes(data_root, model_id),
@@ -116,9 +112,7 @@ def prepare_db_step(
     meta, load = version_meta(r, keys, version), None
     if meta is None:
         frames = {by: serving_states(data_root, run_id, by) for by in ENTITIES}
-        load = write_feature_version(
-            client, frames, redis_url, keys, version, run_id, window, chunk_size, label_delay_days
-        )
+        load = write_feature_version(client, frames, redis_url, keys, version, run_id, spec, chunk_size)
         meta = load.meta
     upload_model(r, keys, model_id, booster_ubj, stored_metadata)
     pointer = live_pointer(r, keys)
@@ -132,7 +126,7 @@ def prepare_db_step(
                 switched = switch_live(r, keys, model_id, version, run_id, expected_live=expected_live)
             else:  # what the service learned since this run's data was cut goes into the new version too
                 switched, carried = switch_carrying_over(
-                    r, keys, model_id, version, run_id, carry_since, window, label_delay_days, expected_live
+                    r, keys, model_id, version, run_id, carry_since, spec, expected_live
                 )
         except GateOutdated as e:  # the model stays registered, not live; the run says why
             refused = str(e)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from distributed import Client
 
-from ..datasets import check_feature_params, read_dataset, training_paths
+from ..datasets import feature_spec, read_dataset, training_paths
 from ..feature_store import live_pointer
 from ..redis_store import Keys, sync_redis
 from fraud_poc.registry import (
@@ -29,14 +29,7 @@ from fraud_poc.registry import (
     save_model,
 )
 from ..report import report_pngs
-from fraud_poc.schema import (
-    FEATURE_COLUMNS,
-    LABEL,
-    LABEL_DELAY_DAYS,
-    SCENARIO,
-    WINDOW,
-    feature_set_fingerprint,
-)
+from ..schema import FEATURE_COLUMNS, LABEL, SCENARIO, FeatureSpec
 from ..settings import TrainModelSettings
 from fraud_poc.train import (
     average_precision,
@@ -122,8 +115,7 @@ def _train_and_register(
     run_id: str,
     model_id: str,
     settings: TrainModelSettings,
-    window: int,
-    label_delay_days: int,
+    spec: FeatureSpec,
 ) -> dict[str, Any]:
     """Train (early stopping and threshold on the tuning set), evaluate on the holdout, write model + metadata +
     report to the registry; returns the metadata."""
@@ -175,8 +167,7 @@ def _train_and_register(
         evaluate(y, scores, scenarios, threshold),
         data_sizes,
         training,
-        window,
-        label_delay_days=label_delay_days,
+        spec,
     )
     save_model(
         data_root,
@@ -197,8 +188,6 @@ def champion_average_precision(
     data_root: str | Path,
     run_id: str,
     metadata: dict[str, Any],
-    window: int,
-    label_delay_days: int = LABEL_DELAY_DAYS,
 ) -> tuple[str | None, float | None]:
     """The live model's id and its average precision on this run's holdout (None if it uses another feature set)."""
     r = sync_redis(redis_url)
@@ -212,8 +201,7 @@ def champion_average_precision(
     raw_booster, raw_metadata = r.hmget(keys.model(champion_id), ["booster", "metadata"])
     if raw_booster is None or raw_metadata is None:
         raise RuntimeError(f"the live model {champion_id} is missing from Redis ({keys.model(champion_id)})")
-    fingerprint = feature_set_fingerprint(FEATURE_COLUMNS, window, label_delay_days)
-    if json.loads(raw_metadata)["feature_set_fingerprint"] != fingerprint:
+    if json.loads(raw_metadata).get("feature_set_fingerprint") != metadata["feature_set_fingerprint"]:
         return champion_id, None
     holdout_path = training_paths(data_root, run_id)[2]
     scores = predict_scores(
@@ -230,21 +218,20 @@ def train_model_step(
     redis_url: str,
     key_prefix: str,
     settings: TrainModelSettings,
-    window: int = WINDOW,
-    label_delay_days: int = LABEL_DELAY_DAYS,
 ) -> TrainResult:
-    """Step 5: train (or reuse this run's registered model), then gate it against the live champion."""
-    check_feature_params(data_root, run_id, window, label_delay_days)  # the model's fingerprint says these
+    """Step 5: train (or reuse this run's registered model) with the run's feature spec, then gate it against the
+    live champion."""
+    spec = feature_spec(data_root, run_id)
     model_id = model_id_for_run(run_id)
     reused = model_exists(data_root, model_id)
     metadata = (
         load_metadata(data_root, model_id)
         if reused
-        else _train_and_register(client, data_root, run_id, model_id, settings, window, label_delay_days)
+        else _train_and_register(client, data_root, run_id, model_id, settings, spec)
     )
     metrics = metadata["metrics"]
     champion_id, champion_ap = champion_average_precision(
-        client, redis_url, Keys(key_prefix), data_root, run_id, metadata, window, label_delay_days
+        client, redis_url, Keys(key_prefix), data_root, run_id, metadata
     )
     sizes = metadata["data_sizes"]
     decision: PromotionDecision = promotion_gate(

@@ -13,6 +13,7 @@ from hopeit.app.context import EventContext
 from ..dask_client import dask_client_async
 from ..steps.feature_calc import calc_features
 from ..payloads import PipelineJob
+from ..schema import FeatureSpec
 from ..settings import DaskSettings, FeatureStoreSettings, RedisSettings, StorageSettings, RunLimits
 from ..step_runner import run_pipeline_step
 
@@ -30,8 +31,7 @@ async def calculate(payload: PipelineJob, context: EventContext) -> PipelineJob:
         client,
         storage.data_root,
         payload.run_id,
-        window=feature_store.window,
-        label_delay_days=feature_store.label_delay_days,
+        spec=FeatureSpec(window=feature_store.window, label_delay_days=feature_store.label_delay_days),
     )
     await run_pipeline_step(
         context.settings(key="redis", datatype=RedisSettings),

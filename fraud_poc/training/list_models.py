@@ -19,7 +19,7 @@ from ..payloads import ModelList
 from ..redis_store import Keys, sync_redis
 from ..request_errors import with_request_errors
 from ..service_payloads import ErrorResponse, unavailable, unknown_query
-from ..settings import FeatureStoreSettings, RedisSettings, StorageSettings
+from ..settings import RedisSettings, StorageSettings
 
 # %% ../../nbs/62_list_models.ipynb #93fa3377
 __steps__ = ["list_registered"]
@@ -59,10 +59,9 @@ async def list_registered(
     """The registry as `model_summaries` sees it (files and Redis, read in a thread)."""
     settings = context.settings(key="redis", datatype=RedisSettings)
     data_root = context.settings(key="storage", datatype=StorageSettings).data_root
-    window = context.settings(key="feature_store", datatype=FeatureStoreSettings).window
     try:
         found = await asyncio.to_thread(
-            model_summaries, sync_redis(settings.url), Keys(settings.key_prefix), data_root, window
+            model_summaries, sync_redis(settings.url), Keys(settings.key_prefix), data_root
         )
     except (redis.ConnectionError, redis.TimeoutError) as e:
         logger.warning(context, "cannot list models", extra=extra(reason=str(e)))

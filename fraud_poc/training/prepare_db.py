@@ -41,9 +41,7 @@ async def prepare_db(payload: PipelineJob, context: EventContext) -> None:
         payload.model_id,
         redis_url=redis_settings.url,
         key_prefix=redis_settings.key_prefix,
-        window=feature_store.window,
         chunk_size=feature_store.chunk_size,
-        label_delay_days=feature_store.label_delay_days,
         carry_since=payload.submitted,
         expected_live=ANY_LIVE if payload.gated_against is None else payload.gated_against,
     )

@@ -96,9 +96,7 @@ async def promote_chosen(payload: PromoteRequest, context: EventContext) -> Live
         payload.model_id,
         redis_url=settings.url,
         key_prefix=settings.key_prefix,
-        window=feature_store.window,
         chunk_size=feature_store.chunk_size,
-        label_delay_days=feature_store.label_delay_days,
     )
     try:
         change = await asyncio.to_thread(holding_step_lock, work)  # its load uses Dask like the steps

@@ -17,7 +17,6 @@ from ..redis_store import Keys, async_redis
 from ..run_status import update_run, update_step
 from fraud_poc.settings import (
     DaskSettings,
-    FeatureStoreSettings,
     RedisSettings,
     StorageSettings,
     TrainModelSettings,
@@ -37,7 +36,6 @@ async def train(payload: PipelineJob, context: EventContext) -> PipelineJob | No
     """Train and gate; pass the job (with the model id) to prepare-db only if the model may be promoted."""
     redis_settings = context.settings(key="redis", datatype=RedisSettings)
     storage = context.settings(key="storage", datatype=StorageSettings)
-    feature_store = context.settings(key="feature_store", datatype=FeatureStoreSettings)
     client = await dask_client_async(context.settings(key="dask", datatype=DaskSettings))
     work = partial(
         train_model_step,
@@ -47,8 +45,6 @@ async def train(payload: PipelineJob, context: EventContext) -> PipelineJob | No
         redis_url=redis_settings.url,
         key_prefix=redis_settings.key_prefix,
         settings=context.settings(key="train_model", datatype=TrainModelSettings),
-        window=feature_store.window,
-        label_delay_days=feature_store.label_delay_days,
     )
     result = await run_pipeline_step(
         redis_settings,
