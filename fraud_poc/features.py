@@ -159,8 +159,15 @@ def _group_search(group: np.ndarray, ts_us: np.ndarray) -> Callable[[np.ndarray,
     if (int(group.max()) + 1) * width < 2**62:
         keys = group * width + (ts_us - low)
 
+        low_, high_ = (
+            np.int64(low),
+            np.int64(high),
+        )  # numpy scalars: np.clip with Python ints is several times slower
+
         def first_at_or_after(rows: np.ndarray, since_us: np.ndarray) -> np.ndarray:
-            return np.searchsorted(keys, group[rows] * width + (np.clip(since_us, low, high) - low))
+            return np.searchsorted(
+                keys, group[rows] * width + (np.minimum(np.maximum(since_us, low_), high_) - low_)
+            )
 
         return first_at_or_after
     instants = np.unique(ts_us)
@@ -196,8 +203,8 @@ def time_window_features(
     rows, hour = np.arange(n), hours_of(ts_us)
     prefix = np.r_[0, np.cumsum(cents, dtype=np.int64)]
     fraud = np.flatnonzero(fraud_ts != NO_FRAUD)
-    stats = {stat: [] for stat in TIME_STATS}
-    for days in TIME_WINDOWS_DAYS:
+    result = np.empty((len(TIME_STATS), len(TIME_WINDOWS_DAYS), n))  # (stat, window, order): the column order
+    for k, days in enumerate(TIME_WINDOWS_DAYS):
         start = first_at_or_after(rows, recent_first_hour(hour, days) * HOUR_US)
         n_orders = rows - start + 1
         first, end = matured_hours(hour, days, delay)
@@ -209,12 +216,16 @@ def time_window_features(
         until = first_at_or_after(fraud, (lagged + 24 * days + 1) * HOUR_US)
         counts_until = np.maximum(until, counts_from)
         n_fraud = _range_counts(n, counts_from, counts_until)
-        stats["n_orders"].append(n_orders)
-        stats["amount_mean"].append(_window_mean(prefix[rows + 1] - prefix[start], n_orders))
-        stats["n_matured"].append(n_matured)
-        stats["n_fraud"].append(n_fraud)
-        stats["risk"].append(np.divide(n_fraud, n_matured, out=np.zeros(n), where=n_matured > 0))
-    return np.array([column for stat in TIME_STATS for column in stats[stat]], dtype=np.float64)
+        stats = {
+            "n_orders": n_orders,
+            "amount_mean": _window_mean(prefix[rows + 1] - prefix[start], n_orders),
+            "n_matured": n_matured,
+            "n_fraud": n_fraud,
+            "risk": np.divide(n_fraud, n_matured, out=np.zeros(n), where=n_matured > 0),
+        }
+        for s, stat in enumerate(TIME_STATS):
+            result[s, k] = stats[stat]
+    return result.reshape(len(TIME_STATS) * len(TIME_WINDOWS_DAYS), n)
 
 # %% ../nbs/10_features.ipynb #88e779e6
 FEATURE_INPUT_COLUMNS: tuple[str, ...] = ("order_id", "order_date", *ENTITIES, "order_amount")
