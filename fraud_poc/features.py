@@ -204,15 +204,15 @@ def time_window_features(
     prefix = np.r_[0, np.cumsum(cents, dtype=np.int64)]
     fraud = np.flatnonzero(fraud_ts != NO_FRAUD)
     result = np.empty((len(TIME_STATS), len(TIME_WINDOWS_DAYS), n))  # (stat, window, order): the column order
+    matured_end = first_at_or_after(rows, matured_hours(hour, 0, delay)[1] * HOUR_US)  # the same for every d
+    # fraud row f counts for the rows o of its group with first(o) <= h(f) < end(o) and t(o) >= fraud_ts(f):
+    # h(f) < h(o) − L <=> h(o) >= h(f) + L + 1, and h(o) − L − 24d <= h(f) <=> h(o) < h(f) + L + 24d + 1
+    lagged = hour[fraud] + 24 * delay
+    counts_from = first_at_or_after(fraud, np.maximum(fraud_ts[fraud], (lagged + 1) * HOUR_US))
     for k, days in enumerate(TIME_WINDOWS_DAYS):
         start = first_at_or_after(rows, recent_first_hour(hour, days) * HOUR_US)
         n_orders = rows - start + 1
-        first, end = matured_hours(hour, days, delay)
-        n_matured = first_at_or_after(rows, end * HOUR_US) - first_at_or_after(rows, first * HOUR_US)
-        # fraud row f counts for the rows o of its group with first(o) <= h(f) < end(o) and t(o) >= fraud_ts(f):
-        # h(f) < h(o) − L <=> h(o) >= h(f) + L + 1, and h(o) − L − 24d <= h(f) <=> h(o) < h(f) + L + 24d + 1
-        lagged = hour[fraud] + 24 * delay
-        counts_from = first_at_or_after(fraud, np.maximum(fraud_ts[fraud], (lagged + 1) * HOUR_US))
+        n_matured = matured_end - first_at_or_after(rows, matured_hours(hour, days, delay)[0] * HOUR_US)
         until = first_at_or_after(fraud, (lagged + 24 * days + 1) * HOUR_US)
         counts_until = np.maximum(until, counts_from)
         n_fraud = _range_counts(n, counts_from, counts_until)
