@@ -32,7 +32,7 @@ from distributed import Client, LocalCluster
 from fraud_poc.dask_client import LOCAL_CLUSTER_CONFIG, release_worker_memory
 from fraud_poc.redis_store import glob_escape, unlink_matching
 from fraud_poc.registry import model_id_for_run
-from fraud_poc.schema import LABEL_DELAY_DAYS, WINDOW
+from fraud_poc.schema import FeatureSpec
 from fraud_poc.settings import (
     FeatureStoreSettings,
     PreprocessSettings,
@@ -86,7 +86,12 @@ STEPS: list[tuple[str, Callable[[BenchRun], object]]] = [
     (
         "feature-calc",
         lambda run: calc_features(
-            run.client, run.data_root, run.run_id, window=WINDOW, label_delay_days=LABEL_DELAY_DAYS
+            run.client,
+            run.data_root,
+            run.run_id,
+            spec=FeatureSpec(
+                window=FeatureStoreSettings().window, label_delay_days=FeatureStoreSettings().label_delay_days
+            ),
         ),
     ),
     (
@@ -113,7 +118,6 @@ STEPS: list[tuple[str, Callable[[BenchRun], object]]] = [
             model_id_for_run(run.run_id),
             redis_url=run.redis_url,
             key_prefix=run.key_prefix,
-            window=FeatureStoreSettings().window,
             chunk_size=FeatureStoreSettings().chunk_size,
         ),
     ),

@@ -62,7 +62,7 @@ from fraud_poc.schema import (  # noqa: E402
     LABEL,
     LABEL_DELAY_DAYS,
     WINDOW,
-    feature_set_fingerprint,
+    FeatureSpec,
 )
 from fraud_poc.scorer import Scorer, entity_view_of  # noqa: E402
 from fraud_poc.service_payloads import Order  # noqa: E402
@@ -167,19 +167,21 @@ def prepare_store(redis_url: str, prefix: str, args: argparse.Namespace) -> tupl
     params, booster = train_bench_model(features.to_numpy(), labels, args)
     threshold = choose_threshold(labels, booster.inplace_predict(features.to_numpy()))
     r, keys, version, model_id = redis.Redis.from_url(redis_url), Keys(prefix), "bench-v1", "bench-m1"
+    spec = FeatureSpec(window=WINDOW, label_delay_days=LABEL_DELAY_DAYS)
     for by in ENTITIES:  # what feature-calc keeps and prepare-db loads: last W records and hourly tiles
-        encoded = encoded_states(serving_states(orders, by, WINDOW, LABEL_DELAY_DAYS), by)
+        encoded = encoded_states(serving_states(orders, by, spec.window, spec.label_delay_days), by)
         write_entity_states(r, keys, version, by, encoded, chunk_size=500)
     print_state_memory(r, keys, version)
     meta = {
         "version": version,
-        "window": WINDOW,
-        "label_delay_days": LABEL_DELAY_DAYS,
-        "feature_set_fingerprint": feature_set_fingerprint(FEATURE_COLUMNS, WINDOW, LABEL_DELAY_DAYS),
+        "window": spec.window,
+        "label_delay_days": spec.label_delay_days,
+        "feature_set_fingerprint": spec.fingerprint,
+        "feature_spec": spec.to_json(),
     }
     r.set(keys.fs_meta(version), json.dumps(meta))
     metadata = model_metadata(
-        model_id, "bench", params, {"threshold": threshold}, {"train": len(orders)}, {}, WINDOW
+        model_id, "bench", params, {"threshold": threshold}, {"train": len(orders)}, {}, spec
     )
     upload_model(r, keys, model_id, bytes(booster.save_raw("ubj")), metadata)
     switch_live(r, keys, model_id, version, run_id="bench")
@@ -338,7 +340,12 @@ async def measure_floor(redis_url: str, prefix: str, source: OrderSource, repeat
 
     def call_of(record) -> tuple[list, list]:
         args = script_args(
-            live.pointer, live.window, live.label_delay_days, live.horizon_hours, record, (40.4, -3.7)
+            live.pointer,
+            live.spec.window,
+            live.spec.label_delay_days,
+            live.spec.horizon_hours,
+            record,
+            (40.4, -3.7),
         )
         return script_keys(keys, live.fs_version, record), args
 
@@ -358,7 +365,7 @@ async def measure_floor(redis_url: str, prefix: str, source: OrderSource, repeat
     }
 
     def features() -> np.ndarray:
-        return serving_features(views, record, live.window, live.label_delay_days)
+        return serving_features(views, record, live.spec.window, live.spec.label_delay_days)
 
     features_us = timed_us(features, repeat)
     x = np.asarray(features())[live.feature_index][None, :]

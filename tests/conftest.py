@@ -15,7 +15,7 @@ import pytest
 import redis
 import requests
 from distributed import Client, LocalCluster
-from step_runs import FEATURE_PARAMS, ROWS_PER_PARTITION, SAMPLE, SPLIT, StepsRun, make_runs
+from step_runs import FEATURE_SPEC, ROWS_PER_PARTITION, SAMPLE, SPLIT, StepsRun, make_runs
 
 from fraud_poc.dask_client import LOCAL_CLUSTER_CONFIG
 from fraud_poc.generator import generate_orders
@@ -88,9 +88,9 @@ def preprocessed_run(client, sample_run) -> StepsRun:
 
 @pytest.fixture(scope="session")
 def features_run(client, preprocessed_run) -> StepsRun:
-    """`sample_run` after step 3 (window and label delay `FEATURE_PARAMS`)."""
+    """`sample_run` after step 3 (window and label delay of `FEATURE_SPEC`)."""
     run = preprocessed_run
-    run.results["feature-calc"] = calc_features(client, run.data_root, run.run_id, **FEATURE_PARAMS)
+    run.results["feature-calc"] = calc_features(client, run.data_root, run.run_id, spec=FEATURE_SPEC)
     return run
 
 

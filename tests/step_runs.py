@@ -9,7 +9,7 @@ import pandas as pd
 from distributed import Client
 
 from fraud_poc.datasets import StepResult, raw_dir, run_dir
-from fraud_poc.schema import LABEL_DELAY_DAYS, WINDOW
+from fraud_poc.schema import FeatureSpec
 from fraud_poc.settings import TrainingDataSettings, TrainModelSettings
 from fraud_poc.steps.feature_calc import calc_features
 from fraud_poc.steps.preprocess import preprocess_orders
@@ -27,10 +27,15 @@ SAMPLE = {
     "seed": 7,
 }
 ROWS_PER_PARTITION = 4_000  # step 2 writes 5 partitions per entity
-FEATURE_PARAMS = {"window": 8, "label_delay_days": 5}  # not the defaults: a step that ignores them is caught
+FEATURE_SPEC = FeatureSpec(
+    window=8, label_delay_days=5
+)  # not the defaults: a step that ignores them is caught
 SPLIT = TrainingDataSettings(
     validation_days=14, tuning_days=14, warmup_days=10, non_fraud_fraction=0.5, seed=3
 )
+RUN_SPLIT = TrainingDataSettings(
+    validation_days=12, tuning_days=12, warmup_days=5, seed=1
+)  # of make_runs' runs
 
 REDIS_URL = os.environ.get("FRAUD_TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
 SETTINGS = TrainModelSettings(
@@ -39,8 +44,14 @@ SETTINGS = TrainModelSettings(
 
 
 def prepare_args(key_prefix: str) -> dict:
-    """prepare-db's settings (keyword-only) with this test's Redis and key prefix."""
-    return {"redis_url": REDIS_URL, "key_prefix": key_prefix, "window": WINDOW, "chunk_size": 500}
+    """prepare-db's settings (keyword-only) with this test's Redis and key prefix (W and δ: the run's spec)."""
+    return {"redis_url": REDIS_URL, "key_prefix": key_prefix, "chunk_size": 500}
+
+
+def run_steps_3_and_4(client: Client, data_root: Path, run_id: str, spec: FeatureSpec) -> None:
+    """The real steps 3 and 4 of a run `run_steps_1_to_4` made: its features (with `spec`) and training data."""
+    calc_features(client, data_root, run_id, spec=spec)
+    make_training_data(client, data_root, run_id, RUN_SPLIT)
 
 
 def run_steps_1_to_4(
@@ -59,13 +70,7 @@ def run_steps_1_to_4(
         seed=seed,
     )
     preprocess_orders(client, data_root, run_id, None)
-    calc_features(client, data_root, run_id, window=WINDOW, label_delay_days=LABEL_DELAY_DAYS)
-    make_training_data(
-        client,
-        data_root,
-        run_id,
-        TrainingDataSettings(validation_days=12, tuning_days=12, warmup_days=5, seed=1),
-    )
+    run_steps_3_and_4(client, data_root, run_id, FeatureSpec())
     return pd.concat(
         [pd.read_parquet(f) for f in sorted(raw_dir(data_root, run_id).glob("*.parquet"))], ignore_index=True
     )

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 from contextlib import contextmanager
+from copy import deepcopy
 
 import hopeit.testing.apps
 import pytest
@@ -16,7 +17,7 @@ from hopeit.testing.apps import config, execute_event
 from multidict import CIMultiDict
 
 from fraud_poc.dask_client import close_dask_client
-from fraud_poc.datasets import FeatureParamsMismatch, raw_dir, read_dataset
+from fraud_poc.datasets import FEATURE_SPEC_FILE, FeatureSpecError, raw_dir, read_dataset, serving_state_dir
 from fraud_poc.payloads import (
     CleanRunsRequest,
     DeliveryCheck,
@@ -28,7 +29,9 @@ from fraud_poc.payloads import (
     StepState,
 )
 from fraud_poc.redis_store import Keys, async_redis
+from fraud_poc.registry import load_metadata
 from fraud_poc.run_status import create_run, now, update_step
+from fraud_poc.schema import FeatureSpec
 from fraud_poc.service_payloads import BatchRequest, ErrorResponse, LabelReport, Order, Prediction
 
 SMALL = {"num_orders": 30_000, "num_customers": 600, "months": 3, "fraud_rate": 0.02, "seed": 11}
@@ -125,7 +128,7 @@ async def test_six_steps_promote_the_first_model(apps, first_run, redis_client, 
     assert details["preprocess"]["duplicates_dropped"] == 0 and details["preprocess"]["partitions"] >= 1, (
         details
     )
-    assert (details["feature-calc"]["window"], details["feature-calc"]["label_delay_days"]) == (10, 7), (
+    assert details["feature-calc"]["feature_spec"] == FeatureSpec(window=10, label_delay_days=7).to_json(), (
         details
     )
     assert details["training-data"]["holdout_rows"] == run.steps[4].rows_out, details
@@ -157,29 +160,6 @@ async def test_gate_keeps_a_worse_model_out(apps, first_run, redis_client, key_p
     assert live["model_id"] != run.model_id
     models = await call(training, "list-models")
     assert run.model_id in [m.model_id for m in models.models]  # registered, not live
-
-
-async def test_a_run_whose_features_used_another_window_fails_at_once(apps):
-    """Feature-calc ran with W = 11 (its settings changed during the run): train-model, with W = 10, refuses the
-    run at its first attempt (a permanent error: no redelivery can mend it) and says why in the step's status."""
-    training, _, _ = apps
-    settings = training.effective_settings["feature-calc"]["extras"]["feature_store"]
-    settings["window"] = 11
-    try:
-        job = await call(
-            training, "run-pipeline", RunPipelineRequest(**{**SMALL, "seed": 13, "train_only": True})
-        )
-        for step in STEPS[:4]:
-            job = await call(training, step, job)
-    finally:
-        settings["window"] = 10
-    with pytest.raises(FeatureParamsMismatch, match="computed with window 11 .* this step uses window 10"):
-        await call(training, "train-model", job)
-    run = await status(training, job.run_id)
-    step = run.steps[4]
-    assert (run.state.value, step.state.value, step.attempts) == ("failed", "failed", 1), run
-    assert step.error.startswith(f"run {job.run_id}: its features were computed with window 11"), step
-    assert run.steps[2].details["window"] == 11 and run.model_id is None, run
 
 
 async def test_prediction_events(apps, first_run):
@@ -232,6 +212,100 @@ async def test_registry_events(apps, first_run):
     dry = await call(training, "clean-runs", CleanRunsRequest(keep_runs=0, dry_run=True))
     assert not isinstance(dry, ErrorResponse), dry
     assert (await call(training, "list-models")).live.model_id == first  # a dry run removes nothing
+
+
+@contextmanager
+def feature_store_settings(training, **values):
+    """Every training event's feature_store settings with `values` (as if the configuration changed), restored
+    after."""
+    saved = {}
+    for event, settings in training.effective_settings.items():
+        store = (settings.get("extras") or {}).get("feature_store")
+        if store is not None:
+            saved[event] = deepcopy(store)
+            store.update(values)
+    try:
+        yield
+    finally:
+        for event, store in saved.items():
+            training.effective_settings[event]["extras"]["feature_store"].clear()
+            training.effective_settings[event]["extras"]["feature_store"].update(store)
+
+
+async def test_later_steps_use_the_runs_feature_spec_whatever_the_settings_say_now(
+    apps, first_run, redis_client, key_prefix
+):
+    """Feature-calc ran with W = 11 (δ = 7); then the settings say W = 12, δ = 4. Train-model trains with the run's
+    spec (its metadata's feature_spec is the run's), list-models calls the model promotable, promote-model loads the
+    run's states as a version of that spec, and rollback goes back to the first model with its own spec."""
+    training, _, data_root = apps
+    keys = Keys(key_prefix + "events:")
+    first = (await status(training, first_run)).model_id
+    with feature_store_settings(training, window=11):
+        job = await call(
+            training, "run-pipeline", RunPipelineRequest(**{**SMALL, "seed": 13, "train_only": True})
+        )
+        for step in STEPS[:3]:
+            job = await call(training, step, job)
+    spec = FeatureSpec(window=11, label_delay_days=7)
+    run_id = job.run_id
+    with feature_store_settings(training, window=12, label_delay_days=4):
+        job = await call(training, "training-data", job)
+        assert await call(training, "train-model", job) is None  # train_only: registered, not promoted
+        run = await status(training, run_id)
+        assert run.state.value == "done" and run.model_id is not None, run
+        assert run.steps[2].details["feature_spec"] == spec.to_json(), run.steps[2]
+        metadata = load_metadata(data_root, run.model_id)
+        assert (
+            metadata["feature_spec"] == spec.to_json()
+            and metadata["feature_set_fingerprint"] == spec.fingerprint
+        )
+        assert (metadata["window"], metadata["label_delay_days"]) == (11, 7)
+        listed = {m.model_id: m for m in (await call(training, "list-models")).models}
+        assert listed[run.model_id].promotable == "yes", listed[run.model_id]
+        assert listed[first].promotable == "no: live already", listed[first]
+        try:
+            promoted = await call(training, "promote-model", PromoteRequest(model_id=run.model_id))
+            assert promoted.action == "promoted" and promoted.loaded_features, promoted
+            version = json.loads(redis_client.get(keys.fs_meta(run_id)))
+            assert version["feature_spec"] == spec.to_json() and version["window"] == 11, version
+        finally:
+            back = await call(training, "rollback", RollbackRequest())
+        assert back.action == "rolled back" and back.live.model_id == first, back
+    live = json.loads(redis_client.get(keys.live))
+    assert live["model_id"] == first
+    first_spec = json.loads(redis_client.get(keys.fs_meta(live["fs_version"])))["feature_spec"]
+    assert first_spec == FeatureSpec(window=10, label_delay_days=7).to_json()
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+async def test_a_run_without_a_usable_feature_spec_fails_at_once(apps, damage):
+    """A run whose feature_spec.json is gone or unreadable after feature-calc: train-model fails at its first
+    attempt with FeatureSpecError naming the run (a permanent error: no redelivery can mend it), and says why in
+    the step's status."""
+    training, _, data_root = apps
+    seed = {"missing": 14, "corrupt": 15}[damage]
+    job = await call(
+        training,
+        "run-pipeline",
+        RunPipelineRequest(**{**SMALL, "num_orders": 10_000, "seed": seed, "train_only": True}),
+    )
+    for step in STEPS[:4]:
+        job = await call(training, step, job)
+    path = serving_state_dir(data_root, job.run_id) / FEATURE_SPEC_FILE
+    if damage == "missing":
+        path.unlink()
+        message = f"run {job.run_id} has no feature spec .*: its feature-calc did not finish"
+    else:
+        path.write_text('{"window": 10, "label_delay_days":')
+        message = f"run {job.run_id}: its feature spec .* is unusable"
+    with pytest.raises(FeatureSpecError, match=message):
+        await call(training, "train-model", job)
+    run = await status(training, job.run_id)
+    step = run.steps[4]
+    assert (run.state.value, step.state.value, step.attempts) == ("failed", "failed", 1), run
+    assert step.error.startswith(f"run {job.run_id}"), step
+    assert "feature spec" in step.error and run.model_id is None, run
 
 
 async def test_run_from_raw_refuses_a_path_outside_the_data_root(apps):

@@ -44,7 +44,7 @@ from fraud_poc.schema import (
     LABEL_DELAY_DAYS,
     TIME_WINDOWS_DAYS,
     WINDOW,
-    feature_set_fingerprint,
+    FeatureSpec,
     time_feature_columns,
 )
 from fraud_poc.serving_state import decode_state, decode_tile, encoded_states
@@ -85,7 +85,8 @@ def train_booster(
 def metadata_for(model_id: str, threshold: float, ap: float, rows: int) -> dict:
     """Registry metadata of a test model."""
     metrics = {"threshold": threshold, "average_precision": ap}
-    return model_metadata(model_id, f"run-{model_id}", {"max_depth": 4}, metrics, {"train": rows}, {}, WINDOW)
+    spec = FeatureSpec(window=WINDOW, label_delay_days=LABEL_DELAY_DAYS)
+    return model_metadata(model_id, f"run-{model_id}", {"max_depth": 4}, metrics, {"train": rows}, {}, spec)
 
 
 @pytest.fixture(scope="module")
@@ -106,12 +107,13 @@ def load_version(r: redis.Redis, keys: Keys, version: str, orders: pd.DataFrame)
     for by in ENTITIES:  # what feature-calc keeps and prepare-db loads
         encoded = encoded_states(serving_states(orders, by, WINDOW, LABEL_DELAY_DAYS), by)
         counts[by] = write_entity_states(r, keys, version, by, encoded, chunk_size=500)
-    fingerprint = feature_set_fingerprint(FEATURE_COLUMNS, WINDOW, LABEL_DELAY_DAYS)
+    spec = FeatureSpec(window=WINDOW, label_delay_days=LABEL_DELAY_DAYS)
     meta = {
         "version": version,
-        "window": WINDOW,
-        "label_delay_days": LABEL_DELAY_DAYS,
-        "feature_set_fingerprint": fingerprint,
+        "window": spec.window,
+        "label_delay_days": spec.label_delay_days,
+        "feature_set_fingerprint": spec.fingerprint,
+        "feature_spec": spec.to_json(),
         "counts": counts,
     }
     r.set(keys.fs_meta(version), json.dumps(meta))
@@ -726,19 +728,20 @@ async def test_window_comes_from_the_live_model(services: Services, live: Histor
     script keeps a customer's states to the last 7 orders (beyond 30 + δ days) and the features are W = 7's."""
     r, keys = redis.Redis.from_url(services.main.redis_url), services.main.keys
     before = live_pointer(services.main)
-    window, delay = 7, 2
-    fingerprint = feature_set_fingerprint(FEATURE_COLUMNS, window, delay)
+    spec = FeatureSpec(window=7, label_delay_days=2)
+    window, delay = spec.window, spec.label_delay_days
     meta = {
         "version": "v-w7",
         "window": window,
         "label_delay_days": delay,
-        "feature_set_fingerprint": fingerprint,
+        "feature_set_fingerprint": spec.fingerprint,
+        "feature_spec": spec.to_json(),
     }
     r.set(
         keys.fs_meta("v-w7"), json.dumps({**meta, "counts": {}})
     )  # an empty version: states are built online
     metrics = {"threshold": 0.5, "average_precision": 0.5}
-    metadata = model_metadata("m-w7", "run-m-w7", {}, metrics, {}, {}, window, label_delay_days=delay)
+    metadata = model_metadata("m-w7", "run-m-w7", {}, metrics, {}, {}, spec)  # its spec: W = 7, δ = 2
     go_live(r, keys, "m-w7", live.booster, metadata, "v-w7")
     tag = uuid4().hex[:8]
     start = pd.Timestamp("2026-01-01T00:00:00Z")  # ten days apart: 110 days in all, beyond 30 + δ
@@ -752,6 +755,7 @@ async def test_window_comes_from_the_live_model(services: Services, live: Histor
             status, info = await get(session, f"{services.main.base}/model-info")
         assert {status for status, _ in answers} == {200} and status == 200, answers[-1]
         assert (info["model_id"], info["metadata"]["window"]) == ("m-w7", window)
+        assert info["metadata"]["feature_spec"] == spec.to_json()
         kept = state_ids(r, keys, "v-w7", "customer_id", f"{tag}-customer")
         assert kept == [o["order_id"] for o in orders[-window:]]
         frame = pd.DataFrame(orders).assign(order_date=lambda d: pd.to_datetime(d["order_date"], utc=True))
@@ -761,3 +765,32 @@ async def test_window_comes_from_the_live_model(services: Services, live: Histor
         assert got["n_orders_by_customer_id"].iloc[-1] == window
     finally:  # what was live before is live again
         switch_live(r, keys, before["model_id"], before["fs_version"], run_id=before["run_id"])
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda m: {k: v for k, v in m.items() if k != "feature_spec"},  # registered before the spec
+        lambda m: {**m, "feature_spec": {**m["feature_spec"], "window": 0}},
+        lambda m: {**m, "feature_spec": {**m["feature_spec"], "feature_set_version": "0"}},
+    ],
+    ids=["missing", "bad-window", "other-feature-set"],
+)
+async def test_a_live_model_without_a_usable_feature_spec_is_a_503(services: Services, live: History, damage):
+    """Serving takes W, δ and the horizon from the model's feature_spec only: a live model whose metadata has none
+    it can use is refused (503 naming it), never served with defaults; the right model serves again after."""
+    r, keys = redis.Redis.from_url(services.main.redis_url), services.main.keys
+    before = live_pointer(services.main)
+    metadata = damage(metadata_for("m-nospec", 0.5, 0.5, 1))
+    go_live(r, keys, "m-nospec", live.booster, metadata, before["fs_version"])
+    tag = uuid4().hex[:8]
+    try:
+        async with aiohttp.ClientSession() as session:
+            status, answer = await post(session, f"{services.main.base}/predict", fresh_order(tag))
+        assert status == 503 and "its metadata has no usable feature_spec" in answer["error"], answer
+        assert "m-nospec" in answer["error"], answer
+    finally:
+        switch_live(r, keys, before["model_id"], before["fs_version"], run_id=before["run_id"])
+    async with aiohttp.ClientSession() as session:
+        status, answer = await post(session, f"{services.main.base}/predict", fresh_order(tag))
+    assert status == 200, answer

@@ -1,6 +1,7 @@
 """fraud_poc.steps.train_model: step 5 on runs made by the real steps 1-4, with prepare-db where the gate needs a
 live champion; real Redis, real LocalCluster."""
 
+import shutil
 from pathlib import Path
 from uuid import uuid4
 
@@ -9,26 +10,28 @@ import numpy as np
 import pandas as pd
 import pytest
 import redis
-from step_runs import REDIS_URL, SETTINGS, prepare_args
+from step_runs import REDIS_URL, SETTINGS, prepare_args, run_steps_3_and_4
 
-from fraud_poc.datasets import FeatureParamsMismatch, training_paths
+from fraud_poc.datasets import (
+    FEATURE_SPEC_FILE,
+    FeatureSpecError,
+    run_dir,
+    serving_state_dir,
+    training_paths,
+    write_feature_spec,
+)
 from fraud_poc.feature_store import live_pointer, version_meta
 from fraud_poc.features import serving_states, state_of, timestamp_us
 from fraud_poc.redis_store import Keys
 from fraud_poc.registry import list_models, load_booster, load_metadata
-from fraud_poc.schema import (
-    ENTITIES,
-    FEATURE_COLUMNS,
-    LABEL,
-    LABEL_DELAY_DAYS,
-    SCENARIO,
-    WINDOW,
-)
+from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, LABEL, SCENARIO, FeatureSpec
 from fraud_poc.serving_state import decode_state, decode_tile
 from fraud_poc.settings import TrainModelSettings
 from fraud_poc.steps.prepare_db import prepare_db_step
 from fraud_poc.steps.train_model import train_model_step
 from fraud_poc.train import average_precision
+
+DEFAULT_SPEC = FeatureSpec()  # the spec make_runs' runs are computed with
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +47,15 @@ def read_holdout(data_root: Path, run_id: str) -> pd.DataFrame:
     return pd.read_parquet(training_paths(data_root, run_id)[2]).sort_values("order_id", ignore_index=True)
 
 
-def assert_loaded_states(r: redis.Redis, keys: Keys, version: str, orders: pd.DataFrame) -> None:
+def assert_loaded_states(
+    r: redis.Redis, keys: Keys, version: str, orders: pd.DataFrame, spec: FeatureSpec = DEFAULT_SPEC
+) -> None:
     """Every value's records, tiles and order entries in Redis equal the batch definition: `serving_states` of the
-    run's orders, labels known by its newest order."""
+    run's orders with the run's `spec`, labels known by its newest order."""
     as_of_us = timestamp_us(orders["order_date"].max())
     entries = {}
     for by in ENTITIES:
-        states = serving_states(orders, by, WINDOW, LABEL_DELAY_DAYS, as_of_us=as_of_us)
+        states = serving_states(orders, by, spec.window, spec.label_delay_days, as_of_us=as_of_us)
         values = states.records[by].unique().tolist()
         assert sorted(values) == sorted(orders[by].unique())
         pipe = r.pipeline(transaction=False)
@@ -89,6 +94,7 @@ def test_pipeline_steps_5_and_6(client, store, runs):
         == f"first model: holdout average precision {first.metrics['average_precision']:.4f} reaches the minimum 0.2000"
     )
     metadata = load_metadata(data_root, "xgb-run-1")
+    assert metadata["feature_spec"] == FeatureSpec().to_json()  # the run's: feature-calc used the defaults
     holdout = read_holdout(data_root, "run-1")
     assert metadata["data_sizes"]["holdout_rows"] == len(holdout) == first.holdout_rows
     assert metadata["data_sizes"]["holdout_fraud"] == int(holdout[LABEL].sum())
@@ -119,6 +125,7 @@ def test_pipeline_steps_5_and_6(client, store, runs):
         == (data_root / "models" / "xgb-run-1" / "model.ubj").read_bytes()
     )
     assert_loaded_states(r, keys, "run-1", orders_a)
+    assert version_meta(r, keys, "run-1")["feature_spec"] == FeatureSpec().to_json()
 
     # idempotent re-runs: same model, same version, no new keys, nothing switched
     keys_before = sorted(r.scan_iter(match=keys.prefix + "*"))
@@ -176,6 +183,9 @@ def test_pipeline_steps_5_and_6(client, store, runs):
 
 
 def test_training_data_must_exist(client, tmp_path):
+    """A run with its feature spec (feature-calc finished) but no training data (step 4 did not run)."""
+    serving_state_dir(tmp_path, "run-x").mkdir(parents=True)
+    write_feature_spec(serving_state_dir(tmp_path, "run-x"), DEFAULT_SPEC)
     with pytest.raises(Exception, match="train.parquet"):
         train_model_step(
             client, tmp_path, "run-x", redis_url=REDIS_URL, key_prefix="fraudtest:none:", settings=SETTINGS
@@ -184,33 +194,59 @@ def test_training_data_must_exist(client, tmp_path):
     np.testing.assert_equal(list_models(tmp_path), [])
 
 
-def test_steps_5_and_6_refuse_features_of_another_window_or_label_delay(client, runs):
-    """Feature-calc recorded the window and label delay it used; train-model and prepare-db refuse a run whose
-    features were computed with other ones (a permanent error: the run fails at once), and change nothing."""
+def test_steps_5_and_6_use_the_runs_feature_spec(client, runs, tmp_path):
+    """Train-model and prepare-db take W and δ from the spec feature-calc recorded for the run (they have no
+    parameters of their own): a copy of run 1 recomputed with W = 6, δ = 3 gives a model and a feature-store
+    version of that spec, with states of that W and δ."""
+    data_root, orders_a, _ = runs
+    r = redis.Redis.from_url(REDIS_URL)
+    keys = Keys(f"fraudtest:{uuid4().hex}:")
+    spec = FeatureSpec(window=6, label_delay_days=3)
+    try:
+        (tmp_path / "runs").mkdir()
+        shutil.copytree(run_dir(data_root, "run-1"), run_dir(tmp_path, "run-1"))
+        run_steps_3_and_4(client, tmp_path, "run-1", spec)
+        trained = train_model_step(
+            client, tmp_path, "run-1", redis_url=REDIS_URL, key_prefix=keys.prefix, settings=SETTINGS
+        )
+        metadata = load_metadata(tmp_path, trained.model_id)
+        assert (
+            metadata["feature_spec"] == spec.to_json()
+            and FeatureSpec.from_json(metadata["feature_spec"]) == spec
+        )
+        assert (metadata["window"], metadata["label_delay_days"]) == (6, 3)
+        assert metadata["feature_set_fingerprint"] == spec.fingerprint != FeatureSpec().fingerprint
+        prepared = prepare_db_step(client, tmp_path, "run-1", trained.model_id, **prepare_args(keys.prefix))
+        assert prepared.loaded and prepared.live["model_id"] == trained.model_id
+        meta = version_meta(r, keys, "run-1")
+        assert meta["feature_spec"] == spec.to_json() and (meta["window"], meta["label_delay_days"]) == (6, 3)
+        assert_loaded_states(r, keys, "run-1", orders_a, spec)
+    finally:
+        for key in r.scan_iter(match=f"{keys.prefix}*", count=1000):
+            r.unlink(key)
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_steps_5_and_6_refuse_a_run_without_a_usable_feature_spec(client, runs, tmp_path, damage):
+    """A run whose feature_spec.json is missing or unusable: train-model and prepare-db fail with FeatureSpecError
+    naming the run (a permanent error: the run fails at once), and change nothing."""
     data_root, _, _ = runs
     r = redis.Redis.from_url(REDIS_URL)
     keys = Keys(f"fraudtest:{uuid4().hex}:")
-    recorded = f"computed with window {WINDOW} and label delay {LABEL_DELAY_DAYS} days"
-    models = list_models(data_root)
-    with pytest.raises(
-        FeatureParamsMismatch, match=f"run run-1: its features were {recorded} .* window {WINDOW + 1}"
-    ):
+    (tmp_path / "runs").mkdir()
+    shutil.copytree(run_dir(data_root, "run-1"), run_dir(tmp_path, "run-1"))
+    path = serving_state_dir(tmp_path, "run-1") / FEATURE_SPEC_FILE
+    if damage == "missing":
+        path.unlink()
+        message = "run run-1 has no feature spec .*: its feature-calc did not finish"
+    else:
+        path.write_text(path.read_text()[:-7])
+        message = "run run-1: its feature spec .* is unusable"
+    with pytest.raises(FeatureSpecError, match=message):
         train_model_step(
-            client,
-            data_root,
-            "run-1",
-            redis_url=REDIS_URL,
-            key_prefix=keys.prefix,
-            settings=SETTINGS,
-            window=WINDOW + 1,
+            client, tmp_path, "run-1", redis_url=REDIS_URL, key_prefix=keys.prefix, settings=SETTINGS
         )
-    with pytest.raises(FeatureParamsMismatch, match=f"{recorded} .* label delay {LABEL_DELAY_DAYS + 1} days"):
-        prepare_db_step(
-            client,
-            data_root,
-            "run-1",
-            "xgb-run-1",
-            **prepare_args(keys.prefix),
-            label_delay_days=LABEL_DELAY_DAYS + 1,
-        )
-    assert list_models(data_root) == models and list(r.scan_iter(match=keys.prefix + "*")) == []
+    assert list_models(tmp_path) == []
+    with pytest.raises(FeatureSpecError, match=message):  # before it reads the model or Redis
+        prepare_db_step(client, tmp_path, "run-1", "xgb-run-1", **prepare_args(keys.prefix))
+    assert list(r.scan_iter(match=keys.prefix + "*")) == []

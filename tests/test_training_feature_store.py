@@ -24,7 +24,7 @@ from fraud_poc.feature_store import (
 )
 from fraud_poc.features import EntityStates, serving_states, state_of
 from fraud_poc.redis_store import Keys
-from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, LABEL_DELAY_DAYS, feature_set_fingerprint
+from fraud_poc.schema import ENTITIES, FeatureSpec
 from fraud_poc.serving_state import (
     ENCODED_COLUMNS,
     decode_state,
@@ -35,7 +35,7 @@ from fraud_poc.serving_state import (
 )
 
 REDIS_URL = os.environ.get("FRAUD_TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
-WINDOW = 4
+SPEC = FeatureSpec(window=4)  # W = 4, the default δ
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def orders(n: int, seed: int, amount_base: float) -> pd.DataFrame:
 
 def states_of(frame: pd.DataFrame, by: str) -> EntityStates:
     """Every `by` value's serving state after `frame` (labels known by its newest order)."""
-    return serving_states(frame, by, WINDOW, LABEL_DELAY_DAYS)
+    return serving_states(frame, by, SPEC.window, SPEC.label_delay_days)
 
 
 def latest_encoded(frame: pd.DataFrame, by: str) -> pd.DataFrame:
@@ -99,17 +99,17 @@ def stored_tiles(r: redis.Redis, keys: Keys, version: str, by: str, value: str) 
 def load(client, keys, frame: pd.DataFrame, version: str) -> dict:
     frames = {by: partitioned_by(frame, by) for by in ENTITIES}
     return write_feature_version(
-        client, frames, REDIS_URL, keys, version, f"run-{version}", WINDOW, chunk_size=50
+        client, frames, REDIS_URL, keys, version, f"run-{version}", SPEC, chunk_size=50
     ).meta
 
 
-def upload(r, keys, model_id: str, window: int = WINDOW) -> None:
+def upload(r, keys, model_id: str, spec: FeatureSpec = SPEC) -> None:
     upload_model(
         r,
         keys,
         model_id,
         b"ubj:" + model_id.encode(),
-        {"feature_set_fingerprint": feature_set_fingerprint(FEATURE_COLUMNS, window)},
+        {"feature_set_fingerprint": spec.fingerprint, "feature_spec": spec.to_json()},
     )
 
 
@@ -131,7 +131,12 @@ def test_write_promote_read_back_and_remove_old(client, store):
     meta = load(client, keys, v1, "v1")
     expected_counts = {by: v1[by].nunique() for by in ENTITIES}
     assert meta["counts"] == expected_counts and meta["total_states"] == sum(expected_counts.values())
-    assert version_meta(r, keys, "v1") == meta and meta["window"] == WINDOW
+    assert version_meta(r, keys, "v1") == meta and meta["window"] == SPEC.window
+    assert meta["feature_spec"] == SPEC.to_json() and meta["feature_set_fingerprint"] == SPEC.fingerprint
+    assert (meta["label_delay_days"], meta["feature_set_version"]) == (
+        SPEC.label_delay_days,
+        SPEC.feature_set_version,
+    )
     upload(r, keys, "xgb-v1")
     switch_live(r, keys, "xgb-v1", "v1", "run-v1")
     assert live_pointer(r, keys)["fs_version"] == "v1"
@@ -200,9 +205,10 @@ def test_model_must_exist_and_match_the_feature_set(client, store):
     load(client, keys, orders(200, seed=4, amount_base=0.0), "v1")
     with pytest.raises(NotPromotable, match="model xgb-1 is not in Redis"):
         promote(r, keys, "xgb-1", "v1", "run-1")
-    upload(r, keys, "xgb-1", window=WINDOW + 1)
-    with pytest.raises(NotPromotable, match="does not match feature-store version v1"):
-        promote(r, keys, "xgb-1", "v1", "run-1")
+    for other in (FeatureSpec(window=SPEC.window + 1), FeatureSpec(window=SPEC.window, label_delay_days=3)):
+        upload(r, keys, "xgb-1", other)  # another W, then another δ: another fingerprint
+        with pytest.raises(NotPromotable, match="does not match feature-store version v1"):
+            promote(r, keys, "xgb-1", "v1", "run-1")
     assert live_pointer(r, keys) is None
 
 
@@ -224,7 +230,7 @@ def test_load_failing_midway_leaves_previous_version_live(client, store):
     }
     frames["email"] = dd.from_map(read_part, range(5), meta=latest_encoded(good.iloc[:0], "email"))
     with pytest.raises(OSError, match="truncated file"):
-        write_feature_version(client, frames, REDIS_URL, keys, "v2", "run-2", WINDOW, chunk_size=50)
+        write_feature_version(client, frames, REDIS_URL, keys, "v2", "run-2", SPEC, chunk_size=50)
     assert live_pointer(r, keys)["fs_version"] == "v1"
     assert list(r.scan_iter(match=keys.fs_prefix("v2") + "*")) == []
     assert sorted(r.scan_iter(match=keys.fs_prefix("v1") + "*")) == before

@@ -23,8 +23,10 @@ from fraud_poc.registry import (
     save_model,
 )
 from fraud_poc.report import PNG_SIGNATURE, report_pngs
-from fraud_poc.schema import FEATURE_COLUMNS, FEATURE_SET_VERSION, feature_set_fingerprint
+from fraud_poc.schema import FEATURE_COLUMNS, FEATURE_SET_VERSION, FeatureSpec, feature_set_fingerprint
 from fraud_poc.train import evaluate, importance_gain
+
+SPEC = FeatureSpec(window=6, label_delay_days=3)  # not the defaults: the metadata must say these
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +45,7 @@ def model():
         metrics,
         {"train_rows": 400, "train_fraud": int(y.sum()), "holdout_rows": 400, "holdout_fraud": int(y.sum())},
         {"best_iteration": 19},
+        SPEC,
     )
     report = report_pngs(y, scores, 0.5, importance_gain(booster))
     return booster, x, metadata, report
@@ -62,7 +65,13 @@ def test_round_trip_same_predictions(tmp_path, model):
     assert (
         stored["feature_columns"] == FEATURE_COLUMNS and stored["feature_set_version"] == FEATURE_SET_VERSION
     )
-    assert stored["feature_set_fingerprint"] == feature_set_fingerprint()
+    assert (
+        stored["feature_set_fingerprint"]
+        == feature_set_fingerprint(FEATURE_COLUMNS, 6, 3)
+        == SPEC.fingerprint
+    )
+    assert stored["feature_spec"] == SPEC.to_json() and FeatureSpec.from_json(stored["feature_spec"]) == SPEC
+    assert (stored["window"], stored["label_delay_days"]) == (6, 3)
     assert set(stored["metrics"]) >= {
         "roc_auc",
         "average_precision",
