@@ -15,8 +15,13 @@ per call), taking turns in blocks of 20 (the timed orders go into the state too:
 
 Then, through the busy IP: a batch of 100 orders and one of 500 in one pipeline each (what `predict-batch` sends),
 and one late order dated 30 days before the newest (it moves the running sums of every later tile: the script's
-longest path, bounded by the state horizon rather than by the traffic). Last, the `SLOWLOG` entries of this run
-(above the server's own `slowlog-log-slower-than`, which is read, not changed) and the version's order index.
+longest path, bounded by the state horizon rather than by the traffic). The worst case of that path: one
+customer, email and IP together with an order in every hour of `--days` days, then a late order of theirs 30
+days back (every later tile of all three). Others while a busy value loads: single calls through new IPs from a
+second connection, while the first sends `--load-rate` orders a second through the busy IP (batches of 10), against
+the same calls with no load.
+Last, the `SLOWLOG` entries of this run (above the server's own `slowlog-log-slower-than`, which is read, not
+changed) and the version's order index.
 
     . config/env.sh && .venv/bin/python bench/bench_busy_value.py
 """
@@ -25,6 +30,7 @@ import argparse
 import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from uuid import uuid4
@@ -229,6 +235,8 @@ def run(bench: Bench, args: argparse.Namespace) -> None:
     )
     records_bytes, tiles_bytes, tiles = bench.state(BUSY_IP)
     print(f"busy IP state at the end: records {records_bytes} B, {tiles} tiles {tiles_bytes} B")
+    longest = max(longest, worst_late_order(bench, args))
+    others_while_loading(bench, args)
     print(f"longest single script call seen by the client: {longest / 1e3:.2f} ms")
     pings = bench.pings
     print(
@@ -253,11 +261,77 @@ def run(bench: Bench, args: argparse.Namespace) -> None:
     )
 
 
+def worst_late_order(bench: Bench, args: argparse.Namespace) -> float:
+    """One customer, email and IP with an order every hour of `--days` days, then a late order of theirs 30 days
+    back: the script rewrites every later tile of all three. Prints and returns its client-side µs."""
+    triple = ("c-worst", "worst@ex.com", "192.0.2.99")
+    ts, stream = START_US, []
+    for _ in range(args.days * 24):
+        k = bench.sent
+        bench.sent += 1
+        stream.append((f"o{k:08d}", ts, *triple, 10.37))
+        ts += 3_600_000_000
+    for start in range(0, len(stream), CHUNK):
+        bench.pipelined(stream[start : start + CHUNK])
+    late = (f"o{bench.sent:08d}", ts - 30 * DAY_US, *triple, 10.37)
+    bench.sent += 1
+    times, srv = bench.timed_block([late])
+    tiles = bench.redis.zcard(bench.keys.fs_tiles(VERSION, "ip_addr", triple[2]))
+    print(
+        f"worst case: a late order (30 days back) of a customer, email and IP with {tiles} tiles each: "
+        f"{times[0]:.0f} µs (server {srv:.0f} usec)"
+    )
+    return times[0]
+
+
+def others_while_loading(bench: Bench, args: argparse.Namespace) -> None:
+    """Single calls through new IPs from a second connection, with and without another connection sending
+    `--load-rate` orders a second through the busy IP."""
+    probe = Bench(args)
+    probe.keys, probe.pointer, probe.sent = bench.keys, bench.pointer, 10**7  # same version, other ids
+    ts = START_US + args.days * DAY_US
+
+    def calls(n: int) -> list[float]:
+        nonlocal ts
+        records = []
+        for _ in range(n):
+            records.append(probe.record(ts, probe.new_ip()))
+            ts += 1_000
+        return probe.timed_block(records)[0]
+
+    quiet = calls(1_000)
+    stop, sent = threading.Event(), [0]
+
+    def load() -> None:
+        load_ts, period, due = ts + DAY_US, 10 / args.load_rate, time.perf_counter()
+        while not stop.is_set():
+            batch = [bench.record(load_ts + i * 1_000, BUSY_IP) for i in range(10)]
+            load_ts += 10_000
+            bench.pipelined(batch)
+            sent[0] += 10
+            due += period
+            time.sleep(max(due - time.perf_counter(), 0))
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        loaded = calls(1_000)
+    finally:
+        stop.set()
+        loader.join()
+    print(
+        f"others while the busy IP takes {args.load_rate} orders/s ({sent[0]} meanwhile): new-IP calls p50 "
+        f"{statistics.median(loaded):.0f} µs, p99 {percentile(loaded, 99):.0f} µs; with no load p50 "
+        f"{statistics.median(quiet):.0f} µs, p99 {percentile(quiet, 99):.0f} µs"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--orders", type=int, default=20_000, help="orders through the busy IP")
     parser.add_argument("--days", type=int, default=36, help="days they span")
     parser.add_argument("--samples", type=int, default=100, help="timed calls per kind at each size")
+    parser.add_argument("--load-rate", type=int, default=1_000, help="orders/s through the busy IP meanwhile")
     parser.add_argument("--window", type=int, default=WINDOW, help="W")
     parser.add_argument("--delta", type=int, default=LABEL_DELAY_DAYS, help="δ (label_delay_days)")
     parser.add_argument("--redis-url", default=os.environ.get("FRAUD_REDIS_URL", "redis://127.0.0.1:6379/0"))
