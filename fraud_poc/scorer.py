@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from .batching import ModelBatcher, ScriptBatcher
-from .features import EntityView, known_entities, serving_features, timestamp_us
+from .features import EntityView, hours_of, known_entities, serving_features, timestamp_us
 from .redis_pipe import RedisPipe
 from .redis_store import Keys, async_redis
 from .schema import ENTITIES, FEATURE_COLUMNS, FeatureSpec
@@ -70,12 +70,19 @@ def entity_view_of(view: list, record: Record, known: bytes | None, i: int) -> E
     """The `EntityView` of one entity from the append script's reply (records, oldest tile, tiles at the edges).
 
     `known` is the order's index entry if it was scored before (a retry): it is counted in this entity's tiles
-    if it went to the same value and its hour's tile is still there."""
+    if it went to the same value in the same hour and that hour's tile is still there (an order id sent again
+    with another date or value is scored without taking anything out)."""
     at_edges = [decode_tile(tile) for tile in view[2:]]
     counted = False
     if known is not None:
         entry = msgpack.unpackb(known, raw=False)
-        counted = entry[1 + i] == record[2 + i] and at_edges[0] is not None and at_edges[0][0] == entry[4]
+        hour = hours_of(record[1])
+        counted = (
+            entry[1 + i] == record[2 + i]
+            and entry[4] == hour
+            and at_edges[0] is not None
+            and at_edges[0][0] == hour
+        )
     return EntityView(
         records=[] if view[0] is None else decode_state(view[0]),
         at_edges=at_edges,
@@ -261,6 +268,7 @@ class Scorer:
             label_date=EPOCH + timedelta(microseconds=label_ts),
             order_date=order_date,
             states_changed=int(reply[3]),
+            tiles_held=int(reply[4]),
             feature_store_version=live.fs_version,
         )
 

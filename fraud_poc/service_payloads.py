@@ -196,6 +196,7 @@ class LabelRecorded:
     label_date: datetime
     order_date: datetime
     states_changed: int  # 0 for a repeat, or for an order no state holds any more
+    tiles_held: int  # of its three states, those that still hold the order's hour (0: older than 30 + δ days)
     feature_store_version: str
 
 # %% ../nbs/06_service_payloads.ipynb #5fabf752

@@ -197,15 +197,18 @@ if label_ts < order[1] then
   return {live, 'early', order[1]}
 end
 local flag = tonumber(ARGV[4])
-local changed = 0
-if order[6] ~= flag then
-  local delta = flag - order[6]
+local delta = flag - order[6]
+local changed, held = 0, 0
+if delta ~= 0 then
   order[6] = flag
   redis.call('HSET', KEYS[2], ARGV[2], cmsgpack.pack(order))
-  for i = 1, 3 do
-    local key = ARGV[5] .. ARGV[5 + i] .. ':' .. order[1 + i]
-    local own = redis.call('ZRANGEBYSCORE', key, order[5], order[5])[1]
-    if own then
+end
+for i = 1, 3 do
+  local key = ARGV[5] .. ARGV[5 + i] .. ':' .. order[1 + i]
+  local own = redis.call('ZRANGEBYSCORE', key, order[5], order[5])[1]
+  if own then
+    held = held + 1
+    if delta ~= 0 then
       local t = cmsgpack.unpack(own)
       redis.call('ZREM', key, own)
       t[4], t[7] = t[4] + delta, t[7] + delta
@@ -220,7 +223,7 @@ if ARGV[9] ~= '0' then
     'ts', order[1], 'customer_id', order[2], 'email', order[3], 'ip_addr', order[4],
     'is_fraud', ARGV[4], 'label_ts', ARGV[3])
 end
-return {live, 'ok', order[1], changed}
+return {live, 'ok', order[1], changed, held}
 """
 )
 

@@ -723,6 +723,30 @@ async def test_report_label_refuses_what_it_cannot_record(services: Services, li
         assert status == 200 and answer["states_changed"] == 3, answer  # the refusals had changed nothing
 
 
+async def test_label_of_an_order_past_the_horizon_changes_nothing_and_says_so(
+    services: Services, live: History
+):
+    """An order whose hour has left every state's 30 + δ days (a later order of the same customer, email and IP
+    40 days on): its label is taken (logged for training) but changes no tile, and the answer says so; a label
+    within the horizon changes all three; a repeat changes none while the tiles still hold the order."""
+    tag = uuid4().hex[:8]
+    first, later = fresh_order(tag, 0), fresh_order(tag, 40 * 24 * 60)
+    recent = fresh_order(tag, 40 * 24 * 60 + 1)
+    url = f"{services.main.base}/report-label"
+    async with aiohttp.ClientSession() as session:
+        for order in (first, later, recent):
+            status, _ = await post(session, f"{services.main.base}/predict", order)
+            assert status == 200
+        body = {"order_id": first["order_id"], "is_fraud": True, "label_date": later["order_date"]}
+        status, answer = await post(session, url, body, AUTH)
+        assert status == 200 and (answer["states_changed"], answer["tiles_held"]) == (0, 0), answer
+        body = {"order_id": later["order_id"], "is_fraud": True, "label_date": recent["order_date"]}
+        status, answer = await post(session, url, body, AUTH)
+        assert status == 200 and (answer["states_changed"], answer["tiles_held"]) == (3, 3), answer
+        status, answer = await post(session, url, body, AUTH)
+        assert status == 200 and (answer["states_changed"], answer["tiles_held"]) == (0, 3), answer
+
+
 async def test_window_comes_from_the_live_model(services: Services, live: History):
     """A model trained with W = 7 and δ = 2 is served with them, by the same service and config: the append
     script keeps a customer's states to the last 7 orders (beyond 30 + δ days) and the features are W = 7's."""

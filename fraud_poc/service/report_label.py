@@ -37,11 +37,16 @@ __api__ = secured_api(
         "Records that a known order was fraud (`is_fraud: true`, e.g. a chargeback) or legitimate (a "
         "correction). `label_date` is when the label became known (ISO 8601; default now; never in the "
         "future nor before the order's date): later orders of the same customer, email and IP count the "
-        "fraud in their confirmed-fraud features from that instant. A repeated label changes nothing."
+        "fraud in their confirmed-fraud features from that instant. A repeated label changes nothing; a "
+        "label for an order older than the states' 30 + δ days is logged for training but changes no "
+        "feature (`tiles_held` 0)."
     ),
     payload=(LabelReport, "the order id, the label and optionally when it became known"),
     responses={
-        200: (LabelRecorded, "the label as stored, and how many of the order's three states it changed"),
+        200: (
+            LabelRecorded,
+            "the label as stored, how many of the order's three states it changed and hold it",
+        ),
         400: (ErrorResponse, "invalid label: the message and `fields` name each bad field"),
         404: (ErrorResponse, "the live feature store does not know this order_id"),
         503: (ErrorResponse, "no model is live yet, or Redis is unavailable"),
