@@ -12,6 +12,7 @@ __all__ = ['DAY_US', 'HOUR_US', 'FEATURE_INPUT_COLUMNS', 'Tile', 'window_feature
 
 # %% ../nbs/10_features.ipynb #6274fab9
 import bisect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -120,6 +121,13 @@ def hours_of(ts_us):
 
 def cents_of(amount):
     """Amounts as integer cents: amount × 100 in float64, rounded half to even (int for a float, int64 array for an array)."""
+    if isinstance(
+        amount, float | int
+    ):  # one order (serving): Python's round is half to even too, and 10x faster
+        scaled = float(amount) * 100.0
+        if math.isfinite(scaled) and abs(cents := round(scaled)) <= MAX_ORDER_AMOUNT * 100:
+            return cents
+        raise ValueError(f"order_amount must be finite and at most {MAX_ORDER_AMOUNT:g} for the time windows")
     scaled = np.rint(np.asarray(amount, np.float64) * 100.0)
     if not (np.isfinite(scaled) & (np.abs(scaled) <= MAX_ORDER_AMOUNT * 100)).all():
         raise ValueError(f"order_amount must be finite and at most {MAX_ORDER_AMOUNT:g} for the time windows")

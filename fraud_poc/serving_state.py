@@ -38,7 +38,9 @@ def encode_tile(tile: Sequence[int]) -> bytes:
 
 def decode_tile(data: bytes | None) -> tuple[int, ...] | None:
     """One tile from msgpack bytes (None stays None), every field an int."""
-    return None if data is None else tuple(int(x) for x in msgpack.unpackb(data))
+    return (
+        None if data is None else msgpack.unpackb(data, use_list=False)
+    )  # cmsgpack packs whole numbers as ints
 
 # %% ../nbs/16_serving_state.ipynb #d0046ff8
 ENCODED_COLUMNS = ["value", "state", "tiles", "orders"]
