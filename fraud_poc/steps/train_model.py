@@ -43,6 +43,7 @@ from fraud_poc.train import (
     choose_threshold,
     evaluate,
     importance_gain,
+    monotone_constraints,
     predict_scores,
     train_booster,
 )
@@ -89,8 +90,10 @@ class TrainResult:
         }
 
 
-def booster_params(settings: TrainModelSettings) -> dict[str, Any]:
-    """XGBoost parameters from the step's settings."""
+def booster_params(settings: TrainModelSettings, features: list[str] = FEATURE_COLUMNS) -> dict[str, Any]:
+    """XGBoost parameters from the step's settings, with the monotone constraints of `features` (the model's input)
+    unless `monotone_confirmed_fraud` is off; they go into the model's metadata as they are."""
+    monotone = monotone_constraints(features) if settings.monotone_confirmed_fraud else {}
     return {
         "max_depth": settings.max_depth,
         "learning_rate": settings.learning_rate,
@@ -98,6 +101,7 @@ def booster_params(settings: TrainModelSettings) -> dict[str, Any]:
         "colsample_bytree": settings.colsample_bytree,
         "min_child_weight": settings.min_child_weight,
         "seed": settings.seed,
+        **({"monotone_constraints": monotone} if monotone else {}),
     }
 
 # %% ../../nbs/36_train_model.ipynb #5f30c1ba
