@@ -82,10 +82,13 @@ class SampleDataParams:
         description="time span in months (one raw file each)",
         json_schema_extra={"example": 6},
     )
-    start_date: IsoDate = field(
-        default="2025-01-01",
-        description="first day of the orders, YYYY-MM-DD (UTC)",
-        json_schema_extra={"example": "2025-01-01", "format": "date"},
+    start_date: Optional[IsoDate] = field(
+        default=None,
+        description=(
+            "first day of the orders, YYYY-MM-DD (UTC); default: `months` months before today, so that the "
+            "orders end at 00:00 UTC today and an order dated now is scored against a live history"
+        ),
+        json_schema_extra={"format": "date"},
     )
     fraud_rate: float = field(
         default=0.02,
