@@ -7,8 +7,8 @@ __all__ = ['FEATURE_PARAMS_FILE', 'ORDER_FILE_SUFFIXES', 'DICTIONARY_COLUMNS', '
            'raw_dir', 'raw_file_name', 'entity_dir', 'features_dir', 'serving_state_dir', 'training_dir',
            'training_paths', 'model_dir', 'FeatureParamsMismatch', 'write_feature_params', 'feature_params',
            'check_feature_params', 'replace_atomically', 'resolve_inside', 'check_order_file', 'list_order_files',
-           'order_file_columns', 'check_order_files', 'input_limits', 'read_orders_file', 'parquet_write_options',
-           'write_parquet', 'read_dataset', 'StepResult']
+           'order_file_columns', 'check_order_files', 'input_limits', 'order_date_bounds', 'read_orders_file',
+           'parquet_write_options', 'write_parquet', 'read_dataset', 'StepResult']
 
 # %% ../nbs/20_datasets.ipynb #3f9f7519
 import csv
@@ -242,6 +242,23 @@ def check_order_files(data_root: str | Path, path: str | Path, max_bytes: int = 
 def input_limits(settings: InputLimitsSettings) -> tuple[int, OrderLimits]:
     """(bytes allowed per file, bounds of the orders) of the `input_limits` setting."""
     return int(settings.max_file_mb * 2**20), OrderLimits(max_span_days=settings.max_span_days)
+
+# %% ../nbs/20_datasets.ipynb #4628dc53
+def order_date_bounds(files: list[Path]) -> tuple[pd.Timestamp, pd.Timestamp] | None:
+    """Earliest and latest `order_date` over order files, reading that column alone (None if no date parses);
+    for a check before a run starts: unparsable dates are skipped here, and refused by preprocess."""
+    lows, highs = [], []
+    for file in files:
+        if file.suffix.lower() == ".parquet":
+            values = pq.read_table(file, columns=["order_date"]).column(0).to_pandas()
+        else:
+            values = pd.read_csv(file, usecols=["order_date"], dtype=str)["order_date"]
+        if not isinstance(values.dtype, pd.DatetimeTZDtype):
+            values = pd.to_datetime(values, utc=True, format="ISO8601", errors="coerce")
+        if values.notna().any():
+            lows.append(values.min())
+            highs.append(values.max())
+    return (min(lows), max(highs)) if lows else None
 
 # %% ../nbs/20_datasets.ipynb #9328f62a
 def read_orders_file(

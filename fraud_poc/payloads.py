@@ -138,6 +138,15 @@ class RawDataRequest:
     train_only: bool = field(
         default=False, strict=True, description=TRAIN_ONLY, json_schema_extra={"example": False}
     )
+    history_run_id: Optional[str] = field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description=(
+            "train on this earlier run's orders too (the orders its preprocess step kept, with their labels), "
+            "as if they were in `path`; an order in both is taken from `path` (an export's newer label wins). "
+            "To close the loop: `path` an export of export-orders, `history_run_id` the live run"
+        ),
+    )
 
 
 @dataobject(event_id="run_id")
@@ -150,6 +159,9 @@ class PipelineJob:
     submitted: datetime
     sample: Optional[SampleDataParams] = None
     raw_path: Optional[str] = None
+    history_path: Optional[str] = (
+        None  # run-from-raw: an earlier run's orders (its step 2 output), after raw_path
+    )
     model_id: Optional[str] = None  # set by train-model for prepare-db
     train_only: bool = False  # register the model, never promote it
     # set by train-model: the live model its gate compared with ("" for none); prepare-db switches only if that
