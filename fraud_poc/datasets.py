@@ -8,7 +8,7 @@ __all__ = ['FEATURE_PARAMS_FILE', 'ORDER_FILE_SUFFIXES', 'DICTIONARY_COLUMNS', '
            'training_paths', 'model_dir', 'FeatureParamsMismatch', 'write_feature_params', 'feature_params',
            'check_feature_params', 'replace_atomically', 'resolve_inside', 'check_order_file', 'list_order_files',
            'order_file_columns', 'check_order_files', 'input_limits', 'order_date_bounds', 'read_orders_file',
-           'parquet_write_options', 'write_parquet', 'read_dataset', 'StepResult']
+           'in_file_terms', 'parquet_write_options', 'write_parquet', 'read_dataset', 'StepResult']
 
 # %% ../nbs/20_datasets.ipynb #3f9f7519
 import csv
@@ -276,7 +276,22 @@ def read_orders_file(
         raise InvalidOrdersError(source, None, "empty input: no orders") from None
     except (pd.errors.ParserError, pa.ArrowException, UnicodeDecodeError) as e:
         raise InvalidOrdersError(source, None, f"unreadable {path.suffix.lower()[1:]} file: {e}") from e
-    return validate_orders(orders, source, require_label, limits)
+    try:
+        return validate_orders(orders, source, require_label, limits)
+    except InvalidOrdersError as e:
+        raise InvalidOrdersError(e.source, e.column, in_file_terms(e.problem, path)) from None
+
+
+_ROW_INDEX = re.compile(r"\brow index (\d+)")
+
+
+def in_file_terms(problem: str, path: Path) -> str:
+    """`problem` with each 0-based row index of the frame (validation's terms) as a user finds it in the file: the
+    line of a CSV file (the header is line 1: a blank or multi-line row shifts it), the 1-based row of a parquet
+    file."""
+    if path.suffix.lower() == ".csv":
+        return _ROW_INDEX.sub(lambda m: f"line {int(m[1]) + 2}", problem)
+    return _ROW_INDEX.sub(lambda m: f"row {int(m[1]) + 1}", problem)
 
 
 def parquet_write_options(columns: Iterable[str]) -> dict:
