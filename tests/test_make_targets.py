@@ -227,3 +227,38 @@ def test_make_up_serves_until_ctrl_c(no_redis, tmp_path, interrupt_after):
         -3000:
     ]
     assert not redis_answers(url)
+
+
+@pytest.mark.parametrize("target", ["run", "up", "training-service", "prediction-service"])
+def test_taken_ports_stop_a_launch_before_it_touches_anything(no_redis, tmp_path, target):
+    """Another launch holds the ports (here: this test's listening sockets, on every interface as the services
+    listen): the target fails at once, naming each port it needs and the process that holds it, prints no token
+    and no docs URL, starts no Redis, and leaves the running services' logs as they were."""
+    _, env = no_redis
+    logs = Path(env["FRAUD_DATA_ROOT"]) / "logs"
+    logs.mkdir(parents=True)
+    running = {"training.log": b"=== a running service's lines ===\n", "prediction.log": b"predict 200\n"}
+    for name, content in running.items():
+        (logs / name).write_bytes(content)
+    holders = [socket.create_server(("0.0.0.0", 0)) for _ in range(2)]
+    ports = {"training": holders[0].getsockname()[1], "prediction": holders[1].getsockname()[1]}
+    try:
+        done = subprocess.run(
+            ["make", "--no-print-directory", target]
+            + [f"TRAINING_PORT={ports['training']}", f"PREDICTION_PORT={ports['prediction']}"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            timeout=120,
+        )
+    finally:
+        for holder in holders:
+            holder.close()
+    said = (done.stdout + done.stderr).decode()
+    assert done.returncode != 0, said
+    needed = [name for name in ports if target in ("run", "up") or target.startswith(name)]
+    for name in needed:
+        assert f"port {ports[name]} ({name} service) is taken by pid {os.getpid()}: " in said, said
+    assert "nothing was started" in said and "API token" not in said and "/api/docs" not in said, said
+    assert {p.name: p.read_bytes() for p in logs.iterdir()} == running
+    assert not (Path(env["FRAUD_DATA_ROOT"]) / "redis").exists()
