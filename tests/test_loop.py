@@ -201,6 +201,8 @@ def test_the_loop_reaches_the_promoted_version(
     assert status["state"] == "done", status
     steps = {s["step"]: s for s in status["steps"]}
     assert steps["preprocess"]["attempts"] == 1 and steps["training-data"]["attempts"] == 1
+    # the progress rows add up: train-model reads what training-data wrote
+    assert steps["train-model"]["rows_in"] == steps["training-data"]["rows_out"], steps
     models = requests.get(f"{training.base}{API}/list-models", timeout=10).json()
     assert status["model_id"] in [m["model_id"] for m in models["models"]], models
     promoted = requests.post(

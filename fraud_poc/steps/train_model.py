@@ -65,11 +65,12 @@ class TrainResult:
     holdout_rows: int
     train_seconds: float
     reused: bool
+    tuning_rows: int = 0
 
     @property
     def rows_in(self) -> int:
-        """Training and holdout rows read."""
-        return self.train_rows + self.holdout_rows
+        """Training, tuning and holdout rows read (what training-data wrote)."""
+        return self.train_rows + self.tuning_rows + self.holdout_rows
 
     @property
     def rows_out(self) -> int:
@@ -272,4 +273,5 @@ def train_model_step(
         holdout_rows=metadata["data_sizes"]["holdout_rows"],
         train_seconds=metadata["training"]["train_seconds"],
         reused=reused,
+        tuning_rows=metadata["training"].get("tuning_rows", 0),
     )
