@@ -268,7 +268,10 @@ class CleanRunsRequest:
         json_schema_extra={"example": 5},
     )
     dry_run: bool = field(
-        default=False, strict=True, description="true: list what would be removed, remove nothing"
+        default=False,
+        strict=True,
+        description="true: list what would be removed, remove nothing (the docs' example: try it safely)",
+        json_schema_extra={"example": True},
     )
 
 
