@@ -180,6 +180,16 @@ def test_make_run_summary_and_no_demo_order_left(tmp_path):
             and f"http://127.0.0.1:{prediction}/api/docs/" in out
         )
         assert "`make up`" in out
+        # one log file per service the launcher started (hopeit's own files are off: console_only), each with
+        # its start's header line
+        logs = sorted((tmp_path / "data" / "logs").iterdir())
+        assert [p.name for p in logs] == ["prediction-demo.log", "prediction.log", "training.log"], logs
+        assert all(p.read_text().startswith("=== ") for p in logs)
+        # the rows add up: each step reads what the one before wrote (train-model: training-data's rows)
+        done_rows = re.findall(r"^  \[\d/6\] (\S+) +done +rows ([\d,]+) -> ([\d,]+)", out, re.M)
+        rows_in, rows_out = ({step: r[n] for step, *r in done_rows} for n in (0, 1))
+        assert rows_in["train-model"] == rows_out["training-data"], out
+        assert rows_in["prepare-db"] == rows_out["feature-calc"], out
 
         demo_ids = re.findall(r"^  (demo-\S+): amount", out, re.M)
         assert len(demo_ids) == 3, out
