@@ -6,11 +6,13 @@ data. A run whose periods cannot be filled is refused at request time."""
 
 import json
 from pathlib import Path
+from uuid import uuid4
 
 import pandas as pd
 import pytest
+import redis
 import requests
-from conftest import AUTH, Service, service_env
+from conftest import AUTH, REDIS_URL, Service, service_env
 from test_end_to_end import finished, live, start, wait_for
 
 from fraud_poc.schema import FEATURE_COLUMNS, LABEL, LABEL_DATE
@@ -34,6 +36,20 @@ def running(name: str, key_prefix: str, data_root: Path, tmp_path_factory):
         yield service
     finally:
         service.stop()
+
+
+@pytest.fixture(scope="module")
+def key_prefix() -> str:
+    """A prefix of this module's own: the event log (`P events`) must hold only this module's orders and labels."""
+    return f"fraudtest:{uuid4().hex[:12]}:"
+
+
+@pytest.fixture(scope="module")
+def redis_client(key_prefix):
+    client = redis.Redis.from_url(REDIS_URL)
+    yield client
+    for key in client.scan_iter(match=f"{key_prefix}*", count=1000):
+        client.unlink(key)
 
 
 @pytest.fixture(scope="module")
