@@ -12,6 +12,8 @@ LAB_ARGS        ?=
 RUN_ARGS        ?=
 # Runs a command with Redis ensured at $FRAUD_REDIS_URL: the one there, or the embedded one for the command's life.
 WITH_REDIS := $(BIN)/python -m fraud_poc.redis_server --
+# Fails at once, naming what holds them, if these services' ports are taken (another `make up`, say).
+CHECK_PORTS := $(BIN)/python -m fraud_poc.launcher --check-ports
 # Jupyter refuses to run as root without --allow-root (containers, CI machines).
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
@@ -68,10 +70,10 @@ up: install
 
 ## One service each (Redis ensured, as for `make run`); for both at once use `make up`.
 training-service: install
-	. config/env.sh && $(WITH_REDIS) $(BIN)/hopeit_server run --config-files=config/server.json,config/redis-streams.json,config/training-pipeline.json --api-file=config/openapi-training.json --start-streams --port=$(TRAINING_PORT)
+	. config/env.sh && $(CHECK_PORTS) training --training-port=$(TRAINING_PORT) && $(WITH_REDIS) $(BIN)/hopeit_server run --config-files=config/server.json,config/redis-streams.json,config/training-pipeline.json --api-file=config/openapi-training.json --start-streams --port=$(TRAINING_PORT)
 
 prediction-service: install
-	. config/env.sh && $(WITH_REDIS) $(BIN)/hopeit_server run --config-files=config/server-prediction.json,config/redis-streams.json,config/fraud-service.json --api-file=config/openapi-service.json --start-streams --port=$(PREDICTION_PORT) --worker-class=GunicornUVLoopWebWorker
+	. config/env.sh && $(CHECK_PORTS) prediction --prediction-port=$(PREDICTION_PORT) && $(WITH_REDIS) $(BIN)/hopeit_server run --config-files=config/server-prediction.json,config/redis-streams.json,config/fraud-service.json --api-file=config/openapi-service.json --start-streams --port=$(PREDICTION_PORT) --worker-class=GunicornUVLoopWebWorker
 
 bench: install
 	. config/env.sh && $(BIN)/python bench/bench_pipeline.py && $(BIN)/python bench/bench_service.py && $(BIN)/python bench/bench_service.py --replicas 2

@@ -1,4 +1,5 @@
-"""Model quality on the generator's data: feature set 1 alone against sets 1 + 2 (the ablation), over several seeds.
+"""Model quality on the generator's data: feature set 1 alone against sets 1 + 2 (the ablation), and sets 1 + 2
+with and without the monotone constraints on the confirmed-fraud features (issue 19), over several seeds.
 
 For each seed: generate orders (SPEC 1.2, with compromised shared IPs and chargeback delays), compute every
 order's features with `fraud_poc.features.compute_features`, split them as step 4 does (warm-up days as history
@@ -27,7 +28,12 @@ from fraud_poc.settings import TrainingDataSettings, TrainModelSettings
 from fraud_poc.steps.train_model import booster_params
 from fraud_poc.steps.training_data import holdout_rows, split_bounds, training_rows, tuning_rows
 
-FEATURE_SETS = {"set 1": FEATURE_SET_1, "sets 1+2": FEATURE_COLUMNS}
+# name: (the model's input, monotone constraints on its confirmed-fraud features)
+VARIANTS = {
+    "set 1": (FEATURE_SET_1, False),
+    "sets 1+2 unconstrained": (FEATURE_COLUMNS, False),
+    "sets 1+2 monotone": (FEATURE_COLUMNS, True),
+}
 
 
 def main() -> None:
@@ -43,7 +49,6 @@ def main() -> None:
     )
     args = parser.parse_args()
     split = TrainingDataSettings()
-    settings = TrainModelSettings()
     rows = []
     for seed in range(1, args.seeds + 1):
         started = time.perf_counter()
@@ -59,9 +64,10 @@ def main() -> None:
             for p in (train, tuning_rows(features, bounds), holdout_rows(features, bounds))
         )
         prepared = time.perf_counter() - started
-        for name, columns in FEATURE_SETS.items():
+        for name, (columns, monotone) in VARIANTS.items():
             started = time.perf_counter()
-            params = {**booster_params(settings), "nthread": 2}
+            settings = TrainModelSettings(monotone_confirmed_fraud=monotone)
+            params = {**booster_params(settings, columns), "nthread": 2}
             metrics = holdout_quality(
                 parts,
                 columns,

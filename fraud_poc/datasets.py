@@ -7,8 +7,8 @@ __all__ = ['FEATURE_SPEC_FILE', 'ORDER_FILE_SUFFIXES', 'DICTIONARY_COLUMNS', 'MA
            'raw_dir', 'raw_file_name', 'entity_dir', 'features_dir', 'serving_state_dir', 'training_dir',
            'training_paths', 'model_dir', 'FeatureSpecError', 'write_feature_spec', 'feature_spec',
            'replace_atomically', 'resolve_inside', 'check_order_file', 'list_order_files', 'order_file_columns',
-           'check_order_files', 'input_limits', 'read_orders_file', 'parquet_write_options', 'write_parquet',
-           'read_dataset', 'StepResult']
+           'check_order_files', 'input_limits', 'order_date_bounds', 'read_orders_file', 'in_file_terms',
+           'parquet_write_options', 'write_parquet', 'read_dataset', 'StepResult']
 
 # %% ../nbs/20_datasets.ipynb #3f9f7519
 import csv
@@ -240,6 +240,23 @@ def input_limits(settings: InputLimitsSettings) -> tuple[int, OrderLimits]:
     """(bytes allowed per file, bounds of the orders) of the `input_limits` setting."""
     return int(settings.max_file_mb * 2**20), OrderLimits(max_span_days=settings.max_span_days)
 
+# %% ../nbs/20_datasets.ipynb #4628dc53
+def order_date_bounds(files: list[Path]) -> tuple[pd.Timestamp, pd.Timestamp] | None:
+    """Earliest and latest `order_date` over order files, reading that column alone (None if no date parses);
+    for a check before a run starts: unparsable dates are skipped here, and refused by preprocess."""
+    lows, highs = [], []
+    for file in files:
+        if file.suffix.lower() == ".parquet":
+            values = pq.read_table(file, columns=["order_date"]).column(0).to_pandas()
+        else:
+            values = pd.read_csv(file, usecols=["order_date"], dtype=str)["order_date"]
+        if not isinstance(values.dtype, pd.DatetimeTZDtype):
+            values = pd.to_datetime(values, utc=True, format="ISO8601", errors="coerce")
+        if values.notna().any():
+            lows.append(values.min())
+            highs.append(values.max())
+    return (min(lows), max(highs)) if lows else None
+
 # %% ../nbs/20_datasets.ipynb #9328f62a
 def read_orders_file(
     path: Path, require_label: bool, source: str | None = None, limits: OrderLimits = DEFAULT_LIMITS
@@ -256,7 +273,22 @@ def read_orders_file(
         raise InvalidOrdersError(source, None, "empty input: no orders") from None
     except (pd.errors.ParserError, pa.ArrowException, UnicodeDecodeError) as e:
         raise InvalidOrdersError(source, None, f"unreadable {path.suffix.lower()[1:]} file: {e}") from e
-    return validate_orders(orders, source, require_label, limits)
+    try:
+        return validate_orders(orders, source, require_label, limits)
+    except InvalidOrdersError as e:
+        raise InvalidOrdersError(e.source, e.column, in_file_terms(e.problem, path)) from None
+
+
+_ROW_INDEX = re.compile(r"\brow index (\d+)")
+
+
+def in_file_terms(problem: str, path: Path) -> str:
+    """`problem` with each 0-based row index of the frame (validation's terms) as a user finds it in the file: the
+    line of a CSV file (the header is line 1: a blank or multi-line row shifts it), the 1-based row of a parquet
+    file."""
+    if path.suffix.lower() == ".csv":
+        return _ROW_INDEX.sub(lambda m: f"line {int(m[1]) + 2}", problem)
+    return _ROW_INDEX.sub(lambda m: f"row {int(m[1]) + 1}", problem)
 
 
 def parquet_write_options(columns: Iterable[str]) -> dict:

@@ -4,10 +4,12 @@
 
 # %% auto #0
 __all__ = ['SCENARIO_SHARES', 'SCENARIOS', 'MAX_USUAL_IPS', 'CUSTOMERS_PER_HOTSPOT', 'CustomerPopulation', 'make_population',
-           'MonthSpec', 'month_specs', 'compromise_episodes', 'generate_month', 'generate_orders']
+           'MonthSpec', 'month_specs', 'sample_start_date', 'sample_span_days', 'compromise_episodes', 'generate_month',
+           'generate_orders']
 
 # %% ../nbs/11_generator.ipynb #177b1006
 from dataclasses import dataclass
+from datetime import date
 
 import numpy as np
 import pandas as pd
@@ -148,6 +150,18 @@ def month_specs(
     return [
         MonthSpec(m, bounds[m], bounds[m + 1], base + (m < extra), fraud_rate, seed) for m in range(months)
     ]
+
+# %% ../nbs/11_generator.ipynb #6a29f8ad
+def sample_start_date(months: int, today: date) -> str:
+    """The first day (`YYYY-MM-DD`) of a sample of `months` calendar months that ends at 00:00 UTC of `today`
+    (a day of the month that the start month lacks, such as the 31st, ends it a few days earlier)."""
+    return (pd.Timestamp(today) - pd.DateOffset(months=months)).strftime("%Y-%m-%d")
+
+
+def sample_span_days(months: int, start_date: str) -> float:
+    """Days from the first instant of a sample to the end of its last month."""
+    specs = month_specs(months, months, start_date, 0.0, 0)
+    return (specs[-1].end_us - specs[0].start_us) / 86_400e6
 
 # %% ../nbs/11_generator.ipynb #4cd2d1f9
 def _scenario_counts(num_fraud: int) -> dict[str, int]:

@@ -82,10 +82,13 @@ class SampleDataParams:
         description="time span in months (one raw file each)",
         json_schema_extra={"example": 6},
     )
-    start_date: IsoDate = field(
-        default="2025-01-01",
-        description="first day of the orders, YYYY-MM-DD (UTC)",
-        json_schema_extra={"example": "2025-01-01", "format": "date"},
+    start_date: Optional[IsoDate] = field(
+        default=None,
+        description=(
+            "first day of the orders, YYYY-MM-DD (UTC); default: `months` months before today, so that the "
+            "orders end at 00:00 UTC today and an order dated now is scored against a live history"
+        ),
+        json_schema_extra={"format": "date"},
     )
     fraud_rate: float = field(
         default=0.02,
@@ -135,6 +138,15 @@ class RawDataRequest:
     train_only: bool = field(
         default=False, strict=True, description=TRAIN_ONLY, json_schema_extra={"example": False}
     )
+    history_run_id: Optional[str] = field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description=(
+            "train on this earlier run's orders too (the orders its preprocess step kept, with their labels), "
+            "as if they were in `path`; an order in both is taken from `path` (an export's newer label wins). "
+            "To close the loop: `path` an export of export-orders, `history_run_id` the live run"
+        ),
+    )
 
 
 @dataobject(event_id="run_id")
@@ -147,6 +159,9 @@ class PipelineJob:
     submitted: datetime
     sample: Optional[SampleDataParams] = None
     raw_path: Optional[str] = None
+    history_path: Optional[str] = (
+        None  # run-from-raw: an earlier run's orders (its step 2 output), after raw_path
+    )
     model_id: Optional[str] = None  # set by train-model for prepare-db
     train_only: bool = False  # register the model, never promote it
     # set by train-model: the live model its gate compared with ("" for none); prepare-db switches only if that
@@ -253,7 +268,10 @@ class CleanRunsRequest:
         json_schema_extra={"example": 5},
     )
     dry_run: bool = field(
-        default=False, strict=True, description="true: list what would be removed, remove nothing"
+        default=False,
+        strict=True,
+        description="true: list what would be removed, remove nothing (the docs' example: try it safely)",
+        json_schema_extra={"example": True},
     )
 
 

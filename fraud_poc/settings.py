@@ -84,6 +84,9 @@ class TrainModelSettings:
     # a worker lost while training: its peers' collective calls (and the tracker) give up after this, so the
     # attempt fails and is retried instead of waiting for the dead worker until the step's stream timeout
     collective_timeout_seconds: int = field(default=300, ge=10, le=3600)
+    # monotone constraint +1 on the features that count confirmed fraud (n_fraud_*, risk_*): more confirmed fraud
+    # never lowers the score (off: XGBoost may learn any direction for them, as before issue 19)
+    monotone_confirmed_fraud: bool = True
 
 
 @dataobject

@@ -31,7 +31,7 @@ from fraud_poc.run_status import (
 )
 from .settings import RedisSettings, RunLimits
 from .datasets import FeatureSpecError
-from .validation import InvalidOrdersError
+from .validation import InvalidOrdersError, PeriodsTooShort
 
 T = TypeVar("T")
 
@@ -40,8 +40,9 @@ STEP_LOCK = threading.Lock()  # one step's Dask work at a time in this process
 STOP_WAIT_SECONDS = 120.0  # how long a timed-out attempt may take to stop before the error propagates anyway
 
 
-# errors that no retry can mend: the input is wrong, or the run's feature spec is missing or unusable
-PERMANENT_ERRORS = (InvalidOrdersError, FeatureSpecError)
+# errors that no retry can mend: the input is wrong, its dates cannot fill the periods, or the run's feature
+# spec is missing or unusable
+PERMANENT_ERRORS = (InvalidOrdersError, PeriodsTooShort, FeatureSpecError)
 
 
 class RunAlreadyFailed(RuntimeError):

@@ -1,7 +1,8 @@
 """docker/: the compose file gives every service a healthcheck and starts each after those it needs are healthy,
-sets every variable the configs need, keeps Redis data, runs, models and logs on volumes, and the image has what
+sets every variable the configs need, keeps Redis data, runs and models on volumes, logs on the console, and the image has what
 the Dask dashboard needs. No Docker engine runs here: the files are parsed."""
 
+import json
 import re
 from pathlib import Path
 
@@ -69,9 +70,14 @@ def test_data_logs_and_redis_on_volumes():
         )
     assert "redis-data:/data" in SERVICES["redis"]["volumes"] and {"fraud-data", "redis-data"} <= declared
     assert "--dir" in SERVICES["redis"]["command"] and "--appendonly" in SERVICES["redis"]["command"]
-    for config in ("server.json", "server-prediction.json"):  # logs go to data/logs under WORKDIR /app ...
-        assert '"log_path": "data/logs/"' in (ROOT / "config" / config).read_text()
-    assert "WORKDIR /app" in DOCKERFILE and "ln -s /data /app/data" in DOCKERFILE  # ... which is the volume
+    for config in (
+        "server.json",
+        "server-prediction.json",
+    ):  # one console log per service (docker compose logs)
+        assert json.loads((ROOT / "config" / config).read_text())["logging"]["console_only"] is True
+    assert (
+        "WORKDIR /app" in DOCKERFILE and "ln -s /data /app/data" in DOCKERFILE
+    )  # data/ under /app: the volume
 
 
 def test_image_has_the_dashboard_and_the_variables():

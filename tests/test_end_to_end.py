@@ -165,7 +165,7 @@ def test_bad_raw_file_fails_run_and_dead_letters(
 ):
     before = live(redis_client, key_prefix)
     orders = generate_orders(
-        num_orders=500, num_customers=50, months=1, start_date="2025-03-01", fraud_rate=0.02, seed=5
+        num_orders=500, num_customers=50, months=3, start_date="2025-03-01", fraud_rate=0.02, seed=5
     )
     run_id = start(training, "run-from-raw", {"path": write_orders(data_root, name, spoil(orders))})
     status = wait_for(training, run_id, finished, timeout=120)

@@ -34,7 +34,15 @@ from fraud_poc.run_status import create_run, now, update_step
 from fraud_poc.schema import FeatureSpec
 from fraud_poc.service_payloads import BatchRequest, ErrorResponse, LabelReport, Order, Prediction
 
-SMALL = {"num_orders": 30_000, "num_customers": 600, "months": 3, "fraud_rate": 0.02, "seed": 11}
+# an explicit start date (the default ends the sample today): the steps' details below name its months
+SMALL = {
+    "num_orders": 30_000,
+    "num_customers": 600,
+    "months": 3,
+    "fraud_rate": 0.02,
+    "seed": 11,
+    "start_date": "2025-01-01",
+}
 pytestmark = pytest.mark.asyncio(loop_scope="module")  # the module's tests share one loop and its clients
 STEPS = ["sample-data", "preprocess", "feature-calc", "training-data", "train-model", "prepare-db"]
 

@@ -279,7 +279,11 @@ def test_a_csv_of_megabyte_ids_fails_its_run_naming_the_column(live: LiveService
     """16 MB of orders whose ids are 1 MB each: the run fails in preprocess with the column and the bound named
     (an InvalidOrdersError: it cannot succeed on a retry), nothing goes live; before, such a file exhausted the
     workers' memory four times."""
-    huge = [order(f"huge{n}", customer_id=f"c{n}" + "x" * 2**20) | {"is_fraud": "false"} for n in range(16)]
+    huge = [  # dated over 150 days: enough for the periods, which run-from-raw checks before a run starts
+        order(f"huge{n}", customer_id=f"c{n}" + "x" * 2**20, order_date=now_iso(days=-10 * n))
+        | {"is_fraud": "false"}
+        for n in range(16)
+    ]
     write_csv(live.data_root / "user" / "huge_ids.csv", huge)
     assert (live.data_root / "user" / "huge_ids.csv").stat().st_size > 16 * 2**20
     live_before = live.redis.get(live.keys.live)

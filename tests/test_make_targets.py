@@ -180,6 +180,16 @@ def test_make_run_summary_and_no_demo_order_left(tmp_path):
             and f"http://127.0.0.1:{prediction}/api/docs/" in out
         )
         assert "`make up`" in out
+        # one log file per service the launcher started (hopeit's own files are off: console_only), each with
+        # its start's header line
+        logs = sorted((tmp_path / "data" / "logs").iterdir())
+        assert [p.name for p in logs] == ["prediction-demo.log", "prediction.log", "training.log"], logs
+        assert all(p.read_text().startswith("=== ") for p in logs)
+        # the rows add up: each step reads what the one before wrote (train-model: training-data's rows)
+        done_rows = re.findall(r"^  \[\d/6\] (\S+) +done +rows ([\d,]+) -> ([\d,]+)", out, re.M)
+        rows_in, rows_out = ({step: r[n] for step, *r in done_rows} for n in (0, 1))
+        assert rows_in["train-model"] == rows_out["training-data"], out
+        assert rows_in["prepare-db"] == rows_out["feature-calc"], out
 
         demo_ids = re.findall(r"^  (demo-\S+): amount", out, re.M)
         assert len(demo_ids) == 3, out
@@ -227,3 +237,38 @@ def test_make_up_serves_until_ctrl_c(no_redis, tmp_path, interrupt_after):
         -3000:
     ]
     assert not redis_answers(url)
+
+
+@pytest.mark.parametrize("target", ["run", "up", "training-service", "prediction-service"])
+def test_taken_ports_stop_a_launch_before_it_touches_anything(no_redis, tmp_path, target):
+    """Another launch holds the ports (here: this test's listening sockets, on every interface as the services
+    listen): the target fails at once, naming each port it needs and the process that holds it, prints no token
+    and no docs URL, starts no Redis, and leaves the running services' logs as they were."""
+    _, env = no_redis
+    logs = Path(env["FRAUD_DATA_ROOT"]) / "logs"
+    logs.mkdir(parents=True)
+    running = {"training.log": b"=== a running service's lines ===\n", "prediction.log": b"predict 200\n"}
+    for name, content in running.items():
+        (logs / name).write_bytes(content)
+    holders = [socket.create_server(("0.0.0.0", 0)) for _ in range(2)]
+    ports = {"training": holders[0].getsockname()[1], "prediction": holders[1].getsockname()[1]}
+    try:
+        done = subprocess.run(
+            ["make", "--no-print-directory", target]
+            + [f"TRAINING_PORT={ports['training']}", f"PREDICTION_PORT={ports['prediction']}"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            timeout=120,
+        )
+    finally:
+        for holder in holders:
+            holder.close()
+    said = (done.stdout + done.stderr).decode()
+    assert done.returncode != 0, said
+    needed = [name for name in ports if target in ("run", "up") or target.startswith(name)]
+    for name in needed:
+        assert f"port {ports[name]} ({name} service) is taken by pid {os.getpid()}: " in said, said
+    assert "nothing was started" in said and "API token" not in said and "/api/docs" not in said, said
+    assert {p.name: p.read_bytes() for p in logs.iterdir()} == running
+    assert not (Path(env["FRAUD_DATA_ROOT"]) / "redis").exists()

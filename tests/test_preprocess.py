@@ -102,7 +102,7 @@ def test_bad_input_fails_naming_file_column_and_problem_and_keeps_the_output(cli
     cases = {
         "negative.csv": (
             good.assign(order_amount=-1.0),
-            "column 'order_amount': 100 negative value(s), first -1.0 at row index 0",
+            "column 'order_amount': 100 negative value(s), first -1.0 at line 2",
         ),
         "no_email.parquet": (
             good.drop(columns=["email"]),

@@ -26,10 +26,13 @@ def quality() -> dict[str, dict]:
         p.sort_values(["order_date", "order_id"], ignore_index=True)
         for p in (train, tuning_rows(features, bounds), holdout_rows(features, bounds))
     )
-    params = {**booster_params(settings), "nthread": 2}
-    return {
+    return {  # the pipeline's parameters for these columns (set 2: monotone in its confirmed-fraud features)
         name: holdout_quality(
-            parts, columns, params, settings.num_boost_round, settings.early_stopping_rounds
+            parts,
+            columns,
+            {**booster_params(settings, columns), "nthread": 2},
+            settings.num_boost_round,
+            settings.early_stopping_rounds,
         )
         for name, columns in (("set 1", FEATURE_SET_1), ("sets 1+2", FEATURE_COLUMNS))
     }

@@ -431,10 +431,11 @@ def assert_declares(spec: dict, protected: dict) -> None:
 def test_logs_hold_no_token_password_or_customer_data(setup, first_run):
     """Keep last: stops the services. A raw file with emails in a date column makes errors that quote them."""
     orders = generate_orders(
-        num_orders=300, num_customers=30, months=1, start_date="2025-03-01", fraud_rate=0.02, seed=5
+        num_orders=300, num_customers=30, months=3, start_date="2025-03-01", fraud_rate=0.02, seed=5
     )
     orders["order_date"] = orders["order_date"].astype(str)
-    orders.loc[3:, "order_date"] = orders.loc[3:, "email"]  # unparsable dates that are emails
+    # unparsable dates that are emails (the others span the periods, which run-from-raw checks at request time)
+    orders.loc[3:10, "order_date"] = orders.loc[3:10, "email"]
     (setup.data_root / "user").mkdir(parents=True, exist_ok=True)
     orders.to_csv(setup.data_root / "user" / "emails-as-dates.csv", index=False)
     url = f"{setup.training.base}{TRAINING_API}/run-from-raw"

@@ -125,7 +125,8 @@ def test_retry_replaces_the_output_with_the_same_and_leaves_step_3s_alone(client
     [
         (
             TrainingDataSettings(validation_days=365),
-            "the train period has no orders: validation_days, tuning_days, warmup_days",
+            r"the orders span 90\.0 days \(2025-01-01 00:05 to 2025-03-31 23:46 UTC\), but warm-up \(30\), "
+            r"tuning \(15\) and holdout \(365\) take 410 days",
         ),
         (TrainingDataSettings(validation_days=0), r"validation_days must be >= 1, got 0"),
     ],

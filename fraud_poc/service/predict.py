@@ -31,7 +31,7 @@ __steps__ = ["score"]
 
 __api__ = secured_api(
     optional=True,
-    summary="Predict: score one order",
+    summary="Predict: score one order (open: no token unless FRAUD_PREDICT_REQUIRES_TOKEN=true)",
     description=(
         "Scores one order (SPEC 1.1 without the label) with the live model, from the serving state of its "
         "customer_id, email and ip_addr plus the order itself, then appends the order to that state "
@@ -41,6 +41,9 @@ __api__ = secured_api(
         "the service's clock (default 3650 and 1): an order from the future would push its customer's real orders "
         "out of the time windows."
         " Needs the API token only when the setting `security.predict_requires_token` is on (FRAUD_PREDICT_REQUIRES_TOKEN)."
+        " The example on this page is a real order: Try scores it, appends it to the live serving state of its "
+        "customer, email and IP and to the event log, and export-orders exports it (as legitimate unless labelled): "
+        "change `order_id`, `customer_id`, `email` and `ip_addr` to keep it apart from real customers."
     ),
     payload=(Order, "the order; `order_date` is ISO 8601 (UTC if it has no time zone)"),
     responses={

@@ -33,12 +33,15 @@ __steps__ = ["score_batch"]
 
 __api__ = secured_api(
     optional=True,
-    summary="Predict batch: score a list of orders",
+    summary="Predict batch: score a list of orders (open: no token unless FRAUD_PREDICT_REQUIRES_TOKEN=true)",
     description=(
         "Scores each order like `predict`, in the order given: an order sees the orders before it in the "
         "batch in its history. At most `max_batch_size` orders (config `service`, default 500), each dated "
         "within the window of `predict`."
         " Needs the API token only when the setting `security.predict_requires_token` is on (FRAUD_PREDICT_REQUIRES_TOKEN)."
+        " The example on this page is a real order: Try scores it, appends it to the live serving state of its "
+        "customer, email and IP and to the event log, and export-orders exports it (as legitimate unless labelled): "
+        "change `order_id`, `customer_id`, `email` and `ip_addr` to keep it apart from real customers."
     ),
     payload=(BatchRequest, "`orders`: the orders to score, in order"),
     responses={

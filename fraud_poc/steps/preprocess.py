@@ -81,15 +81,21 @@ def _read_labelled_orders(path: str, source: str, attempt: str, limits: OrderLim
 
 
 def _input_files(
-    data_root: str | Path, run_id: str, raw_path: Path | None, max_file_bytes: int
+    data_root: str | Path,
+    run_id: str,
+    raw_path: Path | None,
+    max_file_bytes: int,
+    history: Path | None = None,
 ) -> list[Path]:
-    """The files step 2 reads: the user's (inside the data root, each checked before it is read) or the run's own."""
+    """The files step 2 reads: the user's (inside the data root, each checked before it is read) or the run's own,
+    then those of `history` (an earlier run's step 2 output): on a repeated order id the earlier file wins."""
     if raw_path is not None:
-        return list_order_files(data_root, raw_path, max_file_bytes)
-    files = sorted(raw_dir(data_root, run_id).glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"no raw orders for run {run_id!r}: run step sample-data first")
-    return files
+        files = list_order_files(data_root, raw_path, max_file_bytes)
+    else:
+        files = sorted(raw_dir(data_root, run_id).glob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"no raw orders for run {run_id!r}: run step sample-data first")
+    return files + (list_order_files(data_root, history, max_file_bytes) if history is not None else [])
 
 
 def _count_and_repeats(hashes: list[np.ndarray]) -> tuple[int, np.ndarray]:
@@ -121,9 +127,11 @@ def preprocess_orders(
     rows_per_partition: int = PreprocessSettings().rows_per_partition,
     max_file_bytes: int = MAX_FILE_BYTES,
     limits: OrderLimits = DEFAULT_LIMITS,
+    history: Path | None = None,
 ) -> StepResult:
-    """Step 2: validate the raw orders, drop duplicate ids and write one dataset per entity, partitioned by it."""
-    files = _input_files(data_root, run_id, raw_path, max_file_bytes)
+    """Step 2: validate the raw orders (and `history`'s: an earlier run's step 2 output), drop duplicate ids (the
+    first wins: `raw_path`'s over `history`'s) and write one dataset per entity, partitioned by it."""
+    files = _input_files(data_root, run_id, raw_path, max_file_bytes, history)
     root = Path(data_root).resolve()
     sources = [str(f.resolve().relative_to(root)) for f in files]
     # new task keys for every attempt: the scheduler must not answer a retry with a cached error for the same files

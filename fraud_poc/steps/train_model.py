@@ -36,6 +36,7 @@ from fraud_poc.train import (
     choose_threshold,
     evaluate,
     importance_gain,
+    monotone_constraints,
     predict_scores,
     train_booster,
 )
@@ -57,11 +58,12 @@ class TrainResult:
     holdout_rows: int
     train_seconds: float
     reused: bool
+    tuning_rows: int = 0
 
     @property
     def rows_in(self) -> int:
-        """Training and holdout rows read."""
-        return self.train_rows + self.holdout_rows
+        """Training, tuning and holdout rows read (what training-data wrote)."""
+        return self.train_rows + self.tuning_rows + self.holdout_rows
 
     @property
     def rows_out(self) -> int:
@@ -82,8 +84,10 @@ class TrainResult:
         }
 
 
-def booster_params(settings: TrainModelSettings) -> dict[str, Any]:
-    """XGBoost parameters from the step's settings."""
+def booster_params(settings: TrainModelSettings, features: list[str] = FEATURE_COLUMNS) -> dict[str, Any]:
+    """XGBoost parameters from the step's settings, with the monotone constraints of `features` (the model's input)
+    unless `monotone_confirmed_fraud` is off; they go into the model's metadata as they are."""
+    monotone = monotone_constraints(features) if settings.monotone_confirmed_fraud else {}
     return {
         "max_depth": settings.max_depth,
         "learning_rate": settings.learning_rate,
@@ -91,6 +95,7 @@ def booster_params(settings: TrainModelSettings) -> dict[str, Any]:
         "colsample_bytree": settings.colsample_bytree,
         "min_child_weight": settings.min_child_weight,
         "seed": settings.seed,
+        **({"monotone_constraints": monotone} if monotone else {}),
     }
 
 # %% ../../nbs/36_train_model.ipynb #5f30c1ba
@@ -255,4 +260,5 @@ def train_model_step(
         holdout_rows=metadata["data_sizes"]["holdout_rows"],
         train_seconds=metadata["training"]["train_seconds"],
         reused=reused,
+        tuning_rows=metadata["training"].get("tuning_rows", 0),
     )

@@ -43,6 +43,7 @@ async def preprocess(payload: PipelineJob, context: EventContext) -> PipelineJob
         rows_per_partition=context.settings(key="preprocess", datatype=PreprocessSettings).rows_per_partition,
         max_file_bytes=max_file_bytes,
         limits=limits,
+        history=Path(payload.history_path) if payload.history_path else None,
     )
     await run_pipeline_step(
         context.settings(key="redis", datatype=RedisSettings),

@@ -12,6 +12,7 @@ from functools import partial
 from hopeit.app.context import EventContext
 
 from ..dask_client import dask_client_async
+from ..generator import sample_start_date
 from ..steps.sample_data import write_sample_data
 from ..payloads import PipelineJob
 from ..settings import DaskSettings, RedisSettings, StorageSettings, RunLimits
@@ -25,7 +26,12 @@ async def write_sample(payload: PipelineJob, context: EventContext) -> PipelineJ
     """Run step `sample-data` for the job's run, then pass the job on to the next step."""
     storage = context.settings(key="storage", datatype=StorageSettings)
     client = await dask_client_async(context.settings(key="dask", datatype=DaskSettings))
-    work = partial(write_sample_data, client, storage.data_root, payload.run_id, **asdict(payload.sample))
+    sample = asdict(payload.sample)
+    # run-pipeline dates every request; a job without a date ends its sample on the day it was submitted
+    sample["start_date"] = sample["start_date"] or sample_start_date(
+        sample["months"], payload.submitted.date()
+    )
+    work = partial(write_sample_data, client, storage.data_root, payload.run_id, **sample)
     await run_pipeline_step(
         context.settings(key="redis", datatype=RedisSettings),
         payload.run_id,
