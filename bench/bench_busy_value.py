@@ -20,31 +20,42 @@ customer, email and IP together with an order in every hour of `--days` days, th
 days back (every later tile of all three). Others while a busy value loads: single calls through new IPs from a
 second connection, while the first sends `--load-rate` orders a second through the busy IP (batches of 10), against
 the same calls with no load.
-Last, the `SLOWLOG` entries of this run (above the server's own `slowlog-log-slower-than`, which is read, not
+And what `predict-batch` does with 100 orders through the busy IP, in process (the service's `Scorer` with a
+model of 50 trees made live on this version; HTTP's parsing and encoding of the batch are not in it). Last, the
+`SLOWLOG` entries of this run (above the server's own `slowlog-log-slower-than`, which is read, not
 changed) and the version's order index.
 
     . config/env.sh && .venv/bin/python bench/bench_busy_value.py
 """
 
 import argparse
+import asyncio
+import json
 import os
 import statistics
 import sys
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from uuid import uuid4
 
 import numpy as np
 import redis
+import redis.asyncio as aioredis
+import xgboost as xgb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fraud_poc.features import state_horizon_hours, timestamp_us  # noqa: E402
+from fraud_poc.redis_pipe import RedisPipe  # noqa: E402
 from fraud_poc.redis_store import Keys  # noqa: E402
-from fraud_poc.schema import LABEL_DELAY_DAYS, WINDOW  # noqa: E402
+from fraud_poc.schema import FEATURE_COLUMNS, LABEL_DELAY_DAYS, WINDOW, FeatureSpec  # noqa: E402
+from fraud_poc.scorer import Scorer  # noqa: E402
+from fraud_poc.service_payloads import Order  # noqa: E402
 from fraud_poc.store_scripts import APPEND_SCRIPT, APPEND_SCRIPT_SHA, script_args, script_keys  # noqa: E402
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 VERSION = "busy"
 BUSY_IP = "203.0.113.7"
 START_US = timestamp_us("2026-01-05")
@@ -236,6 +247,7 @@ def run(bench: Bench, args: argparse.Namespace) -> None:
     records_bytes, tiles_bytes, tiles = bench.state(BUSY_IP)
     print(f"busy IP state at the end: records {records_bytes} B, {tiles} tiles {tiles_bytes} B")
     longest = max(longest, worst_late_order(bench, args))
+    asyncio.run(scored_batch(bench, args))
     others_while_loading(bench, args)
     print(f"longest single script call seen by the client: {longest / 1e3:.2f} ms")
     pings = bench.pings
@@ -282,6 +294,51 @@ def worst_late_order(bench: Bench, args: argparse.Namespace) -> float:
         f"{times[0]:.0f} µs (server {srv:.0f} usec)"
     )
     return times[0]
+
+
+async def scored_batch(bench: Bench, args: argparse.Namespace) -> None:
+    """`Scorer.predict` of 100 orders through the busy IP at once (what `predict-batch` runs), with a model of 50
+    trees made live on this version."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2_000, len(FEATURE_COLUMNS)))
+    booster = xgb.train(
+        {"max_depth": 6, "objective": "binary:logistic", "nthread": 1}, xgb.DMatrix(x, x[:, 0] > 1), 50
+    )
+    spec = FeatureSpec(window=bench.window, label_delay_days=bench.delay)
+    metadata = {"feature_columns": FEATURE_COLUMNS, "feature_spec": spec.to_json(), "threshold": 0.5}
+    model = json.loads(bench.pointer)["model_id"]
+    bench.redis.hset(
+        bench.keys.model(model),
+        mapping={"booster": bytes(booster.save_raw("ubj")), "metadata": json.dumps(metadata)},
+    )
+    scorer = Scorer(aioredis.Redis.from_url(args.redis_url), RedisPipe(args.redis_url), bench.keys, top_k=5)
+    ts = START_US + (args.days + 2) * DAY_US
+    times = []
+    for _ in range(5):
+        orders = []
+        for _ in range(100):
+            record = bench.record(ts, BUSY_IP)
+            ts += 1_000
+            orders.append(
+                Order(
+                    order_id=record[0],
+                    order_date=EPOCH + timedelta(microseconds=record[1]),
+                    customer_id=record[2],
+                    email=record[3],
+                    ip_addr=record[4],
+                    order_amount=record[5],
+                    location_lat=0.0,
+                    location_long=0.0,
+                )
+            )
+        started = time.perf_counter()
+        predictions = await scorer.predict(orders)
+        times.append((time.perf_counter() - started) * 1e3)
+        assert len(predictions) == 100
+    print(
+        f"Scorer.predict of 100 orders through the busy IP (what predict-batch runs, in process): "
+        f"median {statistics.median(times):.1f} ms, max {max(times):.1f} ms over {len(times)} batches"
+    )
 
 
 def others_while_loading(bench: Bench, args: argparse.Namespace) -> None:
