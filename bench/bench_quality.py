@@ -1,5 +1,5 @@
-"""Model quality on the generator's data: feature set 1 alone against sets 1 + 2 (the ablation), and sets 1 + 2
-with and without the monotone constraints on the confirmed-fraud features (issue 19), over several seeds.
+"""Model quality on the generator's data: feature set 1 alone against sets 1 + 3 (the time windows, on hourly
+tiles), without and with the monotone constraints on the confirmed-fraud features (issue 19), over several seeds.
 
 For each seed: generate orders (SPEC 1.2, with compromised shared IPs and chargeback delays), compute every
 order's features with `fraud_poc.features.compute_features`, split them as step 4 does (warm-up days as history
@@ -31,8 +31,8 @@ from fraud_poc.steps.training_data import holdout_rows, split_bounds, training_r
 # name: (the model's input, monotone constraints on its confirmed-fraud features)
 VARIANTS = {
     "set 1": (FEATURE_SET_1, False),
-    "sets 1+2 unconstrained": (FEATURE_COLUMNS, False),
-    "sets 1+2 monotone": (FEATURE_COLUMNS, True),
+    "sets 1+3 unconstrained": (FEATURE_COLUMNS, False),
+    "sets 1+3 monotone": (FEATURE_COLUMNS, True),
 }
 
 
