@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import redis
 import requests
-from conftest import AUTH, REDIS_URL, Service, service_env
-from test_end_to_end import finished, live, start, wait_for
+from conftest import AUTH, REDIS_URL, Service
+from test_end_to_end import finished, live, running, start, wait_for
 
 from fraud_poc.schema import FEATURE_COLUMNS, LABEL, LABEL_DATE
 from fraud_poc.train import monotone_constraints
@@ -26,17 +26,6 @@ SERVICE_API = "/api/fraud-service/0x2"
 SAMPLE = {"num_orders": 100_000, "num_customers": 1_500, "months": 4, "fraud_rate": 0.03, "seed": 3}
 NOW = pd.Timestamp.now(tz="UTC").floor("s")
 PAST = NOW - pd.Timedelta(days=9)  # old enough for a label to count (label_delay_days: 7)
-
-
-def running(name: str, key_prefix: str, data_root: Path, tmp_path_factory):
-    service = Service(
-        name, service_env(key_prefix, data_root), tmp_path_factory.mktemp("logs") / f"{name}.log"
-    )
-    try:
-        service.wait_ready()
-        yield service
-    finally:
-        service.stop()
 
 
 @pytest.fixture(scope="module")
