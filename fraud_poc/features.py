@@ -519,13 +519,12 @@ def _entity_states(
     rows = s.order[s.after < window]
     records = s.orders.iloc[rows].reset_index(drop=True)
     records["ts_us"] = s.ts_us[rows]
-    entries = s.order[in_tiles | (s.after < window)]
+    held = in_tiles | (s.after < window)
+    entries = s.order[held]
     orders = s.orders.iloc[entries].reset_index(drop=True)
     orders["ts_us"] = s.ts_us[entries]
-    orders["hour"] = hours_of(s.ts_us[entries])
-    orders["is_fraud"] = ((s.fraud_ts[entries] != NO_FRAUD) & (s.fraud_ts[entries] <= as_of_us)).astype(
-        np.int64
-    )
+    orders["hour"] = hours[held]
+    orders["is_fraud"] = known_fraud[held].astype(np.int64)
     return EntityStates(records[list(STATE_FIELDS)], tiles, orders[list(ORDER_ENTRY_FIELDS)])
 
 
@@ -539,7 +538,7 @@ def serving_states(
 ) -> EntityStates:
     """Every `by` value's serving state after `orders` (SPEC 2.3), labels known by `as_of_us` (default: the newest
     order's instant): a label dated later is reported to the service when it comes (`report-label`)."""
-    features, sorted_orders = _entity_features(orders, by, window, label_delay_days, "serving_states")
+    _, sorted_orders = _entity_features(orders, by, window, label_delay_days, "serving_states")
     end = _history_end(orders) if as_of_us is None else as_of_us
     return _entity_states(sorted_orders, by, check_window(window), label_delay_days, end)
 
