@@ -47,7 +47,7 @@ import xgboost as xgb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fraud_poc.features import state_horizon_hours, timestamp_us  # noqa: E402
+from fraud_poc.features import timestamp_us  # noqa: E402
 from fraud_poc.redis_pipe import RedisPipe  # noqa: E402
 from fraud_poc.redis_store import Keys  # noqa: E402
 from fraud_poc.schema import FEATURE_COLUMNS, LABEL_DELAY_DAYS, WINDOW, FeatureSpec  # noqa: E402
@@ -69,8 +69,7 @@ class Bench:
         self.redis = redis.Redis.from_url(args.redis_url)
         self.keys = Keys(prefix=f"bench-busy:{uuid4().hex[:12]}:")
         self.pointer = b'{"model_id": "bench-busy-value", "fs_version": "busy"}'
-        self.window, self.delay = args.window, args.delta
-        self.horizon = state_horizon_hours(args.delta)
+        self.spec = FeatureSpec(window=args.window, label_delay_days=args.delta)
         self.step_us = args.days * DAY_US // args.orders
         self.sent = 0  # orders sent (ids)
         self.new_ips = 0
@@ -98,7 +97,7 @@ class Bench:
 
     def command(self, record: tuple) -> list:
         keys = script_keys(self.keys, VERSION, record)
-        args = script_args(self.pointer, self.window, self.delay, self.horizon, record)
+        args = script_args(self.pointer, self.spec, record)
         return [APPEND_SCRIPT_SHA, len(keys), *keys, *args]
 
     def pipelined(self, records: list[tuple]) -> float:
@@ -167,7 +166,7 @@ def run(bench: Bench, args: argparse.Namespace) -> None:
         pings.append((time.perf_counter_ns() - started) / 1e3)
     print(
         f"busy value: {args.orders} orders through one IP over {args.days} days (one every "
-        f"{bench.step_us / 1e6:.1f} s), W = {bench.window}, δ = {bench.delay} (state horizon {bench.horizon} h); "
+        f"{bench.step_us / 1e6:.1f} s), W = {bench.spec.window}, δ = {bench.spec.label_delay_days} (state horizon {bench.spec.horizon_hours} h); "
         f"{args.samples} timed calls per kind and size"
     )
     print(
@@ -304,7 +303,7 @@ async def scored_batch(bench: Bench, args: argparse.Namespace) -> None:
     booster = xgb.train(
         {"max_depth": 6, "objective": "binary:logistic", "nthread": 1}, xgb.DMatrix(x, x[:, 0] > 1), 50
     )
-    spec = FeatureSpec(window=bench.window, label_delay_days=bench.delay)
+    spec = bench.spec
     metadata = {"feature_columns": FEATURE_COLUMNS, "feature_spec": spec.to_json(), "threshold": 0.5}
     model = json.loads(bench.pointer)["model_id"]
     bench.redis.hset(

@@ -339,14 +339,7 @@ async def measure_floor(redis_url: str, prefix: str, source: OrderSource, repeat
     ping_us = await rtt(lambda: pipe.execute([("PING",)]))
 
     def call_of(record) -> tuple[list, list]:
-        args = script_args(
-            live.pointer,
-            live.spec.window,
-            live.spec.label_delay_days,
-            live.spec.horizon_hours,
-            record,
-            (40.4, -3.7),
-        )
+        args = script_args(live.pointer, live.spec, record, (40.4, -3.7))
         return script_keys(keys, live.fs_version, record), args
 
     async def one_script() -> list:

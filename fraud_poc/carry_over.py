@@ -84,9 +84,7 @@ def carry_over(
                     float(e["order_amount"]),
                 )
                 where = (float(e["location_lat"]), float(e["location_long"]))
-                args = script_args(
-                    b"", spec.window, spec.label_delay_days, spec.horizon_hours, record, where, log_max_len=0
-                )
+                args = script_args(b"", spec, record, where, log_max_len=0)
                 append(keys=script_keys(keys, version, record), args=args, client=pipe)
             else:
                 args = label_args(

@@ -81,10 +81,8 @@ def _summary(
     metrics, sizes = meta.get("metrics", {}), meta.get("data_sizes", {})
     is_live = live is not None and live["model_id"] == model_id
     in_redis, on_disk = run_id in loaded, serving_state_dir(data_root, run_id).is_dir()
-    try:  # the model's own spec: this code must compute it, and its fingerprint must be the model's
-        computable = FeatureSpec.from_json(meta.get("feature_spec")).fingerprint == meta.get(
-            "feature_set_fingerprint"
-        )
+    try:  # the model's own spec: this code must compute it
+        computable = bool(FeatureSpec.of_model(model_id, meta))
     except ValueError:
         computable = False
     if not computable:
@@ -154,7 +152,7 @@ def promote_registered(
         raise UnknownModel(f"model {model_id} is not in the registry (list-models names the registered ones)")
     meta = load_metadata(data_root, model_id)
     try:
-        spec = FeatureSpec.from_json(meta.get("feature_spec"))
+        spec = FeatureSpec.of_model(model_id, meta)
     except ValueError as e:
         raise NotPromotable(
             f"model {model_id} was trained on another feature set than this service computes: {e}"
@@ -204,9 +202,10 @@ def rollback_live(redis_url: str, key_prefix: str) -> dict[str, Any]:
             raise NotPromotable(
                 f"the previous model {previous['model_id']} is no longer in Redis: cannot roll back"
             )
-        spec = FeatureSpec.from_json(
-            json.loads(raw).get("feature_spec")
-        )  # replay with the version's own spec
+        try:  # replay with the version's own spec
+            spec = FeatureSpec.of_model(previous["model_id"], json.loads(raw))
+        except ValueError as e:
+            raise NotPromotable(f"cannot roll back: {e}") from e
         switched, _ = switch_carrying_over(
             r,
             keys,

@@ -152,6 +152,18 @@ class FeatureSpec:
             raise ValueError(f"feature spec: fingerprint {data['fingerprint']!r} does not match its fields")
         return spec
 
+    @classmethod
+    def of_model(cls, model_id: str, metadata: Mapping[str, Any]) -> "FeatureSpec":
+        """The spec a model was trained with (its metadata's `feature_spec`, whose fingerprint must be the
+        metadata's); ValueError naming the model and what is wrong."""
+        try:
+            spec = cls.from_json(metadata.get("feature_spec"))
+        except ValueError as e:
+            raise ValueError(f"model {model_id}: its metadata has no usable feature_spec ({e})") from e
+        if metadata.get("feature_set_fingerprint", spec.fingerprint) != spec.fingerprint:
+            raise ValueError(f"model {model_id}: its feature_set_fingerprint is not its feature_spec's")
+        return spec
+
 # %% ../nbs/00_schema.ipynb #df580003
 STATE_FIELDS: tuple[str, ...] = ("order_id", "ts_us", "customer_id", "email", "ip_addr", "order_amount")
 TILE_FIELDS: tuple[str, ...] = (

@@ -130,15 +130,7 @@ class Scorer:
         calls = [
             (
                 script_keys(self.keys, version, r),
-                script_args(
-                    pointer,
-                    spec.window,
-                    spec.label_delay_days,
-                    spec.horizon_hours,
-                    r,
-                    where,
-                    self.log_max_len,
-                ),
+                script_args(pointer, spec, r, where, self.log_max_len),
             )
             for r, where in zip(records, locations, strict=True)
         ]

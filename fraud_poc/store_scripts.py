@@ -15,7 +15,7 @@ import redis.exceptions
 from .features import cents_of, hours_of, timestamp_us, window_edges
 from .redis_pipe import RedisPipe
 from .redis_store import Keys
-from .schema import ENTITIES
+from .schema import ENTITIES, FeatureSpec
 from .service_payloads import Order
 
 # %% ../nbs/30_store_scripts.ipynb #7587abc6
@@ -154,9 +154,7 @@ def script_keys(keys: Keys, fs_version: str, record: Record) -> list[str]:
 
 def script_args(
     pointer: bytes,
-    window: int,
-    label_delay_days: int,
-    horizon_hours: int,
+    spec: FeatureSpec,
     record: Record,
     location: tuple[float, float] = (0.0, 0.0),
     log_max_len: int = 0,
@@ -168,18 +166,18 @@ def script_args(
     hour = hours_of(record[1])
     return [
         pointer,
-        window,
+        spec.window,
         record[0],
         str(record[1]),
         *record[2:5],
         repr(record[5]),
         str(hour),
         str(cents_of(record[5])),
-        str(horizon_hours),
+        str(spec.horizon_hours),
         repr(float(location[0])),
         repr(float(location[1])),
         str(log_max_len),
-        *(str(edge) for edge in window_edges(hour, label_delay_days)),
+        *(str(edge) for edge in window_edges(hour, spec.label_delay_days)),
     ]
 
 

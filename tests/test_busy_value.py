@@ -28,7 +28,7 @@ import pytest
 
 from fraud_poc.features import compute_features, hours_of, serving_features, state_horizon_hours
 from fraud_poc.redis_store import Keys
-from fraud_poc.schema import ENTITIES, TILE_FIELDS, WINDOW, time_feature_columns
+from fraud_poc.schema import ENTITIES, TILE_FIELDS, WINDOW, FeatureSpec, time_feature_columns
 from fraud_poc.scorer import entity_view_of
 from fraud_poc.store_scripts import APPEND_SCRIPT, APPEND_SCRIPT_SHA, script_args, script_keys
 
@@ -107,8 +107,8 @@ class Loaded:
 
 def call_of(loaded: Loaded, record: tuple) -> list:
     keys = script_keys(loaded.keys, VERSION, record)
-    horizon = state_horizon_hours(loaded.label_delay_days)
-    return [len(keys), *keys, *script_args(POINTER, WINDOW, loaded.label_delay_days, horizon, record)]
+    spec = FeatureSpec(window=WINDOW, label_delay_days=loaded.label_delay_days)
+    return [len(keys), *keys, *script_args(POINTER, spec, record)]
 
 
 def load(redis_client, loaded: Loaded, records: list[tuple]) -> None:
