@@ -7,6 +7,8 @@ processes) and peak memory (RSS of this process plus its worker processes, sampl
     .venv/bin/python bench/bench_pipeline.py             # the services' default cluster: 2 worker processes x 1 thread
     .venv/bin/python bench/bench_pipeline.py --steps 4 --in-process --workers 1 --threads 2   # fastest for steps 1-4
     .venv/bin/python bench/bench_pipeline.py --scale 10   # then 12M orders, 100,000 customers: the ratios per step
+    .venv/bin/python bench/bench_pipeline.py --orders 12000000 --customers 100000 --steps 3 --from-step feature-calc \
+        --data-root /tmp/run12m   # one step again on the run an earlier call (--steps 2 --data-root ...) left there
 
 Each step of `STEPS` is a `(name, callable)` pair; the callable takes a `BenchRun` and returns something with
 `rows_out`. Steps 5-6 (train-model, prepare-db) use the configured Redis (`FRAUD_REDIS_URL`, default
@@ -216,6 +218,12 @@ def parse_args() -> argparse.Namespace:
         "--data-root", type=Path, default=None, help="default: a temporary folder, removed after"
     )
     parser.add_argument(
+        "--from-step",
+        choices=[name for name, _ in STEPS],
+        default=STEPS[0][0],
+        help="start at this step, on the run an earlier call left in --data-root (e.g. feature-calc)",
+    )
+    parser.add_argument(
         "--scale",
         type=int,
         default=1,
@@ -256,7 +264,8 @@ def run_steps(
     print(f"{'step':<15}{'wall s':>8}{'orders/s':>12}{'cpu s':>8}{'peak MB':>9}{'rows out':>11}")
     figures: dict[str, StepFigures] = {}
     try:
-        for name, step in STEPS[: args.steps]:
+        first = [name for name, _ in STEPS].index(args.from_step)
+        for name, step in STEPS[first : args.steps]:
             cpu_before = cpu_seconds()
             with MemorySampler() as memory:
                 start = time.perf_counter()
@@ -302,6 +311,8 @@ def print_scaling(small: dict[str, StepFigures], large: dict[str, StepFigures], 
 
 def main() -> None:
     args = parse_args()
+    if args.from_step != STEPS[0][0] and args.data_root is None:
+        raise SystemExit("--from-step needs --data-root: the run its earlier steps left there")
     with dask.config.set(
         LOCAL_CLUSTER_CONFIG
     ):  # the services' local cluster settings (fraud_poc.dask_client)

@@ -150,6 +150,16 @@ def state_horizon_hours(label_delay_days: int) -> int:
     return 24 * (max(TIME_WINDOWS_DAYS) + check_label_delay(label_delay_days))
 
 
+def _run_starts(*keys: np.ndarray) -> np.ndarray:
+    """First positions of the runs of equal key tuples in sorted arrays."""
+    n = len(keys[0])
+    changed = np.zeros(n, bool)
+    changed[:1] = True
+    for key in keys:
+        changed[1:] |= key[1:] != key[:-1]
+    return np.flatnonzero(changed)
+
+
 def _range_counts(n: int, start: np.ndarray, stop: np.ndarray) -> np.ndarray:
     """For each of n positions, how many [start, stop) ranges hold it."""
     diff = np.bincount(start, minlength=n + 1) - np.bincount(stop, minlength=n + 1)
@@ -308,7 +318,7 @@ def _write_entity_features(
     window: int,
     out: np.ndarray,
 ) -> None:
-    """Write one entity's features of every row into `out` (n_features, n), given `_group_rows`' order and positions."""
+    """Write one entity's features into `out` (n_features, n), column j for row `order[j]` (`_group_rows`' order)."""
     n = len(order)
     amount_lags = _lag_views(amount[order], window)
     ts_lags = _lag_views(ts_us[order], window)
@@ -318,7 +328,7 @@ def _write_entity_features(
         rows = slice(start, start + _BLOCK_ROWS)
         codes = np.stack([lagged[:, rows] for lagged in code_lags])
         valid = lags <= position[rows]
-        out[:, order[rows]] = window_features(amount_lags[:, rows], ts_lags[:, rows], codes, valid)
+        out[:, rows] = window_features(amount_lags[:, rows], ts_lags[:, rows], codes, valid)
 
 
 def fraud_timestamps(orders: pd.DataFrame, ts_us: np.ndarray, label_delay_days: int) -> np.ndarray:
@@ -359,9 +369,10 @@ class _SortedOrders:
 
 
 def _entity_features(
-    orders: pd.DataFrame, by: str, window: int, label_delay_days: int, caller: str
+    orders: pd.DataFrame, by: str, window: int, label_delay_days: int, caller: str, dtype: type = np.float64
 ) -> tuple[pd.DataFrame, _SortedOrders]:
-    """`entity_features`, and the sorted orders the serving state is built from."""
+    """`order_id` and entity `by`'s features in `dtype`, rows grouped by value and in time order within each, indexed
+    by their positions in `orders`; and the sorted orders the serving state is built from."""
     others, window = other_entities(by), check_window(window)
     _check_columns(orders, FEATURE_INPUT_COLUMNS, caller)
     columns = entity_feature_columns(by) + time_feature_columns(by)
@@ -371,14 +382,14 @@ def _entity_features(
     cents = cents_of(amount)
     by_codes = _codes(orders[by])
     order, position, after = _group_rows(_time_order(ts_us, orders["order_id"]), by_codes)
-    features = np.empty((len(columns), len(orders)))
+    features = np.empty((len(columns), len(orders)), dtype)
     width = len(entity_feature_columns(by))
     _write_entity_features(
         order, position, ts_us, amount, [_codes(orders[col]) for col in others], window, features[:width]
     )
     _write_time_features(order, by_codes, ts_us, cents, fraud_ts, label_delay_days, features[width:])
-    result = pd.DataFrame(features.T, columns=columns, copy=False)
-    result.insert(0, "order_id", orders["order_id"].reset_index(drop=True))
+    result = pd.DataFrame(features.T, columns=columns, index=order, copy=False)
+    result.insert(0, "order_id", orders["order_id"].iloc[order].array)
     return result, _SortedOrders(orders, ts_us, cents, fraud_ts, by_codes, order, after)
 
 
@@ -391,8 +402,8 @@ def _write_time_features(
     label_delay_days: int,
     out: np.ndarray,
 ) -> None:
-    """Write one entity's SPEC 2.3 features of every row into `out` (15, n), given `_group_rows`' order."""
-    out[:, order] = time_window_features(
+    """Write one entity's SPEC 2.3 features into `out` (15, n), column j for row `order[j]` (`_group_rows`' order)."""
+    out[:] = time_window_features(
         by_codes[order], ts_us[order], cents[order], fraud_ts[order], label_delay_days
     )
 
@@ -405,7 +416,8 @@ def entity_features(
 
     `order_id`s must be distinct (see `distinct_orders`).
     """
-    return _entity_features(orders, by, window, label_delay_days, "entity_features")[0]
+    grouped = _entity_features(orders, by, window, label_delay_days, "entity_features")[0]
+    return grouped.sort_index().reset_index(drop=True)
 
 # %% ../nbs/10_features.ipynb #3959be62
 def distinct_orders(orders: pd.DataFrame) -> pd.DataFrame:
@@ -439,18 +451,11 @@ def compute_features(
         width, time_width = len(entity_feature_columns(by)), len(time_feature_columns(by))
         others = [codes[col] for col in other_entities(by)]
         order, position, _ = _group_rows(time_order, codes[by])
-        _write_entity_features(
-            order, position, ts_us, amount, others, window, features[start : start + width]
-        )
-        _write_time_features(
-            order,
-            codes[by],
-            ts_us,
-            cents,
-            fraud_ts,
-            label_delay_days,
-            features[time_start : time_start + time_width],
-        )
+        grouped = np.empty((width + time_width, len(orders)))  # in `order`, then scattered to the rows
+        _write_entity_features(order, position, ts_us, amount, others, window, grouped[:width])
+        _write_time_features(order, codes[by], ts_us, cents, fraud_ts, label_delay_days, grouped[width:])
+        features[start : start + width, order] = grouped[:width]
+        features[time_start : time_start + time_width, order] = grouped[width:]
         start, time_start = start + width, time_start + time_width
     result = pd.DataFrame(features.T, columns=FEATURE_COLUMNS, copy=False)
     result.insert(0, "order_id", orders["order_id"])
@@ -469,16 +474,6 @@ class EntityStates:
     records: pd.DataFrame
     tiles: pd.DataFrame
     orders: pd.DataFrame
-
-
-def _run_starts(*keys: np.ndarray) -> np.ndarray:
-    """First positions of the runs of equal key tuples in sorted arrays."""
-    n = len(keys[0])
-    changed = np.zeros(n, bool)
-    changed[:1] = True
-    for key in keys:
-        changed[1:] |= key[1:] != key[:-1]
-    return np.flatnonzero(changed)
 
 
 def _entity_states(
@@ -544,12 +539,22 @@ def serving_states(
 
 
 def entity_features_and_state(
-    orders: pd.DataFrame, by: str, window: int, label_delay_days: int, as_of_us: int
+    orders: pd.DataFrame,
+    by: str,
+    window: int,
+    label_delay_days: int,
+    as_of_us: int,
+    *,
+    dtype: type = np.float64,
 ) -> tuple[pd.DataFrame, EntityStates]:
-    """`entity_features(orders, by, ...)` and `serving_states(orders, by, ...)`, sorting the orders once."""
+    """`entity_features(orders, by, ...)` and `serving_states(orders, by, ...)`, sorting the orders once.
+
+    The features come in `dtype` (float32: what the model sees), rows grouped by value as the states are, indexed by
+    their positions in `orders` (`sort_index` gives `entity_features`' row-for-row order).
+    """
     window = check_window(window)
     features, sorted_orders = _entity_features(
-        orders, by, window, label_delay_days, "entity_features_and_state"
+        orders, by, window, label_delay_days, "entity_features_and_state", dtype
     )
     return features, _entity_states(sorted_orders, by, window, label_delay_days, as_of_us)
 

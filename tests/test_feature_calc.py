@@ -22,7 +22,7 @@ from fraud_poc.datasets import (
 )
 from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, LABEL, SCENARIO, FeatureSpec
 from fraud_poc.serving_state import ENCODED_COLUMNS, decode_state, encoded_states
-from fraud_poc.steps.feature_calc import FEATURES_OUTPUT_COLUMNS, calc_features
+from fraud_poc.steps.feature_calc import FEATURE_DTYPE, FEATURES_OUTPUT_COLUMNS, calc_features
 
 
 def read_outputs(data_root: Path, run_id: str) -> dict[str, pd.DataFrame]:
@@ -55,7 +55,10 @@ def test_features_equal_the_batch_definition(features_run):
     expected = features.compute_features(
         run.orders, FEATURE_SPEC.window, FEATURE_SPEC.label_delay_days
     ).sort_values("order_id", ignore_index=True)
-    assert computed[["order_id", *FEATURE_COLUMNS]].equals(expected)
+    assert (computed[FEATURE_COLUMNS].dtypes == FEATURE_DTYPE).all()  # stored as the model sees them
+    assert computed[["order_id", *FEATURE_COLUMNS]].equals(
+        expected.astype(dict.fromkeys(FEATURE_COLUMNS, FEATURE_DTYPE))
+    )
     labels = run.orders.sort_values("order_id", ignore_index=True)[["order_date", LABEL, SCENARIO]]
     assert computed[["order_date", LABEL, SCENARIO]].equals(labels)
 

@@ -91,7 +91,7 @@ def test_pipeline_steps_5_and_6(client, store, runs):
     )
     assert (
         first.reason
-        == f"first model: holdout average precision {first.metrics['average_precision']:.4f} reaches the minimum 0.2000"
+        == f"first model: holdout average precision {first.metrics['average_precision']:.4f} reaches the minimum 0.1000"
     )
     metadata = load_metadata(data_root, "xgb-run-1")
     assert metadata["feature_spec"] == FeatureSpec().to_json()  # the run's: feature-calc used the defaults
