@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import AUTH
-from live_services import SERVICE_API, TRAINING_API, LiveServices, live_services
+from live_services import FS_VERSION, SERVICE_API, TRAINING_API, LiveServices, live_services
 
 from fraud_poc.schema import WINDOW
 
@@ -107,6 +107,73 @@ def test_poison_order_is_refused_and_nothing_is_written(live: LiveServices):
     )
     assert scored.status_code == 200, scored.text
     assert all(abs(value) < 3.4e38 for value in scored.json()["features"].values())
+
+
+BAD_IDS = [  # (field, value, what the message says): `schema.id_problem`, the rule preprocess applies too
+    ("order_id", "   ", "blank"),
+    ("customer_id", "\u3000\t", "blank"),
+    ("email", "", "at least 1 character"),
+    ("ip_addr", "10.0.0.1\u0000", "a control character"),
+    ("customer_id", "c\nd", "a control character"),
+    ("order_id", "o" * 257, "at most 256 characters"),
+]
+
+
+def test_blank_or_control_ids_are_refused_and_nothing_is_written(live: LiveServices):
+    """A blank id (or one with a control character, or too long) is a 400 naming the field, alone or in a batch,
+    with nothing written: preprocess would refuse it in an export, and every later run-from-raw with it."""
+    before = snapshot(live)
+    url = f"{live.prediction.base}{SERVICE_API}"
+    for field, value, why in BAD_IDS:
+        answer = in_error_schema(
+            requests.post(f"{url}/predict", json=order("blank", **{field: value}), timeout=30)
+        )
+        assert answer["status"] == 400 and [f["field"] for f in answer["fields"]] == [field], (value, answer)
+        assert why in answer["error"], (value, answer)
+        batch = {"orders": [order("fine"), order("blank", **{field: value})]}
+        answer = in_error_schema(requests.post(f"{url}/predict-batch", json=batch, timeout=30))
+        assert [f["field"] for f in answer["fields"]] == [f"orders[1].{field}"], (value, answer)
+    assert snapshot(live) == before
+
+
+def test_an_order_id_known_with_another_customer_is_refused(live: LiveServices):
+    """Order X for customer A, then X for customer B (or A's order with another email or IP): 409, nothing written,
+    alone or in a batch; X for A again stays a retry (200, nothing written); a label for X changes A's states
+    only, and B has none."""
+    url = f"{live.prediction.base}{SERVICE_API}"
+    first = order("reuse")
+    assert requests.post(f"{url}/predict", json=first, timeout=30).status_code == 200
+    before = snapshot(live)
+    events = live.redis.xlen(live.keys.events)
+    thief = {"customer_id": "reuse-thief", "email": "thief@example.com", "ip_addr": "reuse-thief-ip"}
+    for field, value in thief.items():
+        clash = {**first, field: value}
+        answer = in_error_schema(requests.post(f"{url}/predict", json=clash, timeout=30))
+        assert answer["status"] == 409 and [f["field"] for f in answer["fields"]] == ["order_id"], answer
+        assert "another customer_id, email or ip_addr" in answer["error"], answer
+        # in a batch: refused as a whole, the clashing order named, the new order before it not written either
+        batch = {"orders": [order("reuse-new"), clash]}
+        answer = in_error_schema(requests.post(f"{url}/predict-batch", json=batch, timeout=30))
+        assert answer["status"] == 409 and [f["field"] for f in answer["fields"]] == ["orders[1].order_id"], (
+            answer
+        )
+    # one new id twice in a batch for two customers: refused before either is written
+    twice = {"orders": [order("twice"), order("twice", customer_id="twice-other")]}
+    answer = in_error_schema(requests.post(f"{url}/predict-batch", json=twice, timeout=30))
+    assert answer["status"] == 409 and [f["field"] for f in answer["fields"]] == ["orders[1].order_id"], (
+        answer
+    )
+    retry = requests.post(f"{url}/predict", json=first, timeout=30)  # the same order: a retry
+    assert retry.status_code == 200, retry.text
+    retried = requests.post(f"{url}/predict-batch", json={"orders": [first, first]}, timeout=30)
+    assert retried.status_code == 200, retried.text
+    assert snapshot(live) == before and live.redis.xlen(live.keys.events) == events
+    label = {"order_id": first["order_id"], "is_fraud": True}
+    labelled = requests.post(f"{url}/report-label", json=label, headers=AUTH, timeout=30)
+    assert labelled.status_code == 200 and labelled.json()["states_changed"] == 3, labelled.text
+    for entity, value in thief.items():
+        assert not live.redis.exists(live.keys.fs_state(FS_VERSION, entity, value)), entity
+        assert not live.redis.exists(live.keys.fs_tiles(FS_VERSION, entity, value)), entity
 
 
 def test_far_future_orders_cannot_push_a_customer_out_of_the_window(live: LiveServices):
