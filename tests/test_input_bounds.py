@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -387,3 +388,17 @@ def test_the_docs_examples_are_working_requests(live: LiveServices):
     assert response.status_code == 200 and response.json()["order_id"] == example["order_id"], response.text
     response = requests.post(f"{url}/predict-batch", json={"orders": [example]}, timeout=30)
     assert response.status_code == 200 and len(response.json()["predictions"]) == 1, response.text
+
+
+def test_each_service_has_a_gunicorn_control_socket_of_its_own(live: LiveServices):
+    """gunicorn's control socket (for `gunicornc`) defaults to one path per user, `~/.gunicorn/gunicorn.ctl`, which
+    the second service took over from the first; each service now has its own, under `<data root>/run/`."""
+    folders = [
+        live.data_root.resolve() / "run" / f"{name}-{port}"
+        for name, port in zip(("training", "prediction"), PORTS, strict=True)
+    ]
+    for folder in folders:
+        path = folder / "gunicorn.ctl"
+        assert path.exists() and stat.S_ISSOCK(path.stat().st_mode), path
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(path))  # a live server answers on each
