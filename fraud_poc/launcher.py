@@ -478,7 +478,12 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["FRAUD_FIND_ORDERS_ENABLED"] = "true"  # the demo finds known customers to score
     url = os.environ["FRAUD_REDIS_URL"] = redis_url_from_env()
     data_root = Path(os.environ.get("FRAUD_DATA_ROOT", "data"))
-    redis_proc = None if redis_answers(url) else start_embedded_redis(url, data_root / "redis")
+    fsync = os.environ.get(
+        "FRAUD_REDIS_APPENDFSYNC", "everysec"
+    )  # as `python -m fraud_poc.redis_server` takes it
+    redis_proc = (
+        None if redis_answers(url) else start_embedded_redis(url, data_root / "redis", appendfsync=fsync)
+    )
     print(f"Redis: {'embedded server started' if redis_proc else 'using the one'} at {mask_url(url)}")
     services = {name: start_service(name, log_dir(), ports[name]) for name in SERVICES}
     try:
