@@ -6,7 +6,7 @@
 __all__ = ['DATE_RANGE', 'Text', 'OrderDate', 'Amount', 'Latitude', 'Longitude', 'STRICT', 'EXAMPLE_DATE', 'T', 'Order',
            'BatchRequest', 'KnownEntities', 'Contribution', 'Prediction', 'BatchResponse', 'KnownOrder',
            'FindOrdersQuery', 'FoundOrders', 'ModelInfo', 'LabelReport', 'LabelRecorded', 'FieldError', 'ErrorResponse',
-           'bad_request', 'unavailable', 'conflict', 'DateWindow', 'field_errors', 'parse_body', 'unknown_query',
+           'bad_request', 'unavailable', 'order_conflict', 'DateWindow', 'field_errors', 'parse_body', 'unknown_query',
            'query_int']
 
 # %% ../nbs/06_service_payloads.ipynb #71e93f3c
@@ -247,10 +247,20 @@ def unavailable(error: str) -> ErrorResponse:
     return ErrorResponse(status=503, error=error)
 
 
-def conflict(error: str, fields: list[FieldError]) -> ErrorResponse:
-    """A 409 answer: the request contradicts what the service stored (an order id known with other entities)."""
+def order_conflict(positions: list[int] | None, scored: int = 0) -> ErrorResponse:
+    """The 409 of orders whose id the service knows with another customer, email or IP (nothing written for them):
+    `positions` None for `predict` (field `order_id`), else their places in a batch (`orders[i].order_id`); `scored`
+    counts the batch's other orders stored anyway (another request stored one of the ids while the batch ran)."""
+    why = "known with another customer_id, email or ip_addr: an order id names one order"
+    if positions is None:
+        fields, error = [FieldError("order_id", why)], "order_id already used, nothing was written"
+    else:
+        fields = [FieldError(f"orders[{i}].order_id", why) for i in positions]
+        error = "order_id already used, nothing of the batch was written"
+        if scored:
+            error = f"order_id already used; the batch's {scored} other order(s) were scored and stored (sending them again is a retry)"
     names = ", ".join(f"{f.field}: {f.message}" for f in fields)
-    return ErrorResponse(status=409, error=f"{error}: {names}" if names else error, fields=fields)
+    return ErrorResponse(status=409, error=f"{error}: {names}", fields=fields)
 
 # %% ../nbs/06_service_payloads.ipynb #5126c162
 def _iso(moment: datetime) -> str:

@@ -16,10 +16,9 @@ from .common import event_scorer
 from fraud_poc.service_payloads import (
     DateWindow,
     ErrorResponse,
-    FieldError,
     Order,
-    conflict,
     Prediction,
+    order_conflict,
     parse_body,
     unavailable,
     unknown_query,
@@ -98,8 +97,7 @@ async def score(payload: Order, context: EventContext, **query_args: str) -> Pre
     try:
         return (await scorer.predict([payload]))[0]
     except OrderConflict:
-        why = "known with another customer_id, email or ip_addr: an order id names one order (nothing was written)"
-        return conflict("order_id already used", [FieldError("order_id", why)])
+        return order_conflict(None)
     except ServiceUnavailable as e:
         logger.warning(context, "cannot score", extra=extra(order_id=payload.order_id, reason=str(e)))
         return unavailable(str(e))
