@@ -164,6 +164,16 @@ def test_an_order_id_known_with_another_customer_is_refused(live: LiveServices):
     assert answer["status"] == 409 and [f["field"] for f in answer["fields"]] == ["orders[1].order_id"], (
         answer
     )
+    # an order of the history prepare-db's writer loaded (its index entry written by Python, not the script)
+    known = live.orders.iloc[-1]
+    taken = order("reuse-history", order_id=known["order_id"], order_date=known["order_date"].isoformat())
+    answer = in_error_schema(requests.post(f"{url}/predict", json=taken, timeout=30))
+    assert answer["status"] == 409 and [f["field"] for f in answer["fields"]] == ["order_id"], answer
+    assert snapshot(live) == before
+    same = {**taken, **{e: known[e] for e in ("customer_id", "email", "ip_addr")}}
+    assert (
+        requests.post(f"{url}/predict", json=same, timeout=30).status_code == 200
+    )  # its own entities: a retry
     retry = requests.post(f"{url}/predict", json=first, timeout=30)  # the same order: a retry
     assert retry.status_code == 200, retry.text
     retried = requests.post(f"{url}/predict-batch", json={"orders": [first, first]}, timeout=30)
