@@ -69,11 +69,12 @@ up: install
 	. config/env.sh && $(BIN)/python -m fraud_poc.launcher --serve --training-port=$(TRAINING_PORT) --prediction-port=$(PREDICTION_PORT)
 
 ## One service each (Redis ensured, as for `make run`); for both at once use `make up`.
+## XDG_RUNTIME_DIR: gunicorn's control socket in a folder of the service's own, not ~/.gunicorn/ (launcher.own_control_socket).
 training-service: install
-	. config/env.sh && $(CHECK_PORTS) training --training-port=$(TRAINING_PORT) && $(WITH_REDIS) $(BIN)/hopeit_server run --config-files=config/server.json,config/redis-streams.json,config/training-pipeline.json --api-file=config/openapi-training.json --start-streams --port=$(TRAINING_PORT)
+	. config/env.sh && $(CHECK_PORTS) training --training-port=$(TRAINING_PORT) && XDG_RUNTIME_DIR="$$FRAUD_DATA_ROOT/run/training-$(TRAINING_PORT)" && mkdir -p "$$XDG_RUNTIME_DIR" && export XDG_RUNTIME_DIR && $(WITH_REDIS) $(BIN)/hopeit_server run --config-files=config/server.json,config/redis-streams.json,config/training-pipeline.json --api-file=config/openapi-training.json --start-streams --port=$(TRAINING_PORT)
 
 prediction-service: install
-	. config/env.sh && $(CHECK_PORTS) prediction --prediction-port=$(PREDICTION_PORT) && $(WITH_REDIS) $(BIN)/hopeit_server run --config-files=config/server-prediction.json,config/redis-streams.json,config/fraud-service.json --api-file=config/openapi-service.json --start-streams --port=$(PREDICTION_PORT) --worker-class=GunicornUVLoopWebWorker
+	. config/env.sh && $(CHECK_PORTS) prediction --prediction-port=$(PREDICTION_PORT) && XDG_RUNTIME_DIR="$$FRAUD_DATA_ROOT/run/prediction-$(PREDICTION_PORT)" && mkdir -p "$$XDG_RUNTIME_DIR" && export XDG_RUNTIME_DIR && $(WITH_REDIS) $(BIN)/hopeit_server run --config-files=config/server-prediction.json,config/redis-streams.json,config/fraud-service.json --api-file=config/openapi-service.json --start-streams --port=$(PREDICTION_PORT) --worker-class=GunicornUVLoopWebWorker
 
 bench: install
 	. config/env.sh && $(BIN)/python bench/bench_pipeline.py && $(BIN)/python bench/bench_service.py && $(BIN)/python bench/bench_service.py --replicas 2

@@ -6,6 +6,7 @@
 __all__ = ['mask_url', 'register_secret', 'mask_text', 'MaskingFilter', 'install_log_masking', 'MaskingStream', 'mask_console']
 
 # %% ../nbs/08_masking.ipynb #83e3289b
+import ipaddress
 import logging
 import re
 import sys
@@ -15,7 +16,28 @@ _URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*:)[
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]+")
 _EMAIL = re.compile(r"\b([A-Za-z0-9])[A-Za-z0-9._%+-]*@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,})\b")
 _IPV4 = re.compile(r"(?<![\d.])(?!127\.|0\.0\.0\.0(?![\d.]))(\d{1,3})\.\d{1,3}\.\d{1,3}\.\d{1,3}(?![\d.])")
+# an email URL-encoded (`a%40b.com`, in a query string or a logged path), once or more (`%2540`)
+_EMAIL_ENCODED = re.compile(
+    r"\b([A-Za-z0-9])[A-Za-z0-9._%+-]*?(%(?:25)*40)([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,})\b",
+    re.IGNORECASE,
+)
+# an IPv6 candidate: hex groups with at least two colons, maybe ending in a dotted quad; `ipaddress` decides
+_IPV6 = re.compile(
+    r"(?<![0-9A-Za-z:.%])(?=[0-9A-Fa-f]*:[0-9A-Fa-f]*:)[0-9A-Fa-f:]+(?:\d{1,3}(?:\.\d{1,3}){3})?(?![0-9A-Za-z:.])"
+)
 _secrets: set[str] = set()
+
+
+def _mask_ipv6(match: re.Match) -> str:
+    """A real, non-loopback IPv6 address as its first group and `x`s (`2001:x:x:x`); anything else as it was."""
+    text = match.group()
+    try:
+        address = ipaddress.IPv6Address(text)
+    except ValueError:
+        return text
+    if address.is_loopback or address.is_unspecified:
+        return text
+    return f"{address.exploded.split(':')[0].lstrip('0') or '0'}:x:x:x"
 
 
 def mask_url(url: str) -> str:
@@ -30,11 +52,13 @@ def register_secret(value: str) -> None:
 
 
 def mask_text(text: str) -> str:
-    """`text` without secrets, URL passwords, bearer tokens, emails and non-loopback IPv4 addresses."""
+    """`text` without secrets, URL passwords, bearer tokens, emails (URL-encoded too) and non-loopback IPv4 and IPv6
+    addresses."""
     for secret in _secrets:
         text = text.replace(secret, "***")
     text = _BEARER.sub(r"\1***", mask_url(text))
-    return _IPV4.sub(r"\1.x.x.x", _EMAIL.sub(r"\1***@\2", text))
+    text = _EMAIL_ENCODED.sub(r"\1***\2\3", _EMAIL.sub(r"\1***@\2", text))
+    return _IPV4.sub(r"\1.x.x.x", _IPV6.sub(_mask_ipv6, text))
 
 # %% ../nbs/08_masking.ipynb #9d9712f3
 class MaskingFilter(logging.Filter):

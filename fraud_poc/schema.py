@@ -6,8 +6,8 @@
 __all__ = ['RAW_COLUMNS', 'LABEL', 'LABEL_DATE', 'SCENARIO', 'ENTITIES', 'WINDOW', 'MAX_ORDER_AMOUNT', 'MAX_TEXT_LENGTH',
            'DATE_RANGE', 'AMOUNT_STATS', 'TIME_WINDOWS_DAYS', 'TIME_STATS', 'LABEL_DELAY_DAYS', 'FEATURE_SET_1',
            'FEATURE_COLUMNS', 'FEATURE_SET_VERSION', 'STATE_FIELDS', 'TILE_FIELDS', 'ORDER_ENTRY_FIELDS', 'NO_FRAUD',
-           'SAFE_ID', 'entity_feature_columns', 'time_feature_columns', 'feature_columns', 'feature_set_fingerprint',
-           'FeatureSpec']
+           'SAFE_ID', 'id_problem', 'entity_feature_columns', 'time_feature_columns', 'feature_columns',
+           'feature_set_fingerprint', 'FeatureSpec']
 
 # %% ../nbs/00_schema.ipynb #7ac2f665
 import hashlib
@@ -38,6 +38,22 @@ WINDOW = 10  # W: orders per entity value in a feature window, the order itself 
 MAX_ORDER_AMOUNT = 1e9  # largest accepted order_amount, in training and serving alike
 MAX_TEXT_LENGTH = 256  # longest accepted id, email or IP (characters), in training and serving alike
 DATE_RANGE = ("1970-01-01", "2200-01-01")  # [first, end) of any accepted date: microseconds fit Lua's doubles
+
+# %% ../nbs/00_schema.ipynb #e2a5b04f
+_NOT_IN_IDS = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # control characters (Cc), lone surrogates
+
+
+def id_problem(value: str, max_length: int = MAX_TEXT_LENGTH) -> str | None:
+    """Why `value` cannot be an order id, customer id, email or IP, in serving and training alike; None if it can."""
+    if not value or value.isspace():
+        return "blank (empty or only whitespace)"
+    if len(value) > max_length:
+        return f"longer than {max_length} characters ({len(value)} characters)"
+    bad = _NOT_IN_IDS.search(value)
+    if bad is not None:
+        what = "a lone surrogate" if "\ud800" <= bad.group() <= "\udfff" else "a control character"
+        return f"{what} ({bad.group()!r}) at position {bad.start()}"
+    return None
 
 # %% ../nbs/00_schema.ipynb #4410ec1e
 AMOUNT_STATS: tuple[str, ...] = ("mean", "std", "min", "max", "sum")

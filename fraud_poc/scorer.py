@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['EPOCH', 'MAX_SWITCHES', 'logger', 'ServiceUnavailable', 'NoLiveModel', 'StoreUnavailable', 'UnknownOrder',
-           'entity_view_of', 'Scorer', 'scorer_for']
+           'OrderConflict', 'entity_view_of', 'Scorer', 'scorer_for']
 
 # %% ../nbs/48_scorer.ipynb #4b28c49d
 import asyncio
@@ -60,6 +60,18 @@ class StoreUnavailable(ServiceUnavailable):
 
 class UnknownOrder(LookupError):
     """A label for an order the live feature store does not know (HTTP 404)."""
+
+
+class OrderConflict(ValueError):
+    """Orders whose id the live feature store knows with another customer_id, email or ip_addr (HTTP 409): nothing
+    was written for them. `positions` are their places in the request; `scored` counts the request's other orders,
+    which were scored and stored (0 unless another request stored one of the ids while this one ran)."""
+
+    def __init__(self, positions: list[int], order_ids: list[str], scored: int):
+        self.positions, self.order_ids, self.scored = positions, order_ids, scored
+        super().__init__(
+            f"order_id {', '.join(map(repr, order_ids))}: known with another customer_id, email or ip_addr"
+        )
 
 # %% ../nbs/48_scorer.ipynb #eefed40e
 MAX_SWITCHES = 5
@@ -208,12 +220,31 @@ class Scorer:
             )
         return predictions
 
+    async def conflicts(self, orders: list[Order]) -> list[int]:
+        """Places of the orders whose id is known, to the live version or earlier in `orders`, with another
+        customer_id, email or ip_addr (one HMGET): a batch is refused before anything is written."""
+        live = self.live or await self.current()
+        entries = await self._call(
+            self.redis.hmget, self.keys.fs_orders(live.fs_version), [o.order_id for o in orders]
+        )
+        seen: dict[str, tuple] = {}
+        clashes = []
+        for i, (order, entry) in enumerate(zip(orders, entries, strict=True)):
+            who = (order.customer_id, order.email, order.ip_addr)
+            known = tuple(msgpack.unpackb(entry, raw=False)[1:4]) if entry is not None else None
+            if seen.setdefault(order.order_id, known or who) != who:
+                clashes.append(i)
+        return clashes
+
     async def predict(self, orders: list[Order]) -> list[Prediction]:
-        """Score the orders in order, each after the ones before it, and append each to the serving state."""
+        """Score the orders in order, each after the ones before it, and append each to the serving state;
+        OrderConflict for an order id known with another customer, email or ip (a batch: checked first)."""
+        if len(orders) > 1 and (clashes := await self.conflicts(orders)):
+            raise OrderConflict(clashes, [orders[i].order_id for i in clashes], scored=0)
         records = [order_record(order) for order in orders]
         locations = [(order.location_lat, order.location_long) for order in orders]
         results: list[Prediction | None] = [None] * len(orders)
-        pending, live = list(range(len(orders))), self.live
+        pending, live, refused = list(range(len(orders))), self.live, []
         for _ in range(MAX_SWITCHES):
             replies = await self._call(
                 self._run_scripts, live, [records[i] for i in pending], [locations[i] for i in pending]
@@ -223,8 +254,12 @@ class Scorer:
                 scored = await self._predictions(live, [records[i] for i, _ in done], [r for _, r in done])
                 for (i, _), prediction in zip(done, scored, strict=True):
                     results[i] = prediction
-            switched = [(i, r) for i, r in zip(pending, replies, strict=True) if len(r) != 5]
+            refused += [i for i, r in zip(pending, replies, strict=True) if len(r) == 2]  # known elsewhere
+            switched = [(i, r) for i, r in zip(pending, replies, strict=True) if len(r) == 1]
             if not switched:
+                if refused:
+                    refused.sort()
+                    raise OrderConflict(refused, [records[i][0] for i in refused], len(orders) - len(refused))
                 return results
             pending = [i for i, _ in switched]
             live = await self._switch(switched[0][1][0])

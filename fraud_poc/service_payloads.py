@@ -6,7 +6,8 @@
 __all__ = ['DATE_RANGE', 'Text', 'OrderDate', 'Amount', 'Latitude', 'Longitude', 'STRICT', 'EXAMPLE_DATE', 'T', 'Order',
            'BatchRequest', 'KnownEntities', 'Contribution', 'Prediction', 'BatchResponse', 'KnownOrder',
            'FindOrdersQuery', 'FoundOrders', 'ModelInfo', 'LabelReport', 'LabelRecorded', 'FieldError', 'ErrorResponse',
-           'bad_request', 'unavailable', 'DateWindow', 'field_errors', 'parse_body', 'unknown_query', 'query_int']
+           'bad_request', 'unavailable', 'order_conflict', 'DateWindow', 'field_errors', 'parse_body', 'unknown_query',
+           'query_int']
 
 # %% ../nbs/06_service_payloads.ipynb #71e93f3c
 from datetime import UTC, datetime, timedelta
@@ -17,7 +18,7 @@ from hopeit.dataobjects.payload import Payload
 from pydantic import AfterValidator, ConfigDict, ValidationError
 
 from .schema import DATE_RANGE as DATE_RANGE_ISO
-from .schema import MAX_ORDER_AMOUNT, MAX_TEXT_LENGTH
+from .schema import MAX_ORDER_AMOUNT, MAX_TEXT_LENGTH, id_problem
 
 # %% ../nbs/06_service_payloads.ipynb #24d6082f
 DATE_RANGE = tuple(datetime.fromisoformat(day).replace(tzinfo=UTC) for day in DATE_RANGE_ISO)
@@ -30,7 +31,16 @@ def _date_in_range(value: datetime) -> datetime:
     return value
 
 
-Text = Annotated[str, field(min_length=1, max_length=MAX_TEXT_LENGTH)]
+def _valid_id(value: str) -> str:
+    problem = id_problem(
+        value
+    )  # the rule preprocess applies too (nbs/00): what is scored here can be trained on
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+Text = Annotated[str, field(min_length=1, max_length=MAX_TEXT_LENGTH), AfterValidator(_valid_id)]
 OrderDate = Annotated[datetime, AfterValidator(_date_in_range)]
 Amount = Annotated[float, field(ge=0.0, le=MAX_ORDER_AMOUNT, strict=True, allow_inf_nan=False)]
 Latitude = Annotated[float, field(ge=-90.0, le=90.0, strict=True, allow_inf_nan=False)]
@@ -50,16 +60,25 @@ class Order:
     """An order to score: SPEC 1.1 without `is_fraud`."""
 
     order_id: Text = _described(
-        "unique id of the order (1-256 characters); a repeat is scored, not stored again", "o-1001"
+        "unique id of the order (1-256 characters, not blank, no control characters); a repeat with the same "
+        "customer_id, email and ip_addr is scored, not stored again; with another one it is refused (409)",
+        "o-1001",
     )
     order_date: OrderDate = _described(
         "ISO 8601 date-time (UTC without a time zone), within the service's window around now "
         "(`service.max_days_back` before, `service.max_days_ahead` after)",
         EXAMPLE_DATE,
     )
-    customer_id: Text = _described("the customer's id (1-256 characters)", "c-42")
-    email: Text = _described("the order's email (1-256 characters)", "ana@example.com")
-    ip_addr: Text = _described("the IP address the order came from (1-256 characters)", "203.0.113.7")
+    customer_id: Text = _described(
+        "the customer's id (1-256 characters, not blank, no control characters)", "c-42"
+    )
+    email: Text = _described(
+        "the order's email (1-256 characters, not blank, no control characters)", "ana@example.com"
+    )
+    ip_addr: Text = _described(
+        "the IP address the order came from (1-256 characters, not blank, no control characters)",
+        "203.0.113.7",
+    )
     order_amount: Amount = _described("amount, a finite number from 0 to 1e9", 59.9)
     location_lat: Latitude = _described("latitude, -90 to 90", 40.4)
     location_long: Longitude = _described("longitude, -180 to 180", -3.7)
@@ -226,6 +245,22 @@ def bad_request(error: str, fields: list[FieldError]) -> ErrorResponse:
 def unavailable(error: str) -> ErrorResponse:
     """A 503 answer (no live model, Redis unreachable)."""
     return ErrorResponse(status=503, error=error)
+
+
+def order_conflict(positions: list[int] | None, scored: int = 0) -> ErrorResponse:
+    """The 409 of orders whose id the service knows with another customer, email or IP (nothing written for them):
+    `positions` None for `predict` (field `order_id`), else their places in a batch (`orders[i].order_id`); `scored`
+    counts the batch's other orders stored anyway (another request stored one of the ids while the batch ran)."""
+    why = "known with another customer_id, email or ip_addr: an order id names one order"
+    if positions is None:
+        fields, error = [FieldError("order_id", why)], "order_id already used, nothing was written"
+    else:
+        fields = [FieldError(f"orders[{i}].order_id", why) for i in positions]
+        error = "order_id already used, nothing of the batch was written"
+        if scored:
+            error = f"order_id already used; the batch's {scored} other order(s) were scored and stored (sending them again is a retry)"
+    names = ", ".join(f"{f.field}: {f.message}" for f in fields)
+    return ErrorResponse(status=409, error=f"{error}: {names}", fields=fields)
 
 # %% ../nbs/06_service_payloads.ipynb #5126c162
 def _iso(moment: datetime) -> str:

@@ -105,6 +105,12 @@ local function add_to_tiles(key, at_hour, oldest)
 end
 
 local known = redis.call('HGET', KEYS[11], order_id)
+if known then
+  local entry = cmsgpack.unpack(known)
+  if entry[2] ~= ARGV[5] or entry[3] ~= ARGV[6] or entry[4] ~= ARGV[7] then
+    return {live, known}
+  end
+end
 local reply = {live, known or false}
 for i = 1, 3 do
   local tiles = KEYS[4 + i]

@@ -21,6 +21,7 @@ from fraud_poc.schema import (
     MAX_TEXT_LENGTH,
     RAW_COLUMNS,
     SCENARIO,
+    id_problem,
 )
 
 # %% ../nbs/12_validation.ipynb #3216402d
@@ -66,11 +67,16 @@ def _check_no_nulls(values: pd.Series, source: str, column: str) -> None:
 
 
 def _as_text(values: pd.Series, source: str, column: str) -> pd.Series:
-    """Text column as pandas "string"; integers are accepted and written in decimal."""
+    """Text column (an id, email or IP) as pandas "string"; integers are accepted and written in decimal. Nulls are
+    refused here, blanks with the other bounds by `_check_ids` (serving's rule)."""
     if not (_is_text(values) or pd.api.types.is_integer_dtype(values.dtype)):
         raise InvalidOrdersError(source, column, f"wrong type: expected text, got {values.dtype}")
     text = values.astype("string")
-    _check_no_nulls(text, source, column)
+    missing = text.isna().to_numpy()
+    if missing.any():
+        raise InvalidOrdersError(
+            source, column, f"{missing.sum()} null value(s), first at row index {_first(missing)}"
+        )
     return text
 
 # %% ../nbs/12_validation.ipynb #26c64f8a
@@ -190,13 +196,14 @@ def check_columns(columns: list[str], source: str, require_label: bool) -> None:
         raise InvalidOrdersError(source, LABEL, "missing: the fraud label is required for training")
 
 
-def _check_lengths(values: pd.Series, source: str, column: str, limit: int) -> None:
-    """Raise if any text is longer than `limit` characters."""
-    lengths = values.str.len().to_numpy(dtype="int64", na_value=0)
-    bad = lengths > limit
+def _check_ids(values: pd.Series, source: str, column: str, limit: int) -> None:
+    """Raise if any value breaks the rule for ids (`fraud_poc.schema.id_problem`, the one `predict` applies):
+    blank, longer than `limit` characters, or with a control character; about 0.2 s per million values."""
+    problems = [id_problem(value, limit) for value in values.to_numpy(dtype=object)]
+    bad = np.fromiter((problem is not None for problem in problems), dtype=bool, count=len(problems))
     if bad.any():
         first = _first(bad)
-        problem = f"{bad.sum()} value(s) longer than {limit} characters, first at row index {first} ({lengths[first]} characters)"
+        problem = f"{bad.sum()} invalid value(s), first at row index {first}: {problems[first]}"
         raise InvalidOrdersError(source, column, problem)
 
 
@@ -229,7 +236,7 @@ def _check_span(order_dates: pd.Series, source: str, max_days: int) -> None:
 def _check_bounds(out: dict[str, pd.Series], source: str, limits: OrderLimits) -> None:
     """Raise if a value passes its type but not `limits`."""
     for column in _TEXT_COLUMNS:
-        _check_lengths(out[column], source, column, limits.max_text_length)
+        _check_ids(out[column], source, column, limits.max_text_length)
     _check_date_range(out["order_date"], source, "order_date", limits.date_range)
     _check_date_range(out[LABEL_DATE], source, LABEL_DATE, limits.date_range)
     _check_span(out["order_date"], source, limits.max_span_days)

@@ -19,7 +19,7 @@ from step_runs import FEATURE_SPEC, ROWS_PER_PARTITION, SAMPLE, SPLIT, StepsRun,
 
 from fraud_poc.dask_client import LOCAL_CLUSTER_CONFIG
 from fraud_poc.generator import generate_orders
-from fraud_poc.launcher import SERVICES
+from fraud_poc.launcher import SERVICES, own_control_socket
 from fraud_poc.steps.feature_calc import calc_features
 from fraud_poc.steps.preprocess import preprocess_orders
 from fraud_poc.steps.sample_data import write_sample_data
@@ -127,6 +127,7 @@ class Service:
         self.base = f"http://127.0.0.1:{self.port}"
         cmd = [str(Path(sys.executable).parent / "hopeit_server"), *SERVICES[name].args(self.port)]
         self.log = log
+        env = own_control_socket(env, name, self.port)  # not gunicorn's one socket per user (~/.gunicorn)
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 60.0) -> None:

@@ -15,7 +15,7 @@ from test_service_http import go_live, load_version, metadata_for, train_booster
 
 from fraud_poc.features import compute_features
 from fraud_poc.generator import generate_orders
-from fraud_poc.launcher import SERVICES
+from fraud_poc.launcher import SERVICES, own_control_socket
 from fraud_poc.redis_store import Keys
 from fraud_poc.schema import LABEL
 
@@ -30,6 +30,7 @@ class ServiceOnPort(Service):
     def __init__(self, name: str, port: int, env: dict, log: Path):
         self.port, self.base, self.log = port, f"http://127.0.0.1:{port}", log
         cmd = [str(Path(sys.executable).parent / "hopeit_server"), *SERVICES[name].args(port)]
+        env = own_control_socket(env, name, port)
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
     def stop(self) -> None:

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import AUTH
-from live_services import SERVICE_API, TRAINING_API, LiveServices, live_services
+from live_services import FS_VERSION, SERVICE_API, TRAINING_API, LiveServices, live_services
 
 from fraud_poc.schema import WINDOW
 
@@ -107,6 +108,83 @@ def test_poison_order_is_refused_and_nothing_is_written(live: LiveServices):
     )
     assert scored.status_code == 200, scored.text
     assert all(abs(value) < 3.4e38 for value in scored.json()["features"].values())
+
+
+BAD_IDS = [  # (field, value, what the message says): `schema.id_problem`, the rule preprocess applies too
+    ("order_id", "   ", "blank"),
+    ("customer_id", "\u3000\t", "blank"),
+    ("email", "", "at least 1 character"),
+    ("ip_addr", "10.0.0.1\u0000", "a control character"),
+    ("customer_id", "c\nd", "a control character"),
+    ("order_id", "o" * 257, "at most 256 characters"),
+]
+
+
+def test_blank_or_control_ids_are_refused_and_nothing_is_written(live: LiveServices):
+    """A blank id (or one with a control character, or too long) is a 400 naming the field, alone or in a batch,
+    with nothing written: preprocess would refuse it in an export, and every later run-from-raw with it."""
+    before = snapshot(live)
+    url = f"{live.prediction.base}{SERVICE_API}"
+    for field, value, why in BAD_IDS:
+        answer = in_error_schema(
+            requests.post(f"{url}/predict", json=order("blank", **{field: value}), timeout=30)
+        )
+        assert answer["status"] == 400 and [f["field"] for f in answer["fields"]] == [field], (value, answer)
+        assert why in answer["error"], (value, answer)
+        batch = {"orders": [order("fine"), order("blank", **{field: value})]}
+        answer = in_error_schema(requests.post(f"{url}/predict-batch", json=batch, timeout=30))
+        assert [f["field"] for f in answer["fields"]] == [f"orders[1].{field}"], (value, answer)
+    assert snapshot(live) == before
+
+
+def test_an_order_id_known_with_another_customer_is_refused(live: LiveServices):
+    """Order X for customer A, then X for customer B (or A's order with another email or IP): 409, nothing written,
+    alone or in a batch; X for A again stays a retry (200, nothing written); a label for X changes A's states
+    only, and B has none."""
+    url = f"{live.prediction.base}{SERVICE_API}"
+    first = order("reuse")
+    assert requests.post(f"{url}/predict", json=first, timeout=30).status_code == 200
+    before = snapshot(live)
+    events = live.redis.xlen(live.keys.events)
+    thief = {"customer_id": "reuse-thief", "email": "thief@example.com", "ip_addr": "reuse-thief-ip"}
+    for field, value in thief.items():
+        clash = {**first, field: value}
+        answer = in_error_schema(requests.post(f"{url}/predict", json=clash, timeout=30))
+        assert answer["status"] == 409 and [f["field"] for f in answer["fields"]] == ["order_id"], answer
+        assert "another customer_id, email or ip_addr" in answer["error"], answer
+        # in a batch: refused as a whole, the clashing order named, the new order before it not written either
+        batch = {"orders": [order("reuse-new"), clash]}
+        answer = in_error_schema(requests.post(f"{url}/predict-batch", json=batch, timeout=30))
+        assert answer["status"] == 409 and [f["field"] for f in answer["fields"]] == ["orders[1].order_id"], (
+            answer
+        )
+    # one new id twice in a batch for two customers: refused before either is written
+    twice = {"orders": [order("twice"), order("twice", customer_id="twice-other")]}
+    answer = in_error_schema(requests.post(f"{url}/predict-batch", json=twice, timeout=30))
+    assert answer["status"] == 409 and [f["field"] for f in answer["fields"]] == ["orders[1].order_id"], (
+        answer
+    )
+    # an order of the history prepare-db's writer loaded (its index entry written by Python, not the script)
+    known = live.orders.iloc[-1]
+    taken = order("reuse-history", order_id=known["order_id"], order_date=known["order_date"].isoformat())
+    answer = in_error_schema(requests.post(f"{url}/predict", json=taken, timeout=30))
+    assert answer["status"] == 409 and [f["field"] for f in answer["fields"]] == ["order_id"], answer
+    assert snapshot(live) == before
+    same = {**taken, **{e: known[e] for e in ("customer_id", "email", "ip_addr")}}
+    assert (
+        requests.post(f"{url}/predict", json=same, timeout=30).status_code == 200
+    )  # its own entities: a retry
+    retry = requests.post(f"{url}/predict", json=first, timeout=30)  # the same order: a retry
+    assert retry.status_code == 200, retry.text
+    retried = requests.post(f"{url}/predict-batch", json={"orders": [first, first]}, timeout=30)
+    assert retried.status_code == 200, retried.text
+    assert snapshot(live) == before and live.redis.xlen(live.keys.events) == events
+    label = {"order_id": first["order_id"], "is_fraud": True}
+    labelled = requests.post(f"{url}/report-label", json=label, headers=AUTH, timeout=30)
+    assert labelled.status_code == 200 and labelled.json()["states_changed"] == 3, labelled.text
+    for entity, value in thief.items():
+        assert not live.redis.exists(live.keys.fs_state(FS_VERSION, entity, value)), entity
+        assert not live.redis.exists(live.keys.fs_tiles(FS_VERSION, entity, value)), entity
 
 
 def test_far_future_orders_cannot_push_a_customer_out_of_the_window(live: LiveServices):
@@ -300,7 +378,10 @@ def test_a_csv_of_megabyte_ids_fails_its_run_naming_the_column(live: LiveService
         time.sleep(1)
     assert status["state"] == "failed", status
     error = status["steps"][1]["error"]
-    assert "user/huge_ids.csv: column 'customer_id': 16 value(s) longer than 256 characters" in error, error
+    assert (
+        "user/huge_ids.csv: column 'customer_id': 16 invalid value(s)" in error
+        and "longer than 256 characters" in error
+    ), error
     assert live.redis.get(live.keys.live) == live_before
 
 
@@ -317,3 +398,17 @@ def test_the_docs_examples_are_working_requests(live: LiveServices):
     assert response.status_code == 200 and response.json()["order_id"] == example["order_id"], response.text
     response = requests.post(f"{url}/predict-batch", json={"orders": [example]}, timeout=30)
     assert response.status_code == 200 and len(response.json()["predictions"]) == 1, response.text
+
+
+def test_each_service_has_a_gunicorn_control_socket_of_its_own(live: LiveServices):
+    """gunicorn's control socket (for `gunicornc`) defaults to one path per user, `~/.gunicorn/gunicorn.ctl`, which
+    the second service took over from the first; each service now has its own, under `<data root>/run/`."""
+    folders = [
+        live.data_root.resolve() / "run" / f"{name}-{port}"
+        for name, port in zip(("training", "prediction"), PORTS, strict=True)
+    ]
+    for folder in folders:
+        path = folder / "gunicorn.ctl"
+        assert path.exists() and stat.S_ISSOCK(path.stat().st_mode), path
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(path))  # a live server answers on each

@@ -106,6 +106,20 @@ def report(
     return answer
 
 
+ODD_IDS = [  # (order_id, customer_id, ip_addr, email): valid under the one rule for ids, unusual elsewhere
+    (" loop-odd-1 ", "ñandú\u00a0customer", "2001:db8::42", "zero\u200bwidth@example.com"),
+    ("loop-odd-" + "9" * 247, "c" * 256, "198.51.100.250", "e" * 200 + "@example.com"),
+    ("loop-odd-🙂", 'quote"comma,customer', "::ffff:198.51.100.251", "line\u2028sep@example.com"),
+]
+ODD_ORDER = {
+    "order_id": "loop-odd-x",
+    "customer_id": "c",
+    "email": "e@example.com",
+    "ip_addr": "198.51.100.252",
+}
+ODD_ORDER |= {"order_amount": 80.0, "location_lat": 40.4, "location_long": -3.7}
+
+
 def confirmed_contributions(scored: dict) -> list[float]:
     """Contributions of the confirmed-fraud rates at their highest value (`risk_*` = 1.0: every order that could
     have a label was reported as fraud). Under the monotone constraints a value at or above every split of its
@@ -195,6 +209,19 @@ def test_the_loop_reaches_the_promoted_version(
 ):
     history = history_orders(data_root, first_run["run_id"])
     recent = history.sort_values("order_date")  # the serving state knows a value's recent orders
+    # ids at the edges of the one rule (`schema.id_problem`): what predict accepts, run-from-raw trains on
+    for n, (order_id, customer, ip, email) in enumerate(ODD_IDS):
+        predict(prediction, order_id, NOW - pd.Timedelta(minutes=30 + n), customer, ip, email)
+    url = f"{prediction.base}{SERVICE_API}/predict"
+    blank = {**ODD_ORDER, "order_date": NOW.isoformat(), "customer_id": " \u3000 "}
+    assert requests.post(url, json=blank, timeout=10).status_code == 400  # refused here, never exported
+    reused = {
+        **ODD_ORDER,
+        "order_date": NOW.isoformat(),
+        "order_id": ODD_IDS[0][0],
+        "customer_id": "someone-else",
+    }
+    assert requests.post(url, json=reused, timeout=10).status_code == 409
     legit = recent[~recent[LABEL]].index[-1]  # orders of the training history, never scored by the service
     fraud = recent[recent[LABEL]].index[-1]
     report(prediction, reported, legit, True)  # a late chargeback
@@ -237,7 +264,8 @@ def test_the_loop_reaches_the_promoted_version(
     assert (pointer["model_id"], pointer["run_id"]) == (status["model_id"], status["run_id"])
     # every label reported over HTTP, as reported, in the data the promoted model was trained from
     trained_on = history_orders(data_root, pointer["run_id"])
-    assert len(trained_on) == len(history) + export["orders"] and export["orders"] == 16 + 36
+    assert len(trained_on) == len(history) + export["orders"] and export["orders"] == 16 + 36 + len(ODD_IDS)
+    assert all(order_id in trained_on.index for order_id, *_ in ODD_IDS)
     for order_id, (is_fraud, label_date) in reported.items():
         row = trained_on.loc[order_id]
         assert bool(row[LABEL]) is is_fraud, order_id

@@ -11,13 +11,14 @@ from datetime import UTC, datetime
 from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 
-from ..scorer import Scorer, ServiceUnavailable
+from ..scorer import OrderConflict, Scorer, ServiceUnavailable
 from .common import event_scorer
 from fraud_poc.service_payloads import (
     DateWindow,
     ErrorResponse,
     Order,
     Prediction,
+    order_conflict,
     parse_body,
     unavailable,
     unknown_query,
@@ -49,6 +50,10 @@ __api__ = secured_api(
     responses={
         200: (Prediction, "fraud score, decision at the model's threshold, features used, top contributions"),
         400: (ErrorResponse, "invalid order: the message and `fields` name each bad field"),
+        409: (
+            ErrorResponse,
+            "`order_id` is known with another customer_id, email or ip_addr: nothing was written",
+        ),
         503: (ErrorResponse, "no model is live yet, or Redis is unavailable"),
     },
 )
@@ -91,6 +96,8 @@ async def score(payload: Order, context: EventContext, **query_args: str) -> Pre
     assert scorer is not None
     try:
         return (await scorer.predict([payload]))[0]
+    except OrderConflict:
+        return order_conflict(None)
     except ServiceUnavailable as e:
         logger.warning(context, "cannot score", extra=extra(order_id=payload.order_id, reason=str(e)))
         return unavailable(str(e))

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 
-from ..scorer import Scorer, ServiceUnavailable
+from ..scorer import OrderConflict, Scorer, ServiceUnavailable
 from .common import event_scorer
 from fraud_poc.service_payloads import (
     BatchRequest,
@@ -20,6 +20,7 @@ from fraud_poc.service_payloads import (
     ErrorResponse,
     FieldError,
     bad_request,
+    order_conflict,
     parse_body,
     unavailable,
     unknown_query,
@@ -47,6 +48,7 @@ __api__ = secured_api(
     responses={
         200: (BatchResponse, "one prediction per order, in the same order"),
         400: (ErrorResponse, "invalid batch: bad fields named by their path, e.g. `orders[3].order_date`"),
+        409: (ErrorResponse, "an order_id known with another customer, email or IP: nothing written"),
         503: (ErrorResponse, "no model is live yet, or Redis is unavailable"),
     },
 )
@@ -102,6 +104,8 @@ async def score_batch(
     assert scorer is not None
     try:
         return BatchResponse(predictions=await scorer.predict(payload.orders))
+    except OrderConflict as e:
+        return order_conflict(e.positions, e.scored)
     except ServiceUnavailable as e:
         logger.warning(context, "cannot score batch", extra=extra(orders=len(payload.orders), reason=str(e)))
         return unavailable(str(e))
