@@ -497,7 +497,7 @@ def _entity_states(
     first_of_group = _run_starts(tile_groups)
     tiles = pd.DataFrame(
         {
-            "value": s.orders[by].to_numpy()[s.order[kept[starts]]],
+            "value": s.orders[by].iloc[s.order[kept[starts]]].array,
             "hour": hours[kept][starts],
             "n_orders": counts,
             "cents": sums[0],
@@ -512,11 +512,12 @@ def _entity_states(
         )
         tiles[field] = running - base
     rows = s.order[s.after < window]
-    records = s.orders.iloc[rows].reset_index(drop=True)
+    stored = s.orders[[col for col in STATE_FIELDS if col != "ts_us"]]  # the columns records and entries take
+    records = stored.iloc[rows].reset_index(drop=True)
     records["ts_us"] = s.ts_us[rows]
     held = in_tiles | (s.after < window)
     entries = s.order[held]
-    orders = s.orders.iloc[entries].reset_index(drop=True)
+    orders = stored.iloc[entries].reset_index(drop=True)
     orders["ts_us"] = s.ts_us[entries]
     orders["hour"] = hours[held]
     orders["is_fraud"] = known_fraud[held].astype(np.int64)
