@@ -4,6 +4,7 @@ gate refuses a toy holdout, clean-runs keeps the live and previous runs, and eve
 schema (`{"status", "error", "fields"}`)."""
 
 import json
+import time
 from datetime import timedelta
 from pathlib import Path
 from uuid import uuid4
@@ -116,6 +117,16 @@ def test_refused_requests_start_nothing(training):
         refusal(post(training, "run-pipeline", body), 400)
     assert requests.get(f"{training.base}{API}/list-runs", timeout=10).json() == {"runs": []}
     refusal(requests.get(f"{training.base}{API}/list-models?limit=3", timeout=10), 400)
+
+
+def test_an_idle_training_service_logs_no_redeliver_pass(training):
+    """The redeliver pass runs every `delivery.check_interval_seconds` (2 s); one that does nothing writes no line
+    (it wrote two INFO lines, START and DONE, every pass: 20 lines in 20 s)."""
+    time.sleep(0.5)
+    start = len(training.log.read_text().splitlines())
+    time.sleep(5)  # two passes at least
+    lines = training.log.read_text().splitlines()[start:]
+    assert [line for line in lines if "redeliver" in line] == [], lines
 
 
 # ---------------------------------------------------------------- train only, promote, roll back
