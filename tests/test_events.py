@@ -351,6 +351,23 @@ async def test_redeliver_drops_finished_or_unknown_runs_and_delivers_failed_atte
     assert [fields[b"id"] for _, fields in copies] == [b"retry-me"]  # the failed attempt's job, once more
 
 
+async def test_export_orders_keeps_the_newest_exports(apps, first_run):
+    """export-orders removes the exports beyond `retention.keep_exports`, oldest first, and never a folder it did
+    not name."""
+    training, _, data_root = apps
+    retention = training.effective_settings["export-orders"]["extras"]["retention"]
+    saved = retention["keep_exports"]
+    retention["keep_exports"] = 2
+    (data_root / "exports" / "mine").mkdir(parents=True, exist_ok=True)
+    try:
+        answers = [await call(training, "export-orders") for _ in range(3)]
+    finally:
+        retention["keep_exports"] = saved
+    assert [a.removed_exports for a in answers] == [0, 0, 1], answers
+    left = sorted(p.name for p in (data_root / "exports").iterdir())
+    assert left == sorted(["mine", *(a.path.split("/")[-1] for a in answers[1:])]), left
+
+
 async def test_a_run_whose_promotion_would_lose_logged_events_stays_registered(
     apps, first_run, redis_client, key_prefix
 ):
