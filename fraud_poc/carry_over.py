@@ -325,7 +325,9 @@ def keep_log(r: redis.Redis, keys: Keys, max_age: timedelta | None, now: datetim
 
 # %% ../nbs/31_carry_over.ipynb #370e7831
 def export_scored_orders(r: redis.Redis, keys: Keys, folder: Path) -> dict:
-    """Write the logged orders (with their latest labels) to `folder/orders.parquet`; what was written."""
+    """Write the logged orders (with their latest labels) to `folder/orders.parquet`; what was written. Records a
+    mark first: a run trained on the export has its cut-off near it, so its promotion can count exactly."""
+    record_mark(r, keys)
     events = list(read_events(r, keys))
     orders = orders_from_events([fields for _, fields in events])
     if orders.empty:
