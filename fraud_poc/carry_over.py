@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['CARRY_MARGIN', 'EPOCH', 'MARK_EVERY', 'MARK_REACH', 'MARKS_KEPT', 'stream_id_at', 'read_events', 'Carried',
-           'carry_over', 'run_started', 'carried_since', 'EventsLost', 'switch_carrying_over', 'id_parts', 'id_time',
-           'LogState', 'LogGap', 'log_gap', 'marks_key', 'added_key', 'log_state', 'record_mark', 'mark_before',
-           'carry_plan', 'keep_log', 'export_scored_orders']
+           'carry_over', 'run_started', 'carried_since', 'carry_start', 'EventsLost', 'switch_carrying_over',
+           'id_parts', 'id_time', 'LogState', 'LogGap', 'log_gap', 'marks_key', 'added_key', 'log_state', 'record_mark',
+           'mark_before', 'carry_plan', 'keep_log', 'export_scored_orders']
 
 # %% ../nbs/31_carry_over.ipynb #214754ce
 from collections.abc import Iterator
@@ -123,6 +123,11 @@ def carried_since(r: redis.Redis, keys: Keys, data_root: str | Path, run_id: str
     return run_started(r, keys, run_id) if cutoff is None else cutoff
 
 
+def carry_start(since: datetime) -> str:
+    """The stream id a replay for a version of data cut at `since` starts after (CARRY_MARGIN earlier)."""
+    return stream_id_at(EPOCH if since <= EPOCH + CARRY_MARGIN else since - CARRY_MARGIN)
+
+
 class EventsLost(NotPromotable):
     """The log no longer holds every event a version needs: promoting it would lose them."""
 
@@ -147,8 +152,7 @@ def switch_carrying_over(
 ) -> tuple[dict, list[Carried], "LogGap | None"]:
     """`switch_live` with the events logged since `since` replayed into `version`, before and right after it; the
     gap in the log (None: none). Raises EventsLost if events it needs were trimmed, unless `accept_loss`."""
-    start = EPOCH if since <= EPOCH + CARRY_MARGIN else since - CARRY_MARGIN
-    since_id, gap = carry_plan(r, keys, stream_id_at(start))
+    since_id, gap = carry_plan(r, keys, carry_start(since))
     if gap is not None and not accept_loss:
         raise EventsLost(gap)
     carried = [carry_over(r, keys, version, since_id, spec)]

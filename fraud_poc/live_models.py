@@ -37,7 +37,14 @@ from fraud_poc.feature_store import (
 from .redis_store import Keys, sync_redis
 from .registry import check_id, list_models, load_metadata, model_exists
 from .schema import FeatureSpec
-from .carry_over import carried_since, log_state, switch_carrying_over
+from fraud_poc.carry_over import (
+    EventsLost,
+    carried_since,
+    carry_plan,
+    carry_start,
+    log_state,
+    switch_carrying_over,
+)
 from .steps.prepare_db import prepare_db_step
 
 # %% ../nbs/28_live_models.ipynb #11dd8214
@@ -197,6 +204,10 @@ def promote_registered(
             raise NotPromotable(
                 f"the features of run {run_id} were removed (not in Redis, not on disk): model {model_id} cannot go live"
             )
+        since = carried_since(r, keys, data_root, run_id)
+        _, gap = carry_plan(r, keys, carry_start(since))
+        if gap is not None and not accept_loss:  # refused before loading anything (the switch checks again)
+            raise EventsLost(gap)
         done = prepare_db_step(
             client,
             data_root,
@@ -205,7 +216,7 @@ def promote_registered(
             redis_url=redis_url,
             key_prefix=key_prefix,
             chunk_size=chunk_size,
-            carry_since=carried_since(r, keys, data_root, run_id),
+            carry_since=since,
             accept_loss=accept_loss,
         )
     if done.refused is not None:  # the log lost events this version needs: nothing was switched
