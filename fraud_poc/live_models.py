@@ -22,6 +22,7 @@ from distributed import Client
 
 from fraud_poc.datasets import (
     FeatureSpecError,
+    data_cutoff,
     feature_spec,
     model_dir,
     run_dir,
@@ -42,7 +43,9 @@ from fraud_poc.carry_over import (
     carried_since,
     carry_plan,
     carry_start,
+    log_gap,
     log_state,
+    mark_before,
     switch_carrying_over,
 )
 from .steps.prepare_db import prepare_db_step
@@ -85,6 +88,7 @@ def _summary(
     previous: dict | None,
     loaded: set[str],
     data_root,
+    lost: int | None = None,
 ) -> dict[str, Any]:
     model_id, run_id = meta["model_id"], meta["run_id"]
     metrics, sizes = meta.get("metrics", {}), meta.get("data_sizes", {})
@@ -100,6 +104,8 @@ def _summary(
         promotable = "no: live already"
     elif not (in_redis or on_disk):
         promotable = "no: its run's features were removed (neither in Redis nor on disk)"
+    elif lost:
+        promotable = f"yes, losing {lost} logged event(s) the event log no longer holds (accept_loss)"
     else:
         promotable = "yes"
     return {
@@ -118,6 +124,8 @@ def _summary(
         "features_in_redis": in_redis,
         "features_on_disk": on_disk,
         "promotable": promotable,
+        "data_cutoff": None if (cutoff := data_cutoff(data_root, run_id)) is None else cutoff.isoformat(),
+        "events_lost": lost,
     }
 
 
@@ -126,14 +134,18 @@ def model_summaries(r: redis.Redis, keys: Keys, data_root: str | Path) -> dict[s
     event log's state (its oldest event)."""
     live, previous = live_pointer(r, keys), previous_pointer(r, keys)
     loaded = set(loaded_versions(r, keys))
-    models = [
-        _summary(load_metadata(data_root, model_id), live, previous, loaded, data_root)
-        for model_id in list_models(data_root)
-    ]
+    state = log_state(r, keys)  # how far back the log reaches: a promotion needs it back to a model's cut-off
+
+    def lost(run_id: str) -> int | None:
+        start = carry_start(carried_since(r, keys, data_root, run_id))
+        gap = log_gap(state, start, mark_before(r, keys, start))
+        return None if gap is None else gap.missing
+
+    models = []
+    for model_id in list_models(data_root):
+        meta = load_metadata(data_root, model_id)
+        models.append(_summary(meta, live, previous, loaded, data_root, lost(meta["run_id"])))
     models.sort(key=lambda m: (m["created"], m["model_id"]), reverse=True)
-    state = log_state(
-        r, keys
-    )  # how far back the log reaches: a promotion needs it back to the model's cut-off
     return {
         "live": live,
         "previous": previous,

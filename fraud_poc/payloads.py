@@ -314,7 +314,11 @@ class ModelSummary:
     previous: bool  # what rollback goes back to
     features_in_redis: bool  # its feature-store version is loaded: a switch is instant
     features_on_disk: bool  # its run's serving state is on disk: promote-model can load it
-    promotable: str  # "yes", or why not
+    promotable: str  # "yes", or why not (or what it would lose)
+    data_cutoff: Optional[str] = None  # the newest order time its run read: the carry-over starts there
+    events_lost: Optional[int] = (
+        None  # events logged after the cut-off the event log no longer holds (at most)
+    )
 
 
 @dataobject

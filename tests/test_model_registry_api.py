@@ -231,8 +231,12 @@ def test_promote_model_refuses_a_log_trimmed_past_the_cut_off(
         )
         redis_client.incr(added_key(keys))  # as the scripts count (Redis 6.2 has no entries-added)
     redis_client.xtrim(keys.events, maxlen=10, approximate=False)
-    log = models(training)["event_log"]
+    listed = models(training)
+    log = listed["event_log"]
     assert (log["length"], log["trimmed"], log["oldest_event"]) == (10, 20, f"{logged_ms}-20"), log
+    mine = next(m for m in listed["models"] if m["model_id"] == challenger["model_id"])
+    assert (mine["data_cutoff"], mine["events_lost"]) == (cut.isoformat(), 20), mine
+    assert mine["promotable"].startswith("yes, losing 20 logged event(s)"), mine
     before = live(redis_client, prefix)
     answer = refusal(post(training, "promote-model", {"model_id": challenger["model_id"]}), 409)
     assert "no longer holds up to 20 event(s)" in answer["error"] and "accept_loss" in answer["error"], answer
