@@ -6,7 +6,7 @@
 __all__ = ['PIPELINE_STEPS', 'STRICT', 'DATE_LIMITS', 'TRAIN_ONLY', 'IsoDate', 'SampleDataParams', 'RunPipelineRequest',
            'RawDataRequest', 'PipelineJob', 'StepState', 'StepStatus', 'RunStatus', 'RecentRuns', 'DeliveryCheck',
            'RunStarted', 'PromoteRequest', 'RollbackRequest', 'CleanRunsRequest', 'LivePointer', 'ModelSummary',
-           'ModelList', 'LiveChange', 'CleanRunsResult']
+           'EventLogState', 'EventsLost', 'ModelList', 'LiveChange', 'CleanRunsResult']
 
 # %% ../nbs/02_payloads.ipynb #db384c0f
 import re
@@ -246,6 +246,15 @@ class PromoteRequest:
         description="a model id from list-models",
         json_schema_extra={"example": "xgb-20250101-120000-abc123"},
     )
+    accept_loss: bool = field(
+        default=False,
+        strict=True,
+        description=(
+            "true: promote even if the event log no longer holds every order and label logged after the model's "
+            "data was cut (the refusal says how many are missing); they are then lost to the new version"
+        ),
+        json_schema_extra={"example": False},
+    )
 
 
 @dataobject
@@ -305,7 +314,36 @@ class ModelSummary:
     previous: bool  # what rollback goes back to
     features_in_redis: bool  # its feature-store version is loaded: a switch is instant
     features_on_disk: bool  # its run's serving state is on disk: promote-model can load it
-    promotable: str  # "yes", or why not
+    promotable: str  # "yes", or why not (or what it would lose)
+    data_cutoff: Optional[str] = None  # the newest order time its run read: the carry-over starts there
+    events_lost: Optional[int] = (
+        None  # events logged after the cut-off the event log no longer holds (at most)
+    )
+
+
+@dataobject
+@dataclass
+class EventLogState:
+    """The prediction service's event log of scored orders and labels: what it holds and how far back it reaches."""
+
+    length: int  # events held
+    entries_added: int  # events ever logged
+    trimmed: int  # events removed by its length or age bound
+    oldest_event: Optional[str]  # id of the oldest event held (None: empty)
+    oldest_event_time: Optional[
+        str
+    ]  # when it was logged: a promotion needs the log back to its model's data cut-off
+
+
+@dataobject
+@dataclass
+class EventsLost:
+    """Events logged after a version's data cut-off that the event log no longer holds."""
+
+    missing_events: int  # exactly, or at most this many if not `missing_exact`
+    missing_exact: bool
+    missing_from: str  # logged after this time
+    oldest_event: Optional[str]  # the oldest event the log still holds
 
 
 @dataobject
@@ -316,6 +354,7 @@ class ModelList:
     live: Optional[LivePointer]
     previous: Optional[LivePointer]
     models: list[ModelSummary]
+    event_log: Optional[EventLogState] = None  # None: no event log yet
 
 
 @dataobject
@@ -328,6 +367,9 @@ class LiveChange:
     previous: Optional[LivePointer]
     loaded_features: bool  # the feature-store version was loaded from the run's files first
     removed_keys: int  # keys of feature-store versions older than the previous one
+    carried_orders: int = 0  # orders scored after the version's data cut-off, replayed into it
+    carried_labels: int = 0  # labels reported after it, likewise
+    events_lost: Optional[EventsLost] = None  # what the log no longer held (only with accept_loss)
 
 
 @dataobject

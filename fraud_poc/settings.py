@@ -161,7 +161,12 @@ class SecuritySettings:
 @dataobject
 @dataclass
 class RetentionSettings:
-    """What the training service keeps on disk: the newest `keep_runs` runs (and their models), always the live and the previous one."""
+    """What the training service keeps: the newest `keep_runs` runs (and their models), always the live and the
+    previous one; the newest `keep_exports` exports; the event log's events of the last `events_max_age_days`."""
 
     keep_runs: int = field(default=5, ge=0)
     clean_after_run: bool = True  # clean up after every finished run, as `clean-runs` does
+    keep_exports: int = field(default=20, ge=1)  # export-orders keeps its newest exports, removes older ones
+    # the event log's bound in time (its bound in length is the prediction service's `events_max_len`): the
+    # training service trims older events (0: no bound in time); a promotion needs the log back to its data cut-off
+    events_max_age_days: float = field(default=30.0, ge=0)

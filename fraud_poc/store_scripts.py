@@ -137,6 +137,7 @@ if ARGV[14] ~= '0' then
   redis.call('XADD', KEYS[12], 'MAXLEN', '~', ARGV[14], '*', 'kind', 'order', 'order_id', order_id, 'ts', ARGV[4],
     'customer_id', ARGV[5], 'email', ARGV[6], 'ip_addr', ARGV[7], 'order_amount', ARGV[8],
     'location_lat', ARGV[12], 'location_long', ARGV[13])
+  redis.call('INCR', KEYS[12] .. ':added')  -- events ever logged, for Redis 6.2 (no entries-added)
 end
 return reply
 """
@@ -226,6 +227,7 @@ if ARGV[9] ~= '0' then
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[9], '*', 'kind', 'label', 'order_id', ARGV[2],
     'ts', order[1], 'customer_id', order[2], 'email', order[3], 'ip_addr', order[4],
     'is_fraud', ARGV[4], 'label_ts', ARGV[3])
+  redis.call('INCR', KEYS[3] .. ':added')
 end
 return {live, 'ok', order[1], changed, held}
 """

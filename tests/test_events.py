@@ -17,6 +17,7 @@ from conftest import API_TOKEN, REDIS_URL, ROOT
 from hopeit.testing.apps import config, execute_event
 from multidict import CIMultiDict
 
+from fraud_poc.carry_over import added_key, log_state
 from fraud_poc.dask_client import close_dask_client
 from fraud_poc.datasets import FEATURE_SPEC_FILE, FeatureSpecError, raw_dir, read_dataset, serving_state_dir
 from fraud_poc.payloads import (
@@ -351,3 +352,49 @@ async def test_redeliver_drops_finished_or_unknown_runs_and_delivers_failed_atte
     assert redis_client.xpending(stream, "steps")["pending"] == 0  # each one acknowledged
     copies = redis_client.xrange(stream, min=f"({ids['retry-me'].decode()}")
     assert [fields[b"id"] for _, fields in copies] == [b"retry-me"]  # the failed attempt's job, once more
+
+
+async def test_export_orders_keeps_the_newest_exports(apps, first_run):
+    """export-orders removes the exports beyond `retention.keep_exports`, oldest first, and never a folder it did
+    not name."""
+    training, _, data_root = apps
+    retention = training.effective_settings["export-orders"]["extras"]["retention"]
+    saved = retention["keep_exports"]
+    retention["keep_exports"] = 2
+    (data_root / "exports" / "mine").mkdir(parents=True, exist_ok=True)
+    try:
+        answers = [await call(training, "export-orders") for _ in range(3)]
+    finally:
+        retention["keep_exports"] = saved
+    assert [a.removed_exports for a in answers] == [0, 0, 1], answers
+    left = sorted(p.name for p in (data_root / "exports").iterdir())
+    assert left == sorted(["mine", *(a.path.split("/")[-1] for a in answers[1:])]), left
+
+
+async def test_a_run_whose_promotion_would_lose_logged_events_stays_registered(
+    apps, first_run, redis_client, key_prefix
+):
+    """Last in the module (it empties the event log): the log trimmed past a run's data cut-off, the run's
+    automatic promotion is refused; the model is registered, not live, and pipeline-status says how many events
+    are missing."""
+    training, _, _ = apps
+    keys = Keys(key_prefix + "events:")
+    for i in range(3):  # some events, then every one trimmed (by length, as the service's bound does)
+        redis_client.xadd(keys.events, {"kind": "order", "order_id": f"gone-{i}"})
+        redis_client.incr(added_key(keys))  # as the scripts count (Redis 6.2 has no entries-added)
+    redis_client.xtrim(keys.events, maxlen=0, approximate=False)
+    trimmed = log_state(redis_client, keys).trimmed
+    before = redis_client.get(keys.live)
+    run_id, job = await run_chain(
+        training, RunPipelineRequest(**SMALL)
+    )  # the first run's data: passes the gate
+    assert job is None
+    run = await status(training, run_id)
+    assert run.state.value == "done" and run.promoted is False, run
+    assert f"no longer holds up to {trimmed} event(s)" in run.promotion_reason, run.promotion_reason
+    assert "accept_loss" in run.promotion_reason
+    prepare = run.steps[-1]
+    assert prepare.state.value == "done" and prepare.details["events_lost"]["missing_events"] == trimmed
+    assert redis_client.get(keys.live) == before
+    models = await call(training, "list-models")
+    assert run.model_id in [m.model_id for m in models.models]  # registered, not live

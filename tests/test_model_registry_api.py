@@ -4,6 +4,8 @@ gate refuses a toy holdout, clean-runs keeps the live and previous runs, and eve
 schema (`{"status", "error", "fields"}`)."""
 
 import json
+import time
+from datetime import timedelta
 from pathlib import Path
 from uuid import uuid4
 
@@ -12,6 +14,8 @@ import requests
 from conftest import AUTH, Service, service_env
 from test_end_to_end import finished, live, start, wait_for, write_orders
 
+from fraud_poc.carry_over import added_key, marks_key
+from fraud_poc.datasets import data_cutoff
 from fraud_poc.generator import generate_orders
 from fraud_poc.redis_store import Keys
 
@@ -115,6 +119,16 @@ def test_refused_requests_start_nothing(training):
     refusal(requests.get(f"{training.base}{API}/list-models?limit=3", timeout=10), 400)
 
 
+def test_an_idle_training_service_logs_no_redeliver_pass(training):
+    """The redeliver pass runs every `delivery.check_interval_seconds` (2 s); one that does nothing writes no line
+    (it wrote two INFO lines, START and DONE, every pass: 20 lines in 20 s)."""
+    time.sleep(0.5)
+    start = len(training.log.read_text().splitlines())
+    time.sleep(5)  # two passes at least
+    lines = training.log.read_text().splitlines()[start:]
+    assert [line for line in lines if "redeliver" in line] == [], lines
+
+
 # ---------------------------------------------------------------- train only, promote, roll back
 
 
@@ -197,6 +211,48 @@ def test_promote_and_roll_back_switch_model_and_store_together(
     forward = post(training, "rollback", {})  # a second rollback undoes the first
     assert forward.status_code == 200 and forward.json()["live"]["model_id"] == challenger["model_id"]
     assert post(training, "rollback").status_code == 200  # and back to the champion for the next tests
+    assert live(redis_client, prefix)["model_id"] == champion["model_id"]
+
+
+def test_promote_model_refuses_a_log_trimmed_past_the_cut_off(
+    training, champion, challenger, data_root, redis_client, prefix
+):
+    """30 orders scored after the challenger's data cut-off, the log trimmed to 10: promote-model refuses (409,
+    with the count) and changes nothing; with accept_loss it promotes, carrying the 10 it still has."""
+    keys = Keys(prefix)
+    redis_client.delete(keys.events, added_key(keys), marks_key(keys))
+    cut = data_cutoff(data_root, challenger["run_id"])
+    logged_ms, ts = int((cut + timedelta(minutes=10)).timestamp() * 1000), int(cut.timestamp() * 1e6)
+    for i in range(30):
+        order = {"kind": "order", "order_id": f"late-{i}", "ts": ts + i, "customer_id": f"late-c{i}"}
+        order |= {"email": f"late-{i}@example.com", "ip_addr": "198.51.100.7", "order_amount": "9.5"}
+        redis_client.xadd(
+            keys.events, {**order, "location_lat": "0.0", "location_long": "0.0"}, id=f"{logged_ms}-{i}"
+        )
+        redis_client.incr(added_key(keys))  # as the scripts count (Redis 6.2 has no entries-added)
+    redis_client.xtrim(keys.events, maxlen=10, approximate=False)
+    listed = models(training)
+    log = listed["event_log"]
+    assert (log["length"], log["trimmed"], log["oldest_event"]) == (10, 20, f"{logged_ms}-20"), log
+    mine = next(m for m in listed["models"] if m["model_id"] == challenger["model_id"])
+    assert (mine["data_cutoff"], mine["events_lost"]) == (cut.isoformat(), 20), mine
+    assert mine["promotable"].startswith("yes, losing 20 logged event(s)"), mine
+    before = live(redis_client, prefix)
+    answer = refusal(post(training, "promote-model", {"model_id": challenger["model_id"]}), 409)
+    assert "no longer holds up to 20 event(s)" in answer["error"] and "accept_loss" in answer["error"], answer
+    assert live(redis_client, prefix) == before
+    went = post(training, "promote-model", {"model_id": challenger["model_id"], "accept_loss": True})
+    assert went.status_code == 200, went.text
+    change = went.json()
+    assert (change["action"], change["carried_orders"], change["events_lost"]["missing_events"]) == (
+        "promoted",
+        10,
+        20,
+    ), change
+    assert live(redis_client, prefix)["model_id"] == challenger["model_id"]
+    assert redis_client.exists(keys.fs_state(challenger["run_id"], "customer_id", "late-c29"))
+    back = post(training, "rollback")  # a rollback goes on whatever the log lost, and says so
+    assert back.status_code == 200 and back.json()["events_lost"]["missing_events"] == 20, back.text
     assert live(redis_client, prefix)["model_id"] == champion["model_id"]
 
 

@@ -6,6 +6,7 @@
 __all__ = ['FEATURES_OUTPUT_COLUMNS', 'FEATURE_DTYPE', 'align_features', 'calc_features']
 
 # %% ../../nbs/34_feature_calc.ipynb #ef3d2108
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dask.dataframe as dd
@@ -24,6 +25,7 @@ from fraud_poc.datasets import (
     parquet_write_options,
     replace_atomically,
     serving_state_dir,
+    write_data_cutoff,
     write_feature_spec,
 )
 from ..schema import ENTITIES, FEATURE_COLUMNS, LABEL, LABEL_DATE, SCENARIO, FeatureSpec
@@ -124,8 +126,13 @@ def calc_features(client: Client, data_root: str | Path, run_id: str, *, spec: F
         ]
         rows, *_ = client.gather(client.compute([by_first.shape[0], *writes]))
         write_feature_spec(tmp_state, spec)
+        write_data_cutoff(tmp_state, as_of_us)
     return StepResult(
         rows_in=int(rows),
         rows_out=int(rows),
-        details={"feature_spec": spec.to_json(), "partitions": by_first.npartitions},
+        details={
+            "feature_spec": spec.to_json(),
+            "partitions": by_first.npartitions,
+            "data_cutoff": datetime.fromtimestamp(as_of_us / 1e6, UTC).isoformat(),
+        },
     )

@@ -15,7 +15,7 @@ import dask.dataframe as dd
 import pyarrow.dataset as pads
 from distributed import Client
 
-from ..carry_over import Carried, switch_carrying_over
+from ..carry_over import Carried, EventsLost, switch_carrying_over
 from ..datasets import entity_dir, feature_spec, read_dataset, serving_state_dir
 from fraud_poc.feature_store import (
     ANY_LIVE,
@@ -51,7 +51,9 @@ class PrepareResult:
     rows_in: int
     carried_orders: int = 0  # scored orders carried over from the event log into the new version
     carried_labels: int = 0  # reported labels carried over likewise
-    refused: str | None = None  # the switch was refused (the live model changed after the gate): why
+    refused: str | None = None  # the switch was refused (the live model changed after the gate, or the
+    # event log lost events the version needs): why
+    events_lost: dict[str, Any] | None = None  # what the log no longer held (LogGap.to_json), refused or not
 
     @property
     def rows_out(self) -> int:
@@ -73,6 +75,7 @@ class PrepareResult:
             "removed_keys": self.removed_keys,
             "removed_models": self.removed_models,
             "refused": self.refused,
+            "events_lost": self.events_lost,
         }
 
 
@@ -100,6 +103,7 @@ def prepare_db_step(
     chunk_size: int,
     carry_since: datetime | None = None,
     expected_live: str | object = ANY_LIVE,
+    accept_loss: bool = False,
 ) -> PrepareResult:
     """Step 6: load the run's serving state as version `run_id`, upload the model, switch both live (only if
     `expected_live`, the model the gate compared with, is still live), drop the old version."""
@@ -117,7 +121,7 @@ def prepare_db_step(
     upload_model(r, keys, model_id, booster_ubj, stored_metadata)
     pointer = live_pointer(r, keys)
     carried: list[Carried] = []
-    refused = None
+    refused, gap = None, None
     if pointer is not None and (pointer["model_id"], pointer["fs_version"]) == (model_id, version):
         switched = {"live": pointer, "previous": None, "removed_keys": 0, "removed_models": 0}
     else:
@@ -125,11 +129,11 @@ def prepare_db_step(
             if carry_since is None:
                 switched = switch_live(r, keys, model_id, version, run_id, expected_live=expected_live)
             else:  # what the service learned since this run's data was cut goes into the new version too
-                switched, carried = switch_carrying_over(
-                    r, keys, model_id, version, run_id, carry_since, spec, expected_live
+                switched, carried, gap = switch_carrying_over(
+                    r, keys, model_id, version, run_id, carry_since, spec, expected_live, accept_loss
                 )
-        except GateOutdated as e:  # the model stays registered, not live; the run says why
-            refused = str(e)
+        except (GateOutdated, EventsLost) as e:  # the model stays registered, not live; the run says why
+            refused, gap = str(e), getattr(e, "gap", None)
             switched = {
                 "live": live_pointer(r, keys),
                 "previous": None,
@@ -150,5 +154,6 @@ def prepare_db_step(
         carried_orders=sum(c.orders for c in carried),
         carried_labels=sum(c.labels for c in carried),
         refused=refused,
+        events_lost=None if gap is None else gap.to_json(),
         **switched,
     )

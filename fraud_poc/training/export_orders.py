@@ -20,13 +20,14 @@ from ..auth import check_token, secured_api
 from ..carry_over import export_scored_orders, read_events
 from ..datasets import write_parquet
 from ..feature_store import live_pointer
+from ..live_models import remove_old_exports
 from ..payloads import RawDataRequest
 from ..redis_store import Keys, sync_redis
 from ..schema import LABEL, LABEL_DATE, RAW_COLUMNS
 from ..scored_orders import relabelled_orders
 from .run_from_raw import history_dir
 from ..service_payloads import ErrorResponse
-from ..settings import RedisSettings, SecuritySettings, StorageSettings
+from ..settings import RedisSettings, RetentionSettings, SecuritySettings, StorageSettings
 from ..request_errors import with_request_errors
 
 # %% ../../nbs/66_export_orders.ipynb #17d3d5c5
@@ -44,6 +45,7 @@ class ExportedOrders:
     history_relabelled: int = 0  # its orders with a reported label (history-labels.parquet)
     labels_unmatched: int = 0  # labels of orders neither scored nor in that history (an older version's)
     run_from_raw: RawDataRequest | None = None  # the request that trains on the history and this export
+    removed_exports: int = 0  # older exports removed (retention.keep_exports)
 
 
 HISTORY_LABELS_FILE = "history-labels.parquet"
@@ -81,7 +83,8 @@ __api__ = secured_api(
         "Writes every order in the prediction service's event log, with its latest reported label, as raw "
         "orders (parquet) under the data root's `exports/` folder, and beside them the live run's orders that "
         "got a label through report-label; answers with the path and the `run_from_raw` body that trains on "
-        "the live run's orders together with the export (every accepted label)."
+        "the live run's orders together with the export (every accepted label). Keeps the newest "
+        "`retention.keep_exports` exports, removes older ones."
     ),
     responses={
         200: (ExportedOrders, "the export's path (relative to the data root) and counts"),
@@ -118,10 +121,17 @@ async def export_orders(
     run_id, relabelled, unmatched = await asyncio.to_thread(
         export_relabelled_history, r, keys, root, root / relative
     )
+    keep = context.settings(key="retention", datatype=RetentionSettings).keep_exports
+    removed = await asyncio.to_thread(remove_old_exports, root, keep)
     logger.info(
         context,
         "orders exported",
-        extra=extra(path=str(relative), orders=written["orders"], history_relabelled=relabelled),
+        extra=extra(
+            path=str(relative),
+            orders=written["orders"],
+            history_relabelled=relabelled,
+            removed_exports=len(removed),
+        ),
     )
     return ExportedOrders(
         path=str(relative),
@@ -133,6 +143,7 @@ async def export_orders(
         history_relabelled=relabelled,
         labels_unmatched=unmatched,
         run_from_raw=RawDataRequest(path=str(relative), history_run_id=run_id),
+        removed_exports=len(removed),
     )
 
 

@@ -12,6 +12,7 @@ from hopeit.app.context import EventContext
 from hopeit.app.logger import app_extra_logger
 
 from ..dask_client import dask_client_async
+from ..datasets import data_cutoff
 from ..feature_store import ANY_LIVE
 from ..payloads import PipelineJob, StepState
 from ..redis_store import Keys, async_redis
@@ -33,6 +34,9 @@ async def prepare_db(payload: PipelineJob, context: EventContext) -> None:
     storage = context.settings(key="storage", datatype=StorageSettings)
     feature_store = context.settings(key="feature_store", datatype=FeatureStoreSettings)
     client = await dask_client_async(context.settings(key="dask", datatype=DaskSettings))
+    redis, keys = async_redis(redis_settings.url), Keys(redis_settings.key_prefix)
+    # the run's data cut-off (feature-calc recorded it): what the service learned after it is carried over
+    cutoff = data_cutoff(storage.data_root, payload.run_id) or payload.submitted
     work = partial(
         prepare_db_step,
         client,
@@ -42,7 +46,7 @@ async def prepare_db(payload: PipelineJob, context: EventContext) -> None:
         redis_url=redis_settings.url,
         key_prefix=redis_settings.key_prefix,
         chunk_size=feature_store.chunk_size,
-        carry_since=payload.submitted,
+        carry_since=cutoff,
         expected_live=ANY_LIVE if payload.gated_against is None else payload.gated_against,
     )
     result = await run_pipeline_step(
@@ -53,8 +57,8 @@ async def prepare_db(payload: PipelineJob, context: EventContext) -> None:
         client,
         context.settings(key="runs", datatype=RunLimits),
     )
-    redis, keys = async_redis(redis_settings.url), Keys(redis_settings.key_prefix)
-    if result.refused is not None:  # another model went live after the gate: this one stays registered only
+    if result.refused is not None:  # another model went live after the gate, or the log lost events it needs:
+        # this one stays registered only, the run says why (pipeline-status: promotion_reason, prepare-db's details)
         await update_run(
             redis, keys, payload.run_id, state=StepState.DONE, promoted=False, promotion_reason=result.refused
         )

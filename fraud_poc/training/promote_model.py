@@ -54,7 +54,11 @@ __api__ = with_request_errors(
             "it replaces becomes the previous one (see rollback). The version is loaded from the run's files "
             "first if it is no longer in Redis. The promotion gate does not apply: this is the operator's "
             "choice. Refused (409) for a model trained on another feature set, or whose run's features were "
-            "removed (clean-runs), or while another change is under way. Needs the API token."
+            "removed (clean-runs), or while another change is under way, or when the event log no longer holds every "
+            "order and label logged after the model's data cut-off (the message says how many and from when; "
+            "`accept_loss: true` promotes anyway, and the answer's `events_lost` says what was lost). Orders and "
+            "labels logged after the cut-off are replayed into the version (`carried_orders`, `carried_labels`). "
+            "Needs the API token."
         ),
         payload=(PromoteRequest, "the model id (from list-models)"),
         responses={
@@ -97,6 +101,7 @@ async def promote_chosen(payload: PromoteRequest, context: EventContext) -> Live
         redis_url=settings.url,
         key_prefix=settings.key_prefix,
         chunk_size=feature_store.chunk_size,
+        accept_loss=payload.accept_loss,
     )
     try:
         change = await asyncio.to_thread(holding_step_lock, work)  # its load uses Dask like the steps

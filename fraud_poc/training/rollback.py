@@ -17,7 +17,7 @@ from ..live_models import rollback_live
 from ..payloads import LiveChange, RollbackRequest
 from ..request_errors import parse_request, with_request_errors
 from ..service_payloads import ErrorResponse, unknown_query
-from ..settings import RedisSettings, SecuritySettings
+from ..settings import RedisSettings, SecuritySettings, StorageSettings
 from .promote_model import registry_refusal
 
 # %% ../../nbs/64_rollback.ipynb #0b4cff42
@@ -63,7 +63,8 @@ async def roll_back(payload: RollbackRequest, context: EventContext) -> LiveChan
     """Switch back (in a thread: blocking Redis calls)."""
     settings = context.settings(key="redis", datatype=RedisSettings)
     try:
-        change = await asyncio.to_thread(rollback_live, settings.url, settings.key_prefix)
+        data_root = context.settings(key="storage", datatype=StorageSettings).data_root  # the cut-offs
+        change = await asyncio.to_thread(rollback_live, settings.url, settings.key_prefix, data_root)
     except Exception as e:
         refusal = registry_refusal(e)
         if refusal is None:
