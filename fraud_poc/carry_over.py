@@ -52,12 +52,14 @@ def read_events(
 # %% ../nbs/31_carry_over.ipynb #e8579900
 @dataclass(frozen=True)
 class Carried:
-    """What a replay did: events applied, labels of orders the version does not know, the last id read."""
+    """What a replay did: events applied, labels of orders the version does not know, the last id read, and orders
+    not applied because the version knows their id with another customer, email or IP (the append script's 409)."""
 
     orders: int
     labels: int
     unknown_labels: int
     last_id: str
+    conflicting_orders: int = 0
 
 
 def carry_over(
@@ -70,7 +72,7 @@ def carry_over(
 ) -> Carried:
     """Replay the events logged after `since_id` into feature-store `version`, in log order."""
     append, label = r.register_script(APPEND_SCRIPT), r.register_script(LABEL_SCRIPT)
-    last, counts = since_id, {"order": 0, "label": 0, "unknown": 0}
+    last, counts = since_id, {"order": 0, "label": 0, "unknown": 0, "conflict": 0}
     batch: list[tuple[str, dict]] = []
 
     def flush() -> None:
@@ -94,7 +96,10 @@ def carry_over(
                 )
                 label(keys=label_keys(keys, version), args=args, client=pipe)
         for (_, e), reply in zip(batch, pipe.execute(), strict=True):
-            counts["unknown" if e["kind"] == "label" and reply[1] == b"unknown" else e["kind"]] += 1
+            if e["kind"] == "label":
+                counts["unknown" if reply[1] == b"unknown" else "label"] += 1
+            else:  # an order's reply: {live, known, views...}, or {live, entry} when its id is another order's
+                counts["order" if len(reply) > 2 else "conflict"] += 1
         batch.clear()
 
     for entry_id, event in read_events(r, keys, since_id):
@@ -104,7 +109,7 @@ def carry_over(
             flush()
     if batch:
         flush()
-    return Carried(counts["order"], counts["label"], counts["unknown"], last)
+    return Carried(counts["order"], counts["label"], counts["unknown"], last, counts["conflict"])
 
 # %% ../nbs/31_carry_over.ipynb #ea362444
 CARRY_MARGIN = timedelta(minutes=5)  # replay from a little earlier: clocks differ, and replays are idempotent
