@@ -6,7 +6,8 @@
 __all__ = ['DATE_RANGE', 'Text', 'OrderDate', 'Amount', 'Latitude', 'Longitude', 'STRICT', 'EXAMPLE_DATE', 'T', 'Order',
            'BatchRequest', 'KnownEntities', 'Contribution', 'Prediction', 'BatchResponse', 'KnownOrder',
            'FindOrdersQuery', 'FoundOrders', 'ModelInfo', 'LabelReport', 'LabelRecorded', 'FieldError', 'ErrorResponse',
-           'bad_request', 'unavailable', 'DateWindow', 'field_errors', 'parse_body', 'unknown_query', 'query_int']
+           'bad_request', 'unavailable', 'DateWindow', 'field_errors', 'parse_body', 'unknown_query', 'query_flag',
+           'query_int']
 
 # %% ../nbs/06_service_payloads.ipynb #71e93f3c
 from datetime import UTC, datetime, timedelta
@@ -108,7 +109,9 @@ class Prediction:
     feature_store_version: str
     known_entities: KnownEntities
     cold_start: bool  # no entity of the order was known
-    features: dict[str, float]  # every model feature, name -> value
+    features: dict[
+        str, float
+    ]  # every model feature, name -> value; empty unless asked for (`?features=true`)
     top_contributions: list[Contribution]  # largest |contribution| first
     margin: float  # log-odds: the sum of all contributions and `bias`
     bias: float
@@ -299,6 +302,16 @@ def unknown_query(query_args: dict[str, str], allowed: tuple[str, ...] = ()) -> 
     return bad_request(
         "unknown query parameter", [FieldError(name, "not a parameter of this endpoint") for name in unknown]
     )
+
+
+def query_flag(query_args: dict[str, str], name: str, default: bool = False) -> bool | ErrorResponse:
+    """Boolean query parameter `name` (`true` or `false`, any case), `default` if absent, or a 400 answer."""
+    text = query_args.get(name)
+    if text is None:
+        return default
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return bad_request("invalid query", [FieldError(name, f"true or false, got {text[:40]!r}")])
 
 
 def query_int(

@@ -12,7 +12,8 @@ from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 
 from ..scorer import Scorer, ServiceUnavailable
-from .common import event_scorer
+from .common import FEATURES_ARG, event_scorer, features_refusal
+from ..overload import with_overload_guard
 from fraud_poc.service_payloads import (
     BatchRequest,
     BatchResponse,
@@ -33,24 +34,31 @@ __steps__ = ["score_batch"]
 
 __api__ = secured_api(
     optional=True,
-    summary="Predict batch: score a list of orders (open: no token unless FRAUD_PREDICT_REQUIRES_TOKEN=true)",
+    summary="Predict batch: score a list of orders (needs the API token unless FRAUD_PREDICT_REQUIRES_TOKEN=false)",
     description=(
         "Scores each order like `predict`, in the order given: an order sees the orders before it in the "
         "batch in its history. At most `max_batch_size` orders (config `service`, default 500), each dated "
         "within the window of `predict`."
-        " Needs the API token only when the setting `security.predict_requires_token` is on (FRAUD_PREDICT_REQUIRES_TOKEN)."
+        " Needs the API token unless the setting `security.predict_requires_token` is off (FRAUD_PREDICT_REQUIRES_TOKEN=false)."
+        " The predictions carry the orders' features only with `?features=true`: they are sensitive (see `predict`)."
         " The example on this page is a real order: Try scores it, appends it to the live serving state of its "
         "customer, email and IP and to the event log, and export-orders exports it (as legitimate unless labelled): "
         "change `order_id`, `customer_id`, `email` and `ip_addr` to keep it apart from real customers."
     ),
     payload=(BatchRequest, "`orders`: the orders to score, in order"),
+    query_args=[FEATURES_ARG],
     responses={
         200: (BatchResponse, "one prediction per order, in the same order"),
         400: (ErrorResponse, "invalid batch: bad fields named by their path, e.g. `orders[3].order_date`"),
-        503: (ErrorResponse, "no model is live yet, or Redis is unavailable"),
+        503: (
+            ErrorResponse,
+            "no model is live yet, Redis is unavailable, or the process is at its limit of requests in progress "
+            "(service.max_in_flight; then with Retry-After)",
+        ),
     },
 )
 __api__ = with_request_errors(__api__)  # the error schema for every refusal (nbs/29)
+__api__ = with_overload_guard(__api__)  # at most service.max_in_flight requests at once, then 503 (nbs/38)
 
 logger, extra = app_extra_logger()
 scorer: Scorer | None = None
@@ -82,7 +90,8 @@ async def __preprocess__(
     """The batch from the raw body, or a 400 naming the bad fields or the size."""
     result = (
         check_token(request, security, security.predict_requires_token)
-        or unknown_query(query_args)
+        or unknown_query(query_args, ("features",))
+        or features_refusal(query_args)
         or parse_body(request.payload_raw, BatchRequest, "batch")
     )
     if isinstance(result, BatchRequest):
@@ -101,7 +110,8 @@ async def score_batch(
     """Score the orders in order and append each to the serving state; 503 if that cannot be done now."""
     assert scorer is not None
     try:
-        return BatchResponse(predictions=await scorer.predict(payload.orders))
+        with_features = query_args.get("features", "").lower() == "true"
+        return BatchResponse(predictions=await scorer.predict(payload.orders, with_features))
     except ServiceUnavailable as e:
         logger.warning(context, "cannot score batch", extra=extra(orders=len(payload.orders), reason=str(e)))
         return unavailable(str(e))
