@@ -113,9 +113,7 @@ class ServiceSettings:
         default=1.0, ge=0
     )  # order dates at most this long after now (labels: never)
     # requests one process works on at once; more are answered 503 with Retry-After at once (nbs/38_overload)
-    max_in_flight: int = field(
-        default=8, ge=1, le=100_000
-    )  # 8: bench_service --overload (README, Performance)
+    max_in_flight: int = field(default=32, ge=1, le=100_000)  # README, Performance: overload
 
 
 @dataobject
