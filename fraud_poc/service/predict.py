@@ -12,7 +12,7 @@ from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 
 from ..scorer import Scorer, ServiceUnavailable
-from .common import FEATURES_ARG, event_scorer, features_refusal
+from .common import FEATURES_ARG, BUSY_OR_DOWN, event_scorer, features_asked, query_refusal
 from ..overload import with_overload_guard
 from fraud_poc.service_payloads import (
     DateWindow,
@@ -21,7 +21,6 @@ from fraud_poc.service_payloads import (
     Prediction,
     parse_body,
     unavailable,
-    unknown_query,
 )
 from ..auth import check_token, secured_api
 from ..settings import SecuritySettings, ServiceSettings
@@ -56,15 +55,11 @@ __api__ = secured_api(
             "fraud score, decision at the model's threshold, top contributions, features if asked",
         ),
         400: (ErrorResponse, "invalid order: the message and `fields` name each bad field"),
-        503: (
-            ErrorResponse,
-            "no model is live yet, Redis is unavailable, or the process is at its limit of requests in progress "
-            "(service.max_in_flight; then with Retry-After)",
-        ),
+        503: (ErrorResponse, BUSY_OR_DOWN),
     },
 )
-__api__ = with_request_errors(__api__)  # the error schema for every refusal (nbs/29)
-__api__ = with_overload_guard(__api__)  # at most service.max_in_flight requests at once, then 503 (nbs/38)
+# the error schema for every refusal (nbs/29), at most service.max_in_flight requests at once, then 503 (nbs/38)
+__api__ = with_overload_guard(with_request_errors(__api__))
 
 logger, extra = app_extra_logger()
 scorer: Scorer | None = None
@@ -86,8 +81,7 @@ async def __preprocess__(
     """The order from the raw body, a 400 naming the bad fields (a date outside the window too), or a 401 if the token is required and missing."""
     result = (
         check_token(request, security, security.predict_requires_token)
-        or unknown_query(query_args, ("features",))
-        or features_refusal(query_args)
+        or query_refusal(query_args)
         or parse_body(request.payload_raw, Order, "order")
     )
     if isinstance(result, Order):
@@ -103,7 +97,7 @@ async def score(payload: Order, context: EventContext, **query_args: str) -> Pre
     """Score the order and append it to the serving state; 503 if that cannot be done now."""
     assert scorer is not None
     try:
-        return (await scorer.predict([payload], query_args.get("features", "").lower() == "true"))[0]
+        return (await scorer.predict([payload], features_asked(query_args)))[0]
     except ServiceUnavailable as e:
         logger.warning(context, "cannot score", extra=extra(order_id=payload.order_id, reason=str(e)))
         return unavailable(str(e))

@@ -12,7 +12,7 @@ from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 
 from ..scorer import Scorer, ServiceUnavailable
-from .common import FEATURES_ARG, event_scorer, features_refusal
+from .common import FEATURES_ARG, BUSY_OR_DOWN, event_scorer, features_asked, query_refusal
 from ..overload import with_overload_guard
 from fraud_poc.service_payloads import (
     BatchRequest,
@@ -23,7 +23,6 @@ from fraud_poc.service_payloads import (
     bad_request,
     parse_body,
     unavailable,
-    unknown_query,
 )
 from ..auth import check_token, secured_api
 from ..settings import SecuritySettings, ServiceSettings
@@ -50,15 +49,11 @@ __api__ = secured_api(
     responses={
         200: (BatchResponse, "one prediction per order, in the same order"),
         400: (ErrorResponse, "invalid batch: bad fields named by their path, e.g. `orders[3].order_date`"),
-        503: (
-            ErrorResponse,
-            "no model is live yet, Redis is unavailable, or the process is at its limit of requests in progress "
-            "(service.max_in_flight; then with Retry-After)",
-        ),
+        503: (ErrorResponse, BUSY_OR_DOWN),
     },
 )
-__api__ = with_request_errors(__api__)  # the error schema for every refusal (nbs/29)
-__api__ = with_overload_guard(__api__)  # at most service.max_in_flight requests at once, then 503 (nbs/38)
+# the error schema for every refusal (nbs/29), at most service.max_in_flight requests at once, then 503 (nbs/38)
+__api__ = with_overload_guard(with_request_errors(__api__))
 
 logger, extra = app_extra_logger()
 scorer: Scorer | None = None
@@ -90,8 +85,7 @@ async def __preprocess__(
     """The batch from the raw body, or a 400 naming the bad fields or the size."""
     result = (
         check_token(request, security, security.predict_requires_token)
-        or unknown_query(query_args, ("features",))
-        or features_refusal(query_args)
+        or query_refusal(query_args)
         or parse_body(request.payload_raw, BatchRequest, "batch")
     )
     if isinstance(result, BatchRequest):
@@ -110,8 +104,7 @@ async def score_batch(
     """Score the orders in order and append each to the serving state; 503 if that cannot be done now."""
     assert scorer is not None
     try:
-        with_features = query_args.get("features", "").lower() == "true"
-        return BatchResponse(predictions=await scorer.predict(payload.orders, with_features))
+        return BatchResponse(predictions=await scorer.predict(payload.orders, features_asked(query_args)))
     except ServiceUnavailable as e:
         logger.warning(context, "cannot score batch", extra=extra(orders=len(payload.orders), reason=str(e)))
         return unavailable(str(e))
