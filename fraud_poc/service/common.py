@@ -47,9 +47,8 @@ def use_uvloop_in_gunicorn_workers() -> bool:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        self.cfg.set(
-            "keepalive", KEEPALIVE_SECONDS
-        )  # see above: gunicorn's 2 s resets connections under load
+        # see below: gunicorn's 2 s keep-alive reset connections under load
+        self.cfg.set("keepalive", KEEPALIVE_SECONDS)
         loop_after_policy(self)
 
     worker.init_process, worker.uvloop_first = init_process, True
@@ -66,9 +65,8 @@ def skip_disabled_info_logs() -> bool:
     if getattr(EngineLoggerWrapper.info, "skips_disabled", False):
         return True
     write_info = EngineLoggerWrapper.info
-    enabled: dict[
-        tuple[str, str], bool
-    ] = {}  # (app key, event) -> INFO on; the levels are set once, at start
+    # (app key, event) -> whether INFO is on: the levels are set once, at start
+    enabled: dict[tuple[str, str], bool] = {}
 
     def info(self, context, msg, *args, **kwargs) -> None:
         if isinstance(context, EventContext):
