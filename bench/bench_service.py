@@ -14,6 +14,11 @@ It prints, in one run:
   clock starts): open-loop runs at fixed request rates (latency measured from each request's scheduled send
   time, so queueing counts) and a closed-loop run at saturation.
 
+`--overload 2,5` runs only the overload check instead (issue 22): saturation in a closed loop, then open loops
+at 2x and 5x of it for `--overload-seconds`, printing the answers by kind (200, 503 with Retry-After, anything
+else), and the p99 of the 200s against their p99 at saturation; `--max-in-flight N` runs the own service with
+`service.max_in_flight` = N.
+
 Everything is bounded in count and time. The load generator shares the machine's cores with the service and
 Redis; its own CPU use is printed too.
 
@@ -228,11 +233,27 @@ def server_config(log_level: str | None, workdir: Path) -> Path | None:
     return copy
 
 
-def service_command(port: int, workers: int, worker_class: str | None, server: Path | None) -> list[str]:
+def app_config(max_in_flight: int | None, workdir: Path) -> Path | None:
+    """None (the service's own app config), or a copy of it with another `service.max_in_flight`."""
+    if max_in_flight is None:
+        return None
+    path = REPO / SERVICES["prediction"].config_files[2]
+    config = json.loads(path.read_text())
+    config["settings"]["service"]["max_in_flight"] = max_in_flight
+    copy = workdir / f"fraud-service-max-in-flight-{max_in_flight}.json"
+    copy.write_text(json.dumps(config))
+    return copy
+
+
+def service_command(
+    port: int, workers: int, worker_class: str | None, server: Path | None, app: Path | None = None
+) -> list[str]:
     """The prediction service's command as the README gives it, with the bench's changes."""
     args = SERVICES["prediction"].args(port, REPO)
     if server is not None:
         args[1] = args[1].replace(str(REPO / SERVICES["prediction"].config_files[0]), str(server))
+    if app is not None:
+        args[1] = args[1].replace(str(REPO / SERVICES["prediction"].config_files[2]), str(app))
     if worker_class is not None:
         args = [a for a in args if not a.startswith("--worker-class=")] + [f"--worker-class={worker_class}"]
     if workers > 1:
@@ -241,7 +262,13 @@ def service_command(port: int, workers: int, worker_class: str | None, server: P
 
 
 def start_service(
-    redis_url: str, prefix: str, workers: int, worker_class: str | None, log: Path, server: Path | None
+    redis_url: str,
+    prefix: str,
+    workers: int,
+    worker_class: str | None,
+    log: Path,
+    server: Path | None,
+    app: Path | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """The prediction service on a free port; returns the process and the API base URL."""
     port = free_port()
@@ -254,7 +281,7 @@ def start_service(
     }
     env.setdefault("FRAUD_DATA_ROOT", str(REPO / "data"))
     env.setdefault("DASK_SCHEDULER_ADDRESS", "")
-    cmd = service_command(port, workers, worker_class, server)
+    cmd = service_command(port, workers, worker_class, server, app)
     print("service:", " ".join(cmd[1:]).replace(f"{REPO}/", ""))
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}{API}"
@@ -307,7 +334,8 @@ def combinations_from(orders: pd.DataFrame) -> list[tuple[str, str, str]]:
 
 
 async def combinations_from_service(base: str) -> list[tuple[str, str, str]]:
-    async with aiohttp.ClientSession() as session:
+    headers = {"Authorization": f"Bearer {BENCH_TOKEN}"} if BENCH_TOKEN else {}
+    async with aiohttp.ClientSession(headers=headers) as session:
         async with session.get(f"{base}/find-orders?num_items=100") as response:
             items = (await response.json())["items"]
     if not items:
@@ -399,6 +427,7 @@ class HttpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.waiter: asyncio.Future | None = None
+        self.retry_after = False  # the last answer carried Retry-After
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -414,6 +443,7 @@ class HttpConnection(asyncio.Protocol):
         if len(self.buffer) < end + 4 + length:
             return
         del self.buffer[: end + 4 + length]
+        self.retry_after = b"\r\nretry-after:" in head
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(int(head[9:12]))
@@ -442,8 +472,11 @@ class Target:
 
     def request(self, order: dict) -> bytes:
         body = json.dumps(order).encode()
+        token = (
+            f"Authorization: Bearer {BENCH_TOKEN}\r\n" if BENCH_TOKEN else ""
+        )  # predict needs it by default
         head = (
-            f"POST {self.path} HTTP/1.1\r\nHost: {self.host}\r\n"
+            f"POST {self.path} HTTP/1.1\r\nHost: {self.host}\r\n{token}"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
         )
         return head.encode() + body
@@ -560,11 +593,12 @@ async def open_loop(
 
 async def closed_loop(
     target: Target, source: OrderSource, meter: CpuMeter, concurrency: int, count: int, max_seconds: float
-) -> None:
-    """`concurrency` connections each sending the next request as soon as its answer arrives."""
+) -> tuple[float, float]:
+    """`concurrency` connections each sending the next request as soon as its answer arrives; the throughput
+    and p99 latency (seconds) of the 200s."""
     prepared = iter(target.requests(source, count))
     connections = [await target.connect() for _ in range(concurrency)]
-    latencies, errors = [], Errors()
+    latencies, ok_latencies, errors = [], [], Errors()
     deadline = time.perf_counter() + max_seconds
 
     async def worker(connection: HttpConnection) -> None:
@@ -572,6 +606,8 @@ async def closed_loop(
             started = time.perf_counter()
             ok = await send(connection, data, errors)
             latencies.append(time.perf_counter() - started)
+            if ok:
+                ok_latencies.append(latencies[-1])
             if not ok:
                 connection = await target.connect()
             if started > deadline:
@@ -587,6 +623,7 @@ async def closed_loop(
         f"  throughput {len(latencies) / elapsed:7.0f} req/s  {errors}  ({load_average()})"
         f"\n    {CpuMeter.per_request(before, after, len(latencies))}"
     )
+    return len(ok_latencies) / elapsed, float(np.percentile(ok_latencies, 99))
 
 
 @contextlib.contextmanager
@@ -604,9 +641,86 @@ def collector_paused():
         gc.unfreeze()
 
 
+async def overload_run(
+    target: Target, source: OrderSource, meter: CpuMeter, rate: float, seconds: float
+) -> tuple[list[float], Counter]:
+    """Open loop at `rate` for `seconds`: each request on an idle connection (a new one if none is); a
+    connection stays in use after any HTTP answer (the service keeps it alive after a 503). Returns the
+    latencies of the 200s (from each request's scheduled send) and the answers by kind: the HTTP status
+    (`503+retry-after` for a 503 that carried Retry-After) or the exception's name."""
+    prepared = target.requests(source, int(rate * seconds))
+    idle: list[HttpConnection] = [await target.connect() for _ in range(32)]
+    ok_latencies, answers = [], Counter()
+    loop = asyncio.get_running_loop()
+
+    async def one(data: bytes, scheduled: float) -> None:
+        while idle and idle[-1].transport.is_closing():
+            idle.pop()
+        try:  # no timer per request (the generator's own CPU): what is unanswered at the end is a timeout
+            connection = idle.pop() if idle else await target.connect()
+            status = await connection.request(data)
+        except (OSError, RuntimeError) as e:  # OSError: ConnectionError and refused connects
+            answers[type(e).__name__] += 1
+            return
+        if status == 200:
+            ok_latencies.append(time.perf_counter() - scheduled)
+        answers[f"{status}+retry-after" if status == 503 and connection.retry_after else status] += 1
+        idle.append(connection)
+
+    before, start = meter.read(), time.perf_counter() + 0.05
+    tasks = []
+    for i, data in enumerate(prepared):
+        scheduled = start + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(loop.create_task(one(data, scheduled)))
+    sent = time.perf_counter() - start
+    _, unanswered = await asyncio.wait(tasks, timeout=10.0)
+    for task in unanswered:
+        task.cancel()
+    if unanswered:
+        answers["TimeoutError"] += len(unanswered)
+    elapsed, after = time.perf_counter() - start, meter.read()
+    for connection in idle:
+        connection.transport.close()
+    print(
+        f"  {rate:6.0f} req/s x {len(prepared)}: 200s {percentiles(ok_latencies)}; answers {dict(answers)};"
+        f" sent in {sent:.1f} s, answered in {elapsed:.1f} s ({load_average()})\n    {CpuMeter.per_request(before, after, len(prepared))}"
+    )
+    return ok_latencies, answers
+
+
+async def measure_overload(
+    target: Target, source: OrderSource, meter: CpuMeter, args: argparse.Namespace
+) -> None:
+    """Saturation first (closed loop with `--concurrency` connections, its 200s: the machine's other load changes
+    it, so it is measured in the same run), then open loops at multiples of it. What must hold (issue 22): every answer 200 or 503 (with Retry-After), no connection
+    error, and the p99 of the 200s within 3x of the p99 at saturation."""
+    print("HTTP predict, overload:")
+    throughput, p99 = await closed_loop(
+        target, source, meter, args.concurrency, args.saturation_requests, args.duration * 2
+    )
+    for multiple in args.overload:
+        latencies, answers = await overload_run(
+            target, source, meter, multiple * throughput, args.overload_seconds
+        )
+        others = {k: n for k, n in answers.items() if k not in (200, "503+retry-after")}
+        ok_p99 = float(np.percentile(latencies, 99)) if latencies else float("nan")
+        print(
+            f"    {multiple:g}x saturation ({multiple * throughput:.0f} req/s): p99 of the 200s {ok_p99 * 1e3:.1f} ms"
+            f" = {ok_p99 / p99:.2f}x the p99 at saturation ({p99 * 1e3:.1f} ms); 200: {answers[200]},"
+            f" 503 with Retry-After: {answers['503+retry-after']}, anything else: {others or 'none'}"
+        )
+
+
 async def run_load(bases: list[str], source: OrderSource, meter: CpuMeter, args: argparse.Namespace) -> None:
     target = Target(bases)
     with collector_paused():
+        if args.overload:
+            await warm_up(target, source)
+            await measure_overload(target, source, meter, args)
+            return
         await measure_load(target, source, meter, args)
         if BENCH_TOKEN:
             await measure_labels(LabelTarget(bases), LabelSource(source), meter, args)
@@ -627,19 +741,25 @@ async def measure_labels(
     await open_loop(target, labels, meter, 500, args.duration, args.max_count)
 
 
+async def warm_up(target: Target, source: OrderSource) -> Errors:
+    """Requests on 16 connections, one at a time each: every worker's model cache and connections."""
+    warm = [await target.connect() for _ in range(16)]
+    warm_errors, requests = Errors(), target.requests(source, 13 * len(warm))
+
+    async def one_by_one(connection: HttpConnection, mine: list[bytes]) -> None:
+        for data in mine:
+            await send(connection, data, warm_errors)
+
+    await asyncio.gather(*[one_by_one(c, requests[i :: len(warm)]) for i, c in enumerate(warm)])
+    for connection in warm:
+        connection.transport.close()
+    return warm_errors
+
+
 async def measure_load(
     target: Target, source: OrderSource, meter: CpuMeter, args: argparse.Namespace
 ) -> None:
-    warm = [await target.connect() for _ in range(16)]  # every worker's model cache and connections
-    warm_errors, requests = Errors(), target.requests(source, 13 * len(warm))
-
-    async def warm_up(connection: HttpConnection, mine: list[bytes]) -> None:
-        for data in mine:  # one request at a time per connection
-            await send(connection, data, warm_errors)
-
-    await asyncio.gather(*[warm_up(c, requests[i :: len(warm)]) for i, c in enumerate(warm)])
-    for connection in warm:
-        connection.transport.close()
+    warm_errors = await warm_up(target, source)
     connection, one = await target.connect(), []
     prepared = target.requests(source, args.single)
     before = meter.read()
@@ -682,6 +802,15 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=1000, help="sequential requests on one connection")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--saturation-requests", type=int, default=20_000)
+    parser.add_argument(
+        "--overload",
+        type=lambda s: [float(x) for x in s.split(",")],
+        help="only the overload runs: saturation, then open loops at these multiples of it, e.g. 2,5",
+    )
+    parser.add_argument(
+        "--max-in-flight", type=int, help="run the own service with a copy of its app config at this bound"
+    )
+    parser.add_argument("--overload-seconds", type=float, default=10.0, help="seconds per overload run")
     parser.add_argument("--orders", type=int, default=30_000, help="orders in the generated history")
     parser.add_argument("--customers", type=int, default=1_000)
     parser.add_argument("--rounds", type=int, default=50, help="trees of the bench model")
@@ -691,11 +820,12 @@ def main() -> None:
     args = parser.parse_args()
     redis_url = os.environ.get("FRAUD_REDIS_URL", "redis://127.0.0.1:6379/0")
     start = pd.Timestamp.now(tz="UTC").floor("s")  # the service takes orders dated near its clock only
+    global BENCH_TOKEN
     if args.url:
+        BENCH_TOKEN = os.environ.get("FRAUD_API_TOKEN", "")  # the running service's token
         source = OrderSource(asyncio.run(combinations_from_service(args.url[0])), start)
         uvloop.run(run_load(args.url, source, CpuMeter([], redis_url), args))
         return
-    global BENCH_TOKEN
     BENCH_TOKEN = secrets.token_urlsafe(24)
     prefix = f"fraudbench:{uuid4().hex}:"
     log = REPO / "data" / "logs" / "bench-service.log"
@@ -711,11 +841,12 @@ def main() -> None:
         source = OrderSource(combinations_from(orders), orders["order_date"].max() + pd.Timedelta(minutes=1))
         asyncio.run(measure_floor(redis_url, prefix, source, repeat=2000))
         server = server_config(args.log_level, log.parent)
+        app = app_config(args.max_in_flight, log.parent)
         bases = []
         for replica in range(args.replicas):
             replica_log = log.with_name(f"{log.stem}-{replica}{log.suffix}") if args.replicas > 1 else log
             proc, base = start_service(
-                redis_url, prefix, args.workers, args.worker_class, replica_log, server
+                redis_url, prefix, args.workers, args.worker_class, replica_log, server, app
             )
             procs.append(proc)
             bases.append(base)

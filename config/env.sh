@@ -8,4 +8,4 @@ export DASK_SCHEDULER_ADDRESS="${DASK_SCHEDULER_ADDRESS:-}"
 # Empty (the default) refuses every call to them; `make run` and `make up` generate one for their session.
 export FRAUD_API_TOKEN="${FRAUD_API_TOKEN:-}"
 export FRAUD_FIND_ORDERS_ENABLED="${FRAUD_FIND_ORDERS_ENABLED:-false}"
-export FRAUD_PREDICT_REQUIRES_TOKEN="${FRAUD_PREDICT_REQUIRES_TOKEN:-false}"
+export FRAUD_PREDICT_REQUIRES_TOKEN="${FRAUD_PREDICT_REQUIRES_TOKEN:-true}"  # false: predict and predict-batch open to anyone

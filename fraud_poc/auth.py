@@ -5,9 +5,10 @@
 # %% auto #0
 __all__ = ['TOKEN_ENV', 'MIN_TOKEN_LENGTH', 'UNAUTHORIZED', 'TOKEN_SCHEME', 'TOKEN_SCHEME_SPEC', 'token_problem',
            'bearer_matches', 'unauthorized', 'check_token', 'switched_off', 'secured_api', 'declare_token_scheme_only',
-           'token_errors', 'install_token_errors', 'token_notice', 'announce_security']
+           'canonical_bearer', 'token_errors', 'install_token_errors', 'token_notice', 'announce_security']
 
 # %% ../nbs/09_auth.ipynb #db2bd0ec
+import functools
 import hashlib
 import hmac
 import re
@@ -46,12 +47,18 @@ def _digest(value: str) -> bytes:
     return hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
 
 
+@functools.lru_cache(maxsize=4)
+def _expected_digest(token: str) -> bytes:
+    """The configured token's digest, computed once (a service has one token)."""
+    return _digest(token)
+
+
 def bearer_matches(authorization: str | None, expected: str) -> bool:
     """Whether an `Authorization` header is `Bearer <expected>` (digests compared in constant time); never for an unusable token."""
     if authorization is None or token_problem(expected) is not None:
         return False
     scheme, _, presented = authorization.strip().partition(" ")
-    same = hmac.compare_digest(_digest(presented.strip()), _digest(expected))
+    same = hmac.compare_digest(_digest(presented.strip()), _expected_digest(expected))
     return same and scheme.lower() == "bearer"
 
 
@@ -117,11 +124,23 @@ def _unauthorized_response() -> web.Response:
     return web.Response(status=401, text=Payload.to_json(unauthorized()), content_type="application/json")
 
 
+def canonical_bearer(request: web.Request) -> web.Request:
+    """`request` with its `Authorization` scheme spelled `Bearer`: RFC 7235 makes the scheme case-insensitive, but
+    the OpenAPI validator only takes `Bearer ` (a copy of the request only when the spelling differs)."""
+    value = request.headers.get("Authorization")
+    if value is None or value.startswith("Bearer ") or value[:7].lower() != "bearer ":
+        return request
+    headers = request.headers.copy()
+    headers["Authorization"] = "Bearer " + value[7:]
+    return request.clone(headers=headers)
+
+
 @web.middleware
 async def token_errors(request: web.Request, handler) -> web.StreamResponse:
-    """The OpenAPI validator's refusal of a missing or non-Bearer `Authorization` as the error schema's 401."""
+    """The OpenAPI validator's refusal of a missing or non-Bearer `Authorization` as the error schema's 401
+    (`bearer`, `BEARER`... taken as `Bearer`)."""
     try:
-        response = await handler(request)
+        response = await handler(canonical_bearer(request))
     except RequestValidationFailed as e:
         if set(e.errors) != {"authorization"}:
             raise

@@ -196,10 +196,16 @@ def json_handle_error(handle_error: Callable) -> Callable:
     def handle(
         self, request, status: int = 500, exc: BaseException | None = None, message: str | None = None
     ):
-        handle_error(
-            self, request, status, exc, message
-        )  # logs, and refuses if an answer has already started
-        answer = error_json(ErrorResponse(status=status, error=low_level_message(status, exc)))
+        said = low_level_message(status, exc)
+        if status >= 500:
+            handle_error(
+                self, request, status, exc, message
+            )  # logs, refuses if an answer has already started
+        else:  # the client's fault (a NUL in a header, a line too long): one line, no traceback
+            log.warning("%d on a request aiohttp could not parse: %s", status, said)
+            if request.writer.output_size > 0:
+                raise ConnectionError("Response is sent already, cannot send another response")
+        answer = error_json(ErrorResponse(status=status, error=said))
         answer.force_close()
         return answer
 

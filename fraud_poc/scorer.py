@@ -177,9 +177,9 @@ class Scorer:
         return await self._switch(pointer)
 
     async def _predictions(
-        self, live: LiveModel, records: list[Record], replies: list[list]
+        self, live: LiveModel, records: list[Record], replies: list[list], with_features: bool = True
     ) -> list[Prediction]:
-        """Score orders (as state records) from the states the script returned."""
+        """Score orders (as state records) from the states the script returned (`features` empty unless `with_features`)."""
         features = np.array(
             [
                 serving_features(
@@ -210,7 +210,9 @@ class Scorer:
                     feature_store_version=live.fs_version,
                     known_entities=known,
                     cold_start=not (known.customer_id or known.email or known.ip_addr),
-                    features=dict(zip(live.feature_columns, x[i].tolist(), strict=True)),
+                    features=dict(zip(live.feature_columns, x[i].tolist(), strict=True))
+                    if with_features
+                    else {},
                     top_contributions=top_contributions(
                         live.feature_columns, x[i], contributions[i], self.top_k
                     ),
@@ -236,9 +238,10 @@ class Scorer:
                 clashes.append(i)
         return clashes
 
-    async def predict(self, orders: list[Order]) -> list[Prediction]:
-        """Score the orders in order, each after the ones before it, and append each to the serving state;
-        OrderConflict for an order id known with another customer, email or ip (a batch: checked first)."""
+    async def predict(self, orders: list[Order], with_features: bool = True) -> list[Prediction]:
+        """Score the orders in order, each after the ones before it, and append each to the serving state
+        (each prediction's `features` empty unless `with_features`); OrderConflict for an order id known with
+        another customer, email or ip (a batch: checked first)."""
         if len(orders) > 1 and (clashes := await self.conflicts(orders)):
             raise OrderConflict(clashes, [orders[i].order_id for i in clashes], scored=0)
         records = [order_record(order) for order in orders]
@@ -251,7 +254,9 @@ class Scorer:
             )
             done = [(i, r) for i, r in zip(pending, replies, strict=True) if len(r) == 5]
             if done:
-                scored = await self._predictions(live, [records[i] for i, _ in done], [r for _, r in done])
+                scored = await self._predictions(
+                    live, [records[i] for i, _ in done], [r for _, r in done], with_features
+                )
                 for (i, _), prediction in zip(done, scored, strict=True):
                     results[i] = prediction
             refused += [i for i, r in zip(pending, replies, strict=True) if len(r) == 2]  # known elsewhere

@@ -6,8 +6,8 @@
 __all__ = ['DATE_RANGE', 'Text', 'OrderDate', 'Amount', 'Latitude', 'Longitude', 'STRICT', 'EXAMPLE_DATE', 'T', 'Order',
            'BatchRequest', 'KnownEntities', 'Contribution', 'Prediction', 'BatchResponse', 'KnownOrder',
            'FindOrdersQuery', 'FoundOrders', 'ModelInfo', 'LabelReport', 'LabelRecorded', 'FieldError', 'ErrorResponse',
-           'bad_request', 'unavailable', 'order_conflict', 'DateWindow', 'field_errors', 'parse_body', 'unknown_query',
-           'query_int']
+           'bad_request', 'unavailable', 'order_conflict', 'check_batch_size', 'DateWindow', 'field_errors',
+           'parse_body', 'unknown_query', 'query_flag', 'query_int']
 
 # %% ../nbs/06_service_payloads.ipynb #71e93f3c
 from datetime import UTC, datetime, timedelta
@@ -127,7 +127,9 @@ class Prediction:
     feature_store_version: str
     known_entities: KnownEntities
     cold_start: bool  # no entity of the order was known
-    features: dict[str, float]  # every model feature, name -> value
+    features: dict[
+        str, float
+    ]  # every model feature, name -> value; empty unless asked for (`?features=true`)
     top_contributions: list[Contribution]  # largest |contribution| first
     margin: float  # log-odds: the sum of all contributions and `bias`
     bias: float
@@ -262,6 +264,14 @@ def order_conflict(positions: list[int] | None, scored: int = 0) -> ErrorRespons
     names = ", ".join(f"{f.field}: {f.message}" for f in fields)
     return ErrorResponse(status=409, error=f"{error}: {names}", fields=fields)
 
+
+def check_batch_size(batch: BatchRequest, limit: int) -> BatchRequest | ErrorResponse:
+    """The batch if it has 1 to `limit` orders, else a 400 naming `orders`."""
+    if 1 <= len(batch.orders) <= limit:
+        return batch
+    message = f"between 1 and {limit} orders per request, got {len(batch.orders)}"
+    return bad_request("invalid batch", [FieldError("orders", message)])
+
 # %% ../nbs/06_service_payloads.ipynb #5126c162
 def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -334,6 +344,16 @@ def unknown_query(query_args: dict[str, str], allowed: tuple[str, ...] = ()) -> 
     return bad_request(
         "unknown query parameter", [FieldError(name, "not a parameter of this endpoint") for name in unknown]
     )
+
+
+def query_flag(query_args: dict[str, str], name: str, default: bool = False) -> bool | ErrorResponse:
+    """Boolean query parameter `name` (`true` or `false`, any case), `default` if absent, or a 400 answer."""
+    text = query_args.get(name)
+    if text is None:
+        return default
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return bad_request("invalid query", [FieldError(name, f"true or false, got {text[:40]!r}")])
 
 
 def query_int(

@@ -112,6 +112,8 @@ class ServiceSettings:
     max_days_ahead: float = field(
         default=1.0, ge=0
     )  # order dates at most this long after now (labels: never)
+    # requests one process works on at once; more are answered 503 with Retry-After at once (nbs/38_overload)
+    max_in_flight: int = field(default=32, ge=1, le=100_000)  # README, Performance: overload
 
 
 @dataobject
@@ -155,7 +157,7 @@ class SecuritySettings:
 
     api_token: SecretStr = field(default_factory=lambda: SecretStr(""))
     find_orders_enabled: bool = False  # find-orders hands out customer ids, emails and IPs
-    predict_requires_token: bool = False  # predict and predict-batch behind the token too
+    predict_requires_token: bool = True  # predict and predict-batch behind the token (false: open to anyone)
 
 
 @dataobject

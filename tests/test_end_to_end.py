@@ -221,7 +221,7 @@ def test_prediction_uses_promoted_model_and_pipeline_state(prediction, first_run
     orders = raw_orders(data_root, first_run["run_id"]).sort_values(["order_date", "order_id"])
     last = orders.iloc[-1]
     new = next_order(last, "e2e-next-1", minutes=30, amount=987.65)
-    response = requests.post(f"{prediction.base}{SERVICE_API}/predict", json=new, timeout=10)
+    response = requests.post(f"{prediction.base}{SERVICE_API}/predict?features=true", json=new, timeout=10)
     assert response.status_code == 200, response.text
     scored = response.json()
     assert (scored["model_id"], scored["feature_store_version"]) == (

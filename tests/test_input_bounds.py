@@ -100,7 +100,7 @@ def test_poison_order_is_refused_and_nothing_is_written(live: LiveServices):
     assert snapshot(live) == before
     # the victim is still scored, from finite features
     scored = requests.post(
-        f"{url}/predict",
+        f"{url}/predict?features=true",
         json=order(
             "after", customer_id=victim["customer_id"], email=victim["email"], ip_addr=victim["ip_addr"]
         ),
@@ -212,7 +212,9 @@ def test_far_future_orders_cannot_push_a_customer_out_of_the_window(live: LiveSe
     old = order("ancient", customer_id=customer, order_date="1990-01-01T00:00:00Z")
     assert in_error_schema(requests.post(f"{url}/predict", json=old, timeout=30))["status"] == 400
     assert snapshot(live) == before
-    scored = requests.post(f"{url}/predict", json=order("real", customer_id=customer), timeout=30)
+    scored = requests.post(
+        f"{url}/predict?features=true", json=order("real", customer_id=customer), timeout=30
+    )
     assert scored.status_code == 200, scored.text
     prediction = scored.json()
     assert prediction["known_entities"]["customer_id"] is True

@@ -47,7 +47,7 @@ LAYERS = {
         "carry_over",
         "live_models",
     },
-    EVENT_SUPPORT: {"auth", "request_errors"},
+    EVENT_SUPPORT: {"auth", "request_errors", "overload"},
     EVENTS: {
         "training",
         "service",

@@ -83,7 +83,7 @@ def predict(
         "location_lat": 40.4,
         "location_long": -3.7,
     }
-    response = requests.post(f"{prediction.base}{SERVICE_API}/predict", json=order, timeout=10)
+    response = requests.post(f"{prediction.base}{SERVICE_API}/predict?features=true", json=order, timeout=10)
     assert response.status_code == 200, response.text
     return response.json()
 

@@ -4,7 +4,7 @@ can be read afterwards.
 
 - the protected endpoints refuse a missing, wrong or non-Bearer token with the error schema's 401 and do nothing;
   with no token configured they refuse every call, and the service says at start how to set one;
-- find-orders is 404 unless switched on, then behind the token; predict is open unless switched too;
+- find-orders is 404 unless switched on, then behind the token; predict needs the token unless switched off;
 - the OpenAPI specs served declare the token scheme only, on the endpoints that check it;
 - after an end-to-end run (a pipeline, predictions, a raw file whose errors quote emails), no log holds the token,
   the Redis password, an email or a customer IP unmasked.
@@ -98,7 +98,7 @@ def start(name: str, folder: Path, redis_url: str, data_root: Path, **env: str) 
         DASK_SCHEDULER_ADDRESS="",
         FRAUD_API_TOKEN=TOKEN,
         FRAUD_FIND_ORDERS_ENABLED="false",
-        FRAUD_PREDICT_REQUIRES_TOKEN="false",
+        FRAUD_PREDICT_REQUIRES_TOKEN="true",  # config/env.sh's default
     )
     environment.update(env)
     cmd = [str(Path(sys.executable).parent / "hopeit_server"), *SERVICES[name].args(port, ROOT)]
@@ -127,11 +127,11 @@ class Setup:
     data_root: Path
     training: Running
     untokened: Running  # training service with no token configured
-    prediction: Running  # default settings: find-orders off, predict open
-    locked: Running  # find-orders on, predict behind the token
+    prediction: Running  # default settings: find-orders off, predict behind the token
+    open: Running  # find-orders on, predict open (FRAUD_PREDICT_REQUIRES_TOKEN=false)
 
     def all(self) -> list[Running]:
-        return [self.training, self.untokened, self.prediction, self.locked]
+        return [self.training, self.untokened, self.prediction, self.open]
 
 
 @pytest.fixture(scope="module")
@@ -171,10 +171,10 @@ def setup(tmp_path_factory):
         start("prediction", root / "prediction", url, data_root),
         start(
             "prediction",
-            root / "locked",
+            root / "open",
             url,
             data_root,
-            **{"FRAUD_FIND_ORDERS_ENABLED": "true", "FRAUD_PREDICT_REQUIRES_TOKEN": "true"},
+            **{"FRAUD_FIND_ORDERS_ENABLED": "true", "FRAUD_PREDICT_REQUIRES_TOKEN": "false"},
         ),
     )
     try:
@@ -310,7 +310,7 @@ def test_status_endpoints_stay_open(setup, first_run):
     assert requests.get(f"{setup.training.base}{TRAINING_API}/list-runs", timeout=10).status_code == 200
     assert run_status(setup.training, run_id)["run_id"] == run_id
     assert requests.get(f"{setup.prediction.base}{SERVICE_API}/model-info", timeout=10).status_code == 200
-    assert requests.get(f"{setup.locked.base}{SERVICE_API}/model-info", timeout=10).status_code == 200
+    assert requests.get(f"{setup.open.base}{SERVICE_API}/model-info", timeout=10).status_code == 200
 
 
 # ---------------------------------------------------------------- the prediction service
@@ -321,17 +321,16 @@ def test_find_orders_is_off_by_default(setup, first_run):
     response = requests.get(url, headers=auth(), timeout=10)
     assert (response.status_code, response.json()["error"]) == (404, "find-orders is off on this service")
     assert requests.get(url, timeout=10).status_code == 401
-    # predict stays open by default
-    response = requests.post(
-        f"{setup.prediction.base}{SERVICE_API}/predict",
-        json=order("open", 0, "open.customer@example.com", "198.51.100.23"),
-        timeout=10,
-    )
-    assert response.status_code == 200, response.text
+    # predict needs the token by default; switched off (FRAUD_PREDICT_REQUIRES_TOKEN=false), it is open
+    scored = order("open", 0, "open.customer@example.com", "198.51.100.23")
+    response = requests.post(f"{setup.prediction.base}{SERVICE_API}/predict", json=scored, timeout=10)
+    assert (response.status_code, response.json()) == (401, REFUSED)
+    response = requests.post(f"{setup.open.base}{SERVICE_API}/predict", json=scored, timeout=10)
+    assert response.status_code == 200 and response.json()["features"] == {}, response.text
 
 
 def test_find_orders_switched_on_needs_the_token(setup, first_run):
-    url = f"{setup.locked.base}{SERVICE_API}/find-orders?prefix=&num_items=3"
+    url = f"{setup.open.base}{SERVICE_API}/find-orders?prefix=&num_items=3"
     for headers in BAD_HEADERS:
         response = requests.get(url, headers=headers, timeout=10)
         assert (response.status_code, response.json()) == (401, REFUSED), headers
@@ -342,7 +341,9 @@ def test_find_orders_switched_on_needs_the_token(setup, first_run):
 def test_report_label_needs_the_token_and_records_nothing_without_it(setup, first_run):
     tag = secrets.token_hex(4)
     scored = order(tag, 0, f"{tag}.label@example.com", "203.0.113.78")
-    response = requests.post(f"{setup.prediction.base}{SERVICE_API}/predict", json=scored, timeout=10)
+    response = requests.post(
+        f"{setup.prediction.base}{SERVICE_API}/predict", json=scored, headers=auth(), timeout=10
+    )
     assert response.status_code == 200, response.text
     label = {"order_id": scored["order_id"], "is_fraud": True}
     url = f"{setup.prediction.base}{SERVICE_API}/report-label"
@@ -354,24 +355,24 @@ def test_report_label_needs_the_token_and_records_nothing_without_it(setup, firs
     assert response.json()["states_changed"] == 3  # the refused calls had changed nothing
 
 
-def test_predict_switched_behind_the_token_refuses_and_appends_nothing(setup, first_run):
+def test_predict_by_default_refuses_without_the_token_and_appends_nothing(setup, first_run):
     tag = secrets.token_hex(4)
     first = order(tag, 0, f"{tag}.locked@example.com", "203.0.113.77")
     for endpoint, body in (("predict", first), ("predict-batch", {"orders": [first]})):
         for headers in BAD_HEADERS:
             response = requests.post(
-                f"{setup.locked.base}{SERVICE_API}/{endpoint}", json=body, headers=headers, timeout=10
+                f"{setup.prediction.base}{SERVICE_API}/{endpoint}", json=body, headers=headers, timeout=10
             )
             assert (response.status_code, response.json()) == (401, REFUSED), (endpoint, headers)
     second = order(tag, 1, first["email"], first["ip_addr"])
     response = requests.post(
-        f"{setup.locked.base}{SERVICE_API}/predict", json=second, headers=auth(), timeout=10
+        f"{setup.prediction.base}{SERVICE_API}/predict", json=second, headers=auth(), timeout=10
     )
     assert response.status_code == 200, response.text
     assert response.json()["cold_start"] is True  # the refused calls appended nothing to the serving state
     batch = {"orders": [order(tag, 2, first["email"], first["ip_addr"])]}
     response = requests.post(
-        f"{setup.locked.base}{SERVICE_API}/predict-batch", json=batch, headers=auth(), timeout=10
+        f"{setup.prediction.base}{SERVICE_API}/predict-batch", json=batch, headers=auth(), timeout=10
     )
     assert response.status_code == 200 and response.json()["predictions"][0]["cold_start"] is False, (
         response.text

@@ -383,7 +383,7 @@ async def test_parity_replaying_orders_one_by_one(services: Services, live: Hist
         for _, _, event in replay_events(replayed, late):
             if "order" in event:
                 status, prediction = await post(
-                    session, f"{services.main.base}/predict", order_json(event["order"])
+                    session, f"{services.main.base}/predict?features=true", order_json(event["order"])
                 )
                 assert status == 200, prediction
                 served.append(prediction)
@@ -430,7 +430,9 @@ async def test_parity_replaying_orders_one_by_one(services: Services, live: Hist
 async def test_cold_start_then_known(services: Services, live: History):
     tag = uuid4().hex[:8]
     async with aiohttp.ClientSession() as session:
-        status, first = await post(session, f"{services.main.base}/predict", fresh_order(tag, 0))
+        status, first = await post(
+            session, f"{services.main.base}/predict?features=true", fresh_order(tag, 0)
+        )
         assert status == 200, first
         assert first["cold_start"] is True
         assert first["known_entities"] == {"customer_id": False, "email": False, "ip_addr": False}
@@ -438,7 +440,7 @@ async def test_cold_start_then_known(services: Services, live: History):
         assert first["features"]["secs_since_prev_by_customer_id"] == -1.0
         assert 0.0 <= first["fraud_score"] <= 1.0
         status, second = await post(
-            session, f"{services.main.base}/predict", fresh_order(tag, 1, amount=100.0)
+            session, f"{services.main.base}/predict?features=true", fresh_order(tag, 1, amount=100.0)
         )
         assert status == 200, second
         assert second["cold_start"] is False
@@ -453,7 +455,7 @@ async def test_retry_is_scored_the_same_and_appended_once(services: Services, li
     r = redis.Redis.from_url(services.main.redis_url)
     version = live_pointer(services.main)["fs_version"]
     async with aiohttp.ClientSession() as session:
-        url = f"{services.main.base}/predict"
+        url = f"{services.main.base}/predict?features=true"
         _, first = await post(session, url, fresh_order(tag, 0))
         _, second = await post(session, url, fresh_order(tag, 1))
         _, retry = await post(session, url, fresh_order(tag, 1))
@@ -481,7 +483,9 @@ async def test_concurrent_orders_of_one_customer_lose_none(services: Services, l
         order["email"], order["ip_addr"] = f"{tag}-{n}@example.com", f"{tag}-ip-{n}"
         order["order_date"] = (pd.Timestamp("2026-01-01T00:00:00Z") + pd.Timedelta(days=2 * n)).isoformat()
     async with aiohttp.ClientSession() as session:
-        answers = await asyncio.gather(*[post(session, f"{services.main.base}/predict", o) for o in orders])
+        answers = await asyncio.gather(
+            *[post(session, f"{services.main.base}/predict?features=true", o) for o in orders]
+        )
     assert [status for status, _ in answers] == [200] * 30
     r = redis.Redis.from_url(services.main.redis_url)
     version = live_pointer(services.main)["fs_version"]
@@ -502,7 +506,9 @@ async def test_batch_scores_in_order_like_single_orders(services: Services, live
     tag = uuid4().hex[:8]
     orders = [fresh_order(tag, n, amount=10.0 * (n + 1)) for n in range(4)]
     async with aiohttp.ClientSession() as session:
-        status, answer = await post(session, f"{services.main.base}/predict-batch", {"orders": orders})
+        status, answer = await post(
+            session, f"{services.main.base}/predict-batch?features=true", {"orders": orders}
+        )
     assert status == 200, answer
     predictions = answer["predictions"]
     assert [p["order_id"] for p in predictions] == [o["order_id"] for o in orders]
@@ -556,20 +562,20 @@ async def test_bad_input_is_a_400_naming_the_field(services: Services, live: His
     order = fresh_order(uuid4().hex[:8])
     async with aiohttp.ClientSession() as session:
         for name, change, field in BAD_ORDERS:
-            status, answer = await post(session, f"{base}/predict", change(order))
+            status, answer = await post(session, f"{base}/predict?features=true", change(order))
             assert status == 400, (name, answer)
             assert field in [f["field"] for f in answer["fields"]] and field in answer["error"], (
                 name,
                 answer,
             )
         batch = [order, {**order, "order_date": "never"}]
-        status, answer = await post(session, f"{base}/predict-batch", {"orders": batch})
+        status, answer = await post(session, f"{base}/predict-batch?features=true", {"orders": batch})
         assert (status, answer["fields"][0]["field"]) == (400, "orders[1].order_date")
-        status, answer = await post(session, f"{base}/predict-batch", {"orders": [order] * 501})
+        status, answer = await post(session, f"{base}/predict-batch?features=true", {"orders": [order] * 501})
         assert status == 400 and answer["fields"] == [
             {"field": "orders", "message": "between 1 and 500 orders per request, got 501"}
         ]
-        status, answer = await post(session, f"{base}/predict-batch", {"orders": []})
+        status, answer = await post(session, f"{base}/predict-batch?features=true", {"orders": []})
         assert status == 400 and answer["fields"][0]["field"] == "orders"
         status, answer = await post(session, f"{base}/predict?debug=1", order)
         assert status == 400 and answer["fields"][0]["field"] == "debug"
@@ -585,19 +591,21 @@ async def test_bad_input_is_a_400_naming_the_field(services: Services, live: His
         # malformed or missing bodies are refused before the event, still as a 400 naming the body
         for body, content_type in ((b'{"order_id": ', "application/json"), (b"", "application/json")):
             async with session.post(
-                f"{base}/predict", data=body, headers={"Content-Type": content_type}
+                f"{base}/predict?features=true", data=body, headers={"Content-Type": content_type}
             ) as response:
                 assert response.status == 400 and "body" in await response.text()
         async with session.post(
-            f"{base}/predict", data=json.dumps(order), headers={"Content-Type": "text/plain"}
+            f"{base}/predict?features=true", data=json.dumps(order), headers={"Content-Type": "text/plain"}
         ) as response:
             assert response.status == 400
         async with session.post(
-            f"{base}/predict", data=b"x" * (2 << 20), headers={"Content-Type": "application/json"}
+            f"{base}/predict?features=true",
+            data=b"x" * (2 << 20),
+            headers={"Content-Type": "application/json"},
         ) as response:
             assert response.status == 413
         # and the service still answers
-        status, _ = await post(session, f"{base}/predict", order)
+        status, _ = await post(session, f"{base}/predict?features=true", order)
         assert status == 200
 
 
@@ -635,7 +643,7 @@ async def test_model_switch_under_requests(services: Services, live: History):
         async with aiohttp.ClientSession() as session:
             while not stop_sending.is_set():
                 order = fresh_order(f"{tag}-{worker}", n)
-                answers.append(await post(session, f"{services.main.base}/predict", order))
+                answers.append(await post(session, f"{services.main.base}/predict?features=true", order))
                 n += 1
 
     senders = [asyncio.create_task(send(w)) for w in range(4)]
@@ -671,22 +679,22 @@ async def test_redis_outage_503_then_recovery(services: Services, history: Histo
     async with aiohttp.ClientSession() as session:
         for answer in (
             await get(session, f"{service.base}/model-info"),
-            await post(session, f"{service.base}/predict", order),
+            await post(session, f"{service.base}/predict?features=true", order),
             await get(session, f"{service.base}/find-orders"),
         ):
             assert answer[0] == 503 and "no model is live" in answer[1]["error"], answer
         r = redis.Redis.from_url(service.redis_url)
         load_version(r, service.keys, "v1", history.orders.iloc[: history.cut])
         go_live(r, service.keys, "m1", history.booster, history.metadata, "v1")
-        status, before = await post(session, f"{service.base}/predict", order)
+        status, before = await post(session, f"{service.base}/predict?features=true", order)
         assert status == 200, before
 
         r.save()  # a restart with persistence: the data comes back, the script cache does not
         stop(services.own_redis)
         for answer in (
-            await post(session, f"{service.base}/predict", fresh_order("during", 1)),
+            await post(session, f"{service.base}/predict?features=true", fresh_order("during", 1)),
             await get(session, f"{service.base}/model-info"),
-            await post(session, f"{service.base}/predict-batch", {"orders": [order]}),
+            await post(session, f"{service.base}/predict-batch?features=true", {"orders": [order]}),
         ):
             assert answer[0] == 503 and "Redis is unavailable" in answer[1]["error"], answer
 
@@ -694,7 +702,7 @@ async def test_redis_outage_503_then_recovery(services: Services, history: Histo
         statuses = []
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            status, after = await post(session, f"{service.base}/predict", order)
+            status, after = await post(session, f"{service.base}/predict?features=true", order)
             statuses.append((status, after.get("error")))
             if status == 200:
                 break
@@ -709,7 +717,7 @@ async def test_report_label_refuses_what_it_cannot_record(services: Services, li
     order = fresh_order(tag)
     url = f"{services.main.base}/report-label"
     async with aiohttp.ClientSession() as session:
-        status, _ = await post(session, f"{services.main.base}/predict", order)
+        status, _ = await post(session, f"{services.main.base}/predict?features=true", order)
         assert status == 200
         status, answer = await post(session, url, {"order_id": f"{tag}-nope", "is_fraud": True}, AUTH)
         assert status == 404 and "not known" in answer["error"], answer
@@ -735,7 +743,7 @@ async def test_label_of_an_order_past_the_horizon_changes_nothing_and_says_so(
     url = f"{services.main.base}/report-label"
     async with aiohttp.ClientSession() as session:
         for order in (first, later, recent):
-            status, _ = await post(session, f"{services.main.base}/predict", order)
+            status, _ = await post(session, f"{services.main.base}/predict?features=true", order)
             assert status == 200
         body = {"order_id": first["order_id"], "is_fraud": True, "label_date": later["order_date"]}
         status, answer = await post(session, url, body, AUTH)
@@ -775,7 +783,9 @@ async def test_window_comes_from_the_live_model(services: Services, live: Histor
     ]
     try:
         async with aiohttp.ClientSession() as session:
-            answers = [await post(session, f"{services.main.base}/predict", order) for order in orders]
+            answers = [
+                await post(session, f"{services.main.base}/predict?features=true", order) for order in orders
+            ]
             status, info = await get(session, f"{services.main.base}/model-info")
         assert {status for status, _ in answers} == {200} and status == 200, answers[-1]
         assert (info["model_id"], info["metadata"]["window"]) == ("m-w7", window)
@@ -810,11 +820,13 @@ async def test_a_live_model_without_a_usable_feature_spec_is_a_503(services: Ser
     tag = uuid4().hex[:8]
     try:
         async with aiohttp.ClientSession() as session:
-            status, answer = await post(session, f"{services.main.base}/predict", fresh_order(tag))
+            status, answer = await post(
+                session, f"{services.main.base}/predict?features=true", fresh_order(tag)
+            )
         assert status == 503 and "its metadata has no usable feature_spec" in answer["error"], answer
         assert "m-nospec" in answer["error"], answer
     finally:
         switch_live(r, keys, before["model_id"], before["fs_version"], run_id=before["run_id"])
     async with aiohttp.ClientSession() as session:
-        status, answer = await post(session, f"{services.main.base}/predict", fresh_order(tag))
+        status, answer = await post(session, f"{services.main.base}/predict?features=true", fresh_order(tag))
     assert status == 200, answer

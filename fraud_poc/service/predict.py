@@ -12,7 +12,8 @@ from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 
 from ..scorer import OrderConflict, Scorer, ServiceUnavailable
-from .common import event_scorer
+from .common import FEATURES_ARG, BUSY_OR_DOWN, event_scorer, features_asked, query_refusal
+from ..overload import with_overload_guard
 from fraud_poc.service_payloads import (
     DateWindow,
     ErrorResponse,
@@ -21,7 +22,6 @@ from fraud_poc.service_payloads import (
     order_conflict,
     parse_body,
     unavailable,
-    unknown_query,
 )
 from ..auth import check_token, secured_api
 from ..settings import SecuritySettings, ServiceSettings
@@ -32,7 +32,7 @@ __steps__ = ["score"]
 
 __api__ = secured_api(
     optional=True,
-    summary="Predict: score one order (open: no token unless FRAUD_PREDICT_REQUIRES_TOKEN=true)",
+    summary="Predict: score one order (needs the API token unless FRAUD_PREDICT_REQUIRES_TOKEN=false)",
     description=(
         "Scores one order (SPEC 1.1 without the label) with the live model, from the serving state of its "
         "customer_id, email and ip_addr plus the order itself, then appends the order to that state "
@@ -41,23 +41,30 @@ __api__ = secured_api(
         "`order_date` must lie within `service.max_days_back` days before and `service.max_days_ahead` days after "
         "the service's clock (default 3650 and 1): an order from the future would push its customer's real orders "
         "out of the time windows."
-        " Needs the API token only when the setting `security.predict_requires_token` is on (FRAUD_PREDICT_REQUIRES_TOKEN)."
+        " Needs the API token unless the setting `security.predict_requires_token` is off (FRAUD_PREDICT_REQUIRES_TOKEN=false)."
+        " The answer carries the order's features only with `?features=true`: they are sensitive (its customer's, "
+        "email's and IP's order counts, spend, time since the last order and confirmed fraud)."
         " The example on this page is a real order: Try scores it, appends it to the live serving state of its "
         "customer, email and IP and to the event log, and export-orders exports it (as legitimate unless labelled): "
         "change `order_id`, `customer_id`, `email` and `ip_addr` to keep it apart from real customers."
     ),
     payload=(Order, "the order; `order_date` is ISO 8601 (UTC if it has no time zone)"),
+    query_args=[FEATURES_ARG],
     responses={
-        200: (Prediction, "fraud score, decision at the model's threshold, features used, top contributions"),
+        200: (
+            Prediction,
+            "fraud score, decision at the model's threshold, top contributions, features if asked",
+        ),
         400: (ErrorResponse, "invalid order: the message and `fields` name each bad field"),
         409: (
             ErrorResponse,
             "`order_id` is known with another customer_id, email or ip_addr: nothing was written",
         ),
-        503: (ErrorResponse, "no model is live yet, or Redis is unavailable"),
+        503: (ErrorResponse, BUSY_OR_DOWN),
     },
 )
-__api__ = with_request_errors(__api__)  # the error schema for every refusal (nbs/29)
+# the error schema for every refusal (nbs/29), at most service.max_in_flight requests at once, then 503 (nbs/38)
+__api__ = with_overload_guard(with_request_errors(__api__))
 
 logger, extra = app_extra_logger()
 scorer: Scorer | None = None
@@ -79,7 +86,7 @@ async def __preprocess__(
     """The order from the raw body, a 400 naming the bad fields (a date outside the window too), or a 401 if the token is required and missing."""
     result = (
         check_token(request, security, security.predict_requires_token)
-        or unknown_query(query_args)
+        or query_refusal(query_args)
         or parse_body(request.payload_raw, Order, "order")
     )
     if isinstance(result, Order):
@@ -95,7 +102,7 @@ async def score(payload: Order, context: EventContext, **query_args: str) -> Pre
     """Score the order and append it to the serving state; 503 if that cannot be done now."""
     assert scorer is not None
     try:
-        return (await scorer.predict([payload]))[0]
+        return (await scorer.predict([payload], features_asked(query_args)))[0]
     except OrderConflict:
         return order_conflict(None)
     except ServiceUnavailable as e:

@@ -1,0 +1,207 @@
+"""The prediction service as `config/env.sh` configures it by default, over HTTP (issue 22):
+
+- private by default: `predict` and `predict-batch` refuse a call without the token (401); with it they answer
+  without the features unless asked (`?features=true`);
+- the `Bearer` scheme in any case (RFC 7235);
+- a NUL in a header: a 400 in the error schema and no traceback in the log;
+- a flood far beyond the process's bound of requests in progress (`service.max_in_flight`): 200s and 503s with
+  `Retry-After`, never a 500 or a connection error.
+
+One prediction service (one worker), a small model live under a key prefix of its own.
+"""
+
+import asyncio
+import json
+import socket
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from uuid import uuid4
+
+import aiohttp
+import pandas as pd
+import pytest
+import redis
+import requests
+from conftest import API_TOKEN, AUTH, REDIS_URL, ROOT, Service, service_env
+from live_services import make_model_live
+
+from fraud_poc.overload import BUSY
+from fraud_poc.redis_store import Keys
+from fraud_poc.settings import ServiceSettings
+
+SERVICE_API = "/api/fraud-service/0x2"
+FLOOD_CONNECTIONS = 8 * ServiceSettings().max_in_flight  # each sends its next request once answered
+FLOOD_SECONDS = 5.0
+
+
+def default_env(key_prefix: str, data_root: Path) -> dict:
+    """The test's forced environment without the predict setting, then `config/env.sh`'s defaults."""
+    env = service_env(key_prefix, data_root)
+    del env["FRAUD_PREDICT_REQUIRES_TOKEN"]
+    dumped = subprocess.run(
+        ["bash", "-c", ". config/env.sh && env -0"], cwd=ROOT, env=env, capture_output=True, check=True
+    ).stdout
+    return dict(line.split("=", 1) for line in dumped.decode().split("\0") if "=" in line)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("guard")
+    key_prefix = f"fraudguard:{uuid4().hex[:12]}:"
+    r = redis.Redis.from_url(REDIS_URL)
+    history = make_model_live(r, Keys(key_prefix))
+    env = default_env(key_prefix, workdir / "data")
+    assert env["FRAUD_PREDICT_REQUIRES_TOKEN"] == "true"
+    started = Service("prediction", env, workdir / "prediction.log")
+    try:
+        started.wait_ready()
+        yield started, history
+    finally:
+        started.stop()
+        for key in r.scan_iter(match=f"{key_prefix}*", count=1000):
+            r.unlink(key)
+
+
+def an_order(tag: str, n: int = 0) -> dict:
+    return {
+        "order_id": f"{tag}-{n}",
+        "order_date": pd.Timestamp.now(tz="UTC").isoformat(),
+        "customer_id": f"{tag}-customer",
+        "email": f"{tag}@example.com",
+        "ip_addr": "198.51.100.7",
+        "order_amount": 30.0,
+        "location_lat": 40.4,
+        "location_long": -3.7,
+    }
+
+
+def test_predict_needs_the_token_by_default(service):
+    prediction, _ = service
+    tag = uuid4().hex[:8]
+    for endpoint, body in (("predict", an_order(tag)), ("predict-batch", {"orders": [an_order(tag)]})):
+        url = f"{prediction.base}{SERVICE_API}/{endpoint}"
+        refused = requests.post(url, json=body, timeout=30)
+        assert refused.status_code == 401, refused.text
+        assert refused.headers["WWW-Authenticate"].startswith("Bearer") and refused.json()["status"] == 401
+    scored = requests.post(
+        f"{prediction.base}{SERVICE_API}/predict", json=an_order(tag, 1), headers=AUTH, timeout=30
+    )
+    assert scored.status_code == 200, scored.text
+    # the refused calls appended nothing: the first accepted order of this customer is a cold start
+    assert scored.json()["cold_start"] is True
+
+
+def test_features_only_when_asked(service):
+    prediction, _ = service
+    tag, url = uuid4().hex[:8], f"{prediction.base}{SERVICE_API}"
+    plain = requests.post(f"{url}/predict", json=an_order(tag), headers=AUTH, timeout=30).json()
+    assert plain["features"] == {} and plain["top_contributions"], plain
+    asked = requests.post(f"{url}/predict?features=true", json=an_order(tag), headers=AUTH, timeout=30).json()
+    assert asked["fraud_score"] == plain["fraud_score"]  # a retry: the same order, scored the same
+    assert asked["features"]["n_orders_by_customer_id"] == 1.0
+    batch = requests.post(
+        f"{url}/predict-batch?features=true", json={"orders": [an_order(tag, 1)]}, headers=AUTH, timeout=30
+    ).json()
+    assert batch["predictions"][0]["features"]["n_orders_by_customer_id"] == 2.0
+    bad = requests.post(f"{url}/predict?features=yes", json=an_order(tag, 2), headers=AUTH, timeout=30)
+    assert bad.status_code == 400 and bad.json()["fields"][0]["field"] == "features", bad.text
+
+
+def test_the_bearer_scheme_in_any_case(service):
+    prediction, _ = service
+    url = f"{prediction.base}{SERVICE_API}"
+    for scheme in ("bearer", "BEARER", "bEaReR"):
+        headers = {"Authorization": f"{scheme} {API_TOKEN}"}
+        scored = requests.post(f"{url}/predict", json=an_order(uuid4().hex[:8]), headers=headers, timeout=30)
+        assert scored.status_code == 200, (scheme, scored.text)
+        # report-label always checks the token (and the OpenAPI validator sees the header): past it, a 404
+        label = requests.post(
+            f"{url}/report-label",
+            json={"order_id": "never-scored", "is_fraud": True},
+            headers=headers,
+            timeout=30,
+        )
+        assert label.status_code == 404, (scheme, label.text)
+        wrong = {"Authorization": f"{scheme} {API_TOKEN[:-1]}"}
+        refused = requests.post(
+            f"{url}/report-label",
+            json={"order_id": "never-scored", "is_fraud": True},
+            headers=wrong,
+            timeout=30,
+        )
+        assert refused.status_code == 401, (scheme, refused.text)
+
+
+def raw_request(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(request)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_nul_in_a_header_is_a_400_without_a_traceback(service):
+    prediction, _ = service
+    body = json.dumps(an_order(uuid4().hex[:8])).encode()
+    answer = raw_request(
+        prediction.port,
+        f"POST {SERVICE_API}/predict HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {API_TOKEN}\r\n".encode()
+        + b"X-Note: a\x00b\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body,
+    )
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == b"400" and b"application/json" in head, answer[:300]
+    assert json.loads(payload)["error"].startswith("bad HTTP request"), payload
+    time.sleep(0.5)  # the log line is written
+    logged = prediction.log.read_text(errors="replace")
+    assert "on a request aiohttp could not parse" in logged  # the one line
+    assert "Traceback" not in logged and "Error handling request" not in logged, logged[-3000:]
+
+
+async def flood(base: str, history: pd.DataFrame) -> tuple[Counter, int]:
+    """`FLOOD_CONNECTIONS` connections sending orders back to back for `FLOOD_SECONDS`: the answers by kind
+    (status, `503+retry-after`, or the exception's name) and how many 503s were the overload refusal."""
+    answers, busy = Counter(), 0
+    url = f"{base}{SERVICE_API}/predict"
+    combos = history[["customer_id", "email", "ip_addr"]].drop_duplicates().to_dict("records")
+    run = uuid4().hex[:8]
+    deadline = time.monotonic() + FLOOD_SECONDS
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=60)
+
+    async def sender(session: aiohttp.ClientSession, k: int) -> None:
+        nonlocal busy
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            order = {**an_order(f"flood-{run}-{k}", n), **combos[(k + n) % len(combos)]}
+            try:
+                async with session.post(url, json=order, headers=AUTH) as response:
+                    text = await response.text()
+                    kind = response.status
+                    if kind == 503 and "Retry-After" in response.headers:
+                        kind = "503+retry-after"
+                        busy += json.loads(text)["error"] == BUSY
+                    answers[kind] += 1
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                answers[type(e).__name__] += 1
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await asyncio.gather(*[sender(session, k) for k in range(FLOOD_CONNECTIONS)])
+    return answers, busy
+
+
+def test_a_flood_far_beyond_the_bound_gets_200s_and_503s_with_retry_after(service):
+    prediction, history = service
+    answers, busy = asyncio.run(flood(prediction.base, history))
+    assert set(answers) <= {200, "503+retry-after"}, answers  # no 500, no other 503, no connection error
+    assert answers[200] > 0 and answers["503+retry-after"] > 0 and busy == answers["503+retry-after"], answers
+    after = requests.post(
+        f"{prediction.base}{SERVICE_API}/predict", json=an_order(uuid4().hex[:8]), headers=AUTH, timeout=30
+    )
+    assert after.status_code == 200, after.text  # the flood over, the service serves again
+    assert "overload:" in prediction.log.read_text(errors="replace")  # the refusals were logged, in short
