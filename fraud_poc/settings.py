@@ -87,6 +87,9 @@ class TrainModelSettings:
     # monotone constraint +1 on the features that count confirmed fraud (n_fraud_*, risk_*): more confirmed fraud
     # never lowers the score (off: XGBoost may learn any direction for them, as before issue 19)
     monotone_confirmed_fraud: bool = True
+    # the rows a model trains on, at most (0: no cap): every fraud row is kept, the legitimate ones are subsampled
+    # (seeded), and the scores are corrected for it (prior correction, see 14_train), so they stay probabilities
+    max_train_rows: int = field(default=1_000_000, ge=0, le=100_000_000)
 
 
 @dataobject
