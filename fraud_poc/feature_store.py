@@ -64,34 +64,32 @@ def _write_entity_states(
 ) -> tuple[int, int]:
     """`write_entity_states`, and the number of order entries written to the index."""
     values = encoded["value"].tolist()
-    states, tiles = (encoded[col].tolist() for col in ("state", "tiles"))
-    orders = [msgpack.unpackb(payload, raw=False) for payload in encoded["orders"].tolist()]
-    ends = np.cumsum([len(entries) for entries in orders], dtype=np.int64)
-    if index_entries is not None and len(index_entries) != (ends[-1] if len(ends) else 0):
-        raise ValueError(f"{len(index_entries)} index flags for {ends[-1] if len(ends) else 0} order entries")
-    index, packer, written = keys.fs_index(version, by), msgpack.Packer(), 0
+    states, tiles, orders = (encoded[col].tolist() for col in ("state", "tiles", "orders"))
+    index, packer, written, seen = keys.fs_index(version, by), msgpack.Packer(), 0, 0
     for start in range(0, len(values), chunk_size):
         chunk = slice(start, start + chunk_size)
         pipe = r.pipeline(transaction=False)
         pipe.mset(
             {keys.fs_state(version, by, v): s for v, s in zip(values[chunk], states[chunk], strict=True)}
         )
-        for value, packed in zip(
-            values[chunk], tiles[chunk], strict=True
-        ):  # a tile's member: its own msgpack
+        # a tile's member: its own msgpack
+        for value, packed in zip(values[chunk], tiles[chunk], strict=True):
             pipe.zadd(
                 keys.fs_tiles(version, by, value), {packer.pack(t): t[0] for t in msgpack.unpackb(packed)}
             )
         pipe.zadd(index, dict.fromkeys(values[chunk], 0))
-        entries = chain.from_iterable(orders[chunk])
+        # unpacked chunk by chunk: a whole partition's entries alive at once cost seconds of garbage collection
+        entries = list(chain.from_iterable(msgpack.unpackb(payload, raw=False) for payload in orders[chunk]))
         if index_entries is not None:
-            first = ends[start - 1] if start else 0
-            entries = compress(entries, index_entries[first : ends[min(start + chunk_size, len(values)) - 1]])
+            flags, seen = index_entries[seen : seen + len(entries)], seen + len(entries)
+            entries = compress(entries, flags)
         mapping = {entry[0]: packer.pack(entry[1:]) for entry in entries}
         if mapping:
             pipe.hset(keys.fs_orders(version), mapping=mapping)
         written += len(mapping)
         pipe.execute()
+    if index_entries is not None and seen != len(index_entries):
+        raise ValueError(f"{len(index_entries)} index flags for {seen} order entries")
     return len(values), written
 
 
