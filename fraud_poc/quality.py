@@ -11,7 +11,7 @@ import xgboost as xgb
 
 from .features import compute_features
 from .schema import LABEL, SCENARIO
-from .train import BASE_PARAMS, choose_threshold, evaluate
+from .train import BASE_PARAMS, choose_threshold, evaluate, with_prior_correction
 
 # %% ../nbs/18_quality.ipynb #8226dd91
 def labelled_features(orders: pd.DataFrame) -> pd.DataFrame:
@@ -26,8 +26,11 @@ def holdout_quality(
     num_boost_round: int,
     early_stopping_rounds: int,
     threshold_metric: str = "f1",
+    keep_rate: float = 1.0,
 ) -> dict:
-    """Train on (train, tuning, holdout)'s first part, early stopping and threshold on the second; holdout metrics."""
+    """Train on (train, tuning, holdout)'s first part, early stopping and threshold on the second; holdout metrics,
+    the trees kept and the mean holdout score, with the scores corrected for legitimate training rows kept at
+    `keep_rate` (`fraud_poc.train.with_prior_correction`, as train-model does)."""
     matrices = [
         xgb.DMatrix(p[columns].astype("float32"), label=p[LABEL], feature_names=columns) for p in parts
     ]
@@ -40,13 +43,9 @@ def holdout_quality(
         verbose_eval=False,
     )
     trees = booster.best_iteration + 1
-    booster = booster[:trees]
+    booster = with_prior_correction(booster[:trees], keep_rate)
     threshold = choose_threshold(parts[1][LABEL].to_numpy(), booster.predict(matrices[1]), threshold_metric)
     holdout = parts[2]
-    metrics = evaluate(
-        holdout[LABEL].to_numpy(),
-        booster.predict(matrices[2]),
-        holdout[SCENARIO].to_numpy(dtype=object),
-        threshold,
-    )
-    return {**metrics, "trees": trees}
+    scores = booster.predict(matrices[2])
+    metrics = evaluate(holdout[LABEL].to_numpy(), scores, holdout[SCENARIO].to_numpy(dtype=object), threshold)
+    return {**metrics, "trees": trees, "mean_score": float(scores.mean())}

@@ -5,10 +5,13 @@
 # %% auto #0
 __all__ = ['BASE_PARAMS', 'CONFIRMED_FRAUD_STATS', 'TrainedModel', 'model_matrix', 'pin_partitions', 'WorkerLost',
            'failing_on_worker_loss', 'train_booster', 'predict_scores', 'importance_gain', 'monotone_constraints',
-           'precision_recall_curve', 'roc_auc', 'average_precision', 'fbeta_from_metric', 'choose_threshold',
-           'classification_metrics', 'recall_by_scenario', 'evaluate']
+           'negative_keep_rate', 'keep_negatives', 'cap_training_rows', 'prior_correction', 'base_score',
+           'with_prior_correction', 'precision_recall_curve', 'roc_auc', 'average_precision', 'fbeta_from_metric',
+           'choose_threshold', 'classification_metrics', 'recall_by_scenario', 'evaluate']
 
 # %% ../nbs/14_train.ipynb #c4ebcea7
+import json
+import math
 import re
 import threading
 from collections.abc import Iterator
@@ -187,6 +190,72 @@ def monotone_constraints(features: list[str] = FEATURE_COLUMNS) -> dict[str, int
     that counts confirmed fraud, by name (`n_fraud_*`, `risk_*`); the others are unconstrained."""
     prefixes = tuple(f"{stat}_" for stat in CONFIRMED_FRAUD_STATS)
     return {name: 1 for name in features if name.startswith(prefixes)}
+
+# %% ../nbs/14_train.ipynb #e74fa45e
+def negative_keep_rate(rows: int, fraud: int, max_rows: int) -> float:
+    """The fraction of the legitimate rows to keep so that every fraud row and the kept legitimate ones make at
+    most `max_rows` rows (at least as many legitimate rows as fraud ones); 1.0 when all fit or `max_rows` is 0."""
+    if rows < 0 or not 0 <= fraud <= rows or max_rows < 0:
+        raise ValueError(f"need 0 <= fraud ({fraud}) <= rows ({rows}) and max_rows ({max_rows}) >= 0")
+    legitimate = rows - fraud
+    if max_rows == 0 or rows <= max_rows or legitimate == 0:
+        return 1.0
+    return min(1.0, max(max_rows - fraud, fraud, 1) / legitimate)
+
+
+def keep_negatives(
+    part: pd.DataFrame, rate: float, seed: int, partition: int, label: str = LABEL
+) -> pd.DataFrame:
+    """Every fraud row of `part` and a seeded `rate` of the others (the same `seed` and `partition` keep the same
+    rows of the same frame)."""
+    if not 0.0 < rate <= 1.0:
+        raise ValueError(f"the keep rate must be in (0, 1], got {rate}")
+    if rate == 1.0:
+        return part
+    draws = np.random.default_rng([seed, partition]).random(len(part))
+    return part[part[label].to_numpy(dtype=bool) | (draws < rate)]
+
+
+def _keep_negatives_part(
+    part: pd.DataFrame, rate: float, seed: int, label: str, partition_info: dict | None = None
+) -> pd.DataFrame:
+    return keep_negatives(part, rate, seed, 0 if partition_info is None else partition_info["number"], label)
+
+
+def cap_training_rows(frame: dd.DataFrame, rate: float, seed: int, label: str = LABEL) -> dd.DataFrame:
+    """`keep_negatives` on every partition of `frame`, each with its number as the second seed."""
+    if rate == 1.0:
+        return frame
+    return frame.map_partitions(_keep_negatives_part, rate, seed, label, meta=frame._meta)
+
+
+def prior_correction(scores: np.ndarray, keep_rate: float) -> np.ndarray:
+    """Scores of a model trained with the legitimate rows kept at `keep_rate`, as probabilities of the full
+    population: p = p_s r / (p_s r + 1 - p_s) (the margin shifted by log r)."""
+    if not 0.0 < keep_rate <= 1.0:
+        raise ValueError(f"the keep rate must be in (0, 1], got {keep_rate}")
+    p = np.asarray(scores, dtype="float64")
+    return p * keep_rate / (p * keep_rate + 1.0 - p)
+
+
+def base_score(booster: xgb.Booster) -> float:
+    """The booster's `base_score` (a probability for `binary:logistic`): its trees' margin starts at its logit."""
+    raw = json.loads(booster.save_config())["learner"]["learner_model_param"]["base_score"]
+    return float(str(raw).strip("[]"))
+
+
+def with_prior_correction(booster: xgb.Booster, keep_rate: float) -> xgb.Booster:
+    """A copy of `booster` whose scores are `prior_correction(booster's scores, keep_rate)`: its `base_score`
+    moved so that every margin is shifted by log(keep_rate). The booster itself at rate 1."""
+    prior_correction(np.zeros(0), keep_rate)  # checks the rate
+    if keep_rate == 1.0:
+        return booster
+    corrected = xgb.Booster()
+    corrected.load_model(booster.save_raw("ubj"))
+    start = base_score(booster)
+    margin = math.log(start / (1.0 - start)) + math.log(keep_rate)
+    corrected.set_param({"base_score": 1.0 / (1.0 + math.exp(-margin))})
+    return corrected
 
 # %% ../nbs/14_train.ipynb #d3d39ba8
 def _check_labels(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

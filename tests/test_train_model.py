@@ -10,11 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import redis
-from step_runs import REDIS_URL, SETTINGS, prepare_args, run_steps_3_and_4
+from step_runs import REDIS_URL, RUN_SPLIT, SETTINGS, prepare_args, run_steps_3_and_4
 
 from fraud_poc.datasets import (
     FEATURE_SPEC_FILE,
     FeatureSpecError,
+    read_dataset,
     run_dir,
     serving_state_dir,
     training_paths,
@@ -29,7 +30,7 @@ from fraud_poc.serving_state import decode_state, decode_tile
 from fraud_poc.settings import TrainModelSettings
 from fraud_poc.steps.prepare_db import prepare_db_step
 from fraud_poc.steps.train_model import train_model_step
-from fraud_poc.train import average_precision
+from fraud_poc.train import average_precision, cap_training_rows, negative_keep_rate, prior_correction
 
 DEFAULT_SPEC = FeatureSpec()  # the spec make_runs' runs are computed with
 
@@ -250,3 +251,73 @@ def test_steps_5_and_6_refuse_a_run_without_a_usable_feature_spec(client, runs, 
     with pytest.raises(FeatureSpecError, match=message):  # before it reads the model or Redis
         prepare_db_step(client, tmp_path, "run-1", "xgb-run-1", **prepare_args(keys.prefix))
     assert list(r.scan_iter(match=keys.prefix + "*")) == []
+
+
+def test_capped_training_keeps_every_fraud_row_and_scores_stay_probabilities(client, runs, tmp_path):
+    """`max_train_rows` below the run's training rows: every fraud row is kept and the legitimate ones at the
+    recorded rate (the same seed keeps the same rows), and the saved model's holdout scores are, on average, the
+    fraud rate, as the uncapped model's are, while the raw scores of the capped model are far above it."""
+    data_root, _, _ = runs
+    (tmp_path / "runs").mkdir()
+    shutil.copytree(run_dir(data_root, "run-1"), run_dir(tmp_path, "run-1"))
+    shutil.copytree(run_dir(data_root, "run-1"), run_dir(tmp_path, "run-9"))
+    train_path = training_paths(tmp_path, "run-1")[0]
+    labels = pd.read_parquet(train_path, columns=[LABEL])[LABEL]
+    rows, fraud = len(labels), int(labels.sum())
+    cap = rows // 2  # every fraud row and fewer than half the legitimate ones
+    rate = negative_keep_rate(rows, fraud, cap)
+    assert 0 < rate < 0.5
+
+    # the rows: every fraud row, legitimate ones at the rate; the same seed, the same rows; another, others
+    def kept(seed: int) -> pd.DataFrame:
+        frame = read_dataset(train_path, ["order_id", LABEL])
+        return client.compute(cap_training_rows(frame, rate, seed), sync=True).reset_index(drop=True)
+
+    first, again, other = kept(42), kept(42), kept(43)
+    assert int(first[LABEL].sum()) == fraud
+    assert abs((~first[LABEL]).sum() - rate * (rows - fraud)) < 4 * np.sqrt(rows * rate)
+    pd.testing.assert_frame_equal(first, again)
+    assert set(first["order_id"]) != set(other["order_id"])
+
+    keys = Keys(f"fraudtest:{uuid4().hex}:")
+    args = {"redis_url": REDIS_URL, "key_prefix": keys.prefix}
+    settings = {
+        "num_boost_round": 80,
+        "early_stopping_rounds": 10,
+        "max_depth": 4,
+        "min_average_precision": 0.0,
+    }
+    capped = train_model_step(
+        client, tmp_path, "run-1", **args, settings=TrainModelSettings(**settings, max_train_rows=cap)
+    )
+    full = train_model_step(
+        client, tmp_path, "run-9", **args, settings=TrainModelSettings(**settings, max_train_rows=0)
+    )
+    training = load_metadata(tmp_path, capped.model_id)["training"]
+    non_fraud_fraction = RUN_SPLIT.non_fraud_fraction
+    assert training["max_train_rows"] == cap and training["fitted_rows"] == len(first)
+    assert training["sampling"] == {
+        "non_fraud_fraction": non_fraud_fraction,
+        "cap_keep_rate": rate,
+        "negative_keep_rate": non_fraud_fraction * rate,
+        "seed": 42,
+        "scores": training["sampling"]["scores"],
+    }
+    uncapped = load_metadata(tmp_path, full.model_id)["training"]
+    assert uncapped["fitted_rows"] == rows and uncapped["sampling"]["cap_keep_rate"] == 1.0
+    assert uncapped["sampling"]["negative_keep_rate"] == non_fraud_fraction
+
+    holdout = read_holdout(tmp_path, "run-1")
+    x, fraud_rate = holdout[FEATURE_COLUMNS].astype("float32"), holdout[LABEL].mean()
+    capped_scores = load_booster(tmp_path, capped.model_id).inplace_predict(x).astype("float64")
+    full_scores = load_booster(tmp_path, full.model_id).inplace_predict(x).astype("float64")
+    r = non_fraud_fraction * rate
+    raw_scores = capped_scores / (capped_scores + r * (1 - capped_scores))  # prior_correction undone
+    np.testing.assert_allclose(prior_correction(raw_scores, r), capped_scores, rtol=1e-6, atol=1e-9)
+    assert 0.5 < capped_scores.mean() / fraud_rate < 2, (capped_scores.mean(), fraud_rate)
+    assert 0.5 < full_scores.mean() / fraud_rate < 2, (full_scores.mean(), fraud_rate)
+    assert 0.67 < capped_scores.mean() / full_scores.mean() < 1.5
+    assert raw_scores.mean() > 2 * full_scores.mean()  # uncorrected, they would be far from probabilities
+    assert capped.metrics["average_precision"] == pytest.approx(
+        average_precision(holdout[LABEL].to_numpy(), capped_scores), abs=1e-6
+    )

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from distributed import Client
 
-from ..datasets import feature_spec, read_dataset, training_paths
+from ..datasets import feature_spec, read_dataset, training_paths, training_sampling
 from ..feature_store import live_pointer
 from ..redis_store import Keys, sync_redis
 from fraud_poc.registry import (
@@ -33,12 +33,15 @@ from ..schema import FEATURE_COLUMNS, LABEL, SCENARIO, FeatureSpec
 from ..settings import TrainModelSettings
 from fraud_poc.train import (
     average_precision,
+    cap_training_rows,
     choose_threshold,
     evaluate,
     importance_gain,
     monotone_constraints,
+    negative_keep_rate,
     predict_scores,
     train_booster,
+    with_prior_correction,
 )
 
 # %% ../../nbs/36_train_model.ipynb #e8d3183e
@@ -122,10 +125,25 @@ def _train_and_register(
     settings: TrainModelSettings,
     spec: FeatureSpec,
 ) -> dict[str, Any]:
-    """Train (early stopping and threshold on the tuning set), evaluate on the holdout, write model + metadata +
-    report to the registry; returns the metadata."""
+    """Train on at most `max_train_rows` rows (every fraud row, legitimate ones subsampled), with early stopping
+    and the threshold on the tuning set, scores corrected for the subsampling (training-data's and the cap's),
+    evaluate on the holdout, write model + metadata + report to the registry; returns the metadata."""
     train_path, tuning_path, holdout_path = training_paths(data_root, run_id)
-    train = read_dataset(train_path, [*FEATURE_COLUMNS, LABEL])
+    train_rows, train_fraud = _label_counts(client, train_path)
+    cap_rate = negative_keep_rate(train_rows, train_fraud, settings.max_train_rows)
+    fitted_rows = (
+        train_rows
+        if cap_rate == 1.0
+        else int(
+            client.compute(
+                cap_training_rows(read_dataset(train_path, [LABEL]), cap_rate, settings.seed).shape[0],
+                sync=True,
+            )
+        )
+    )  # the rows the cap keeps depend on the labels only: the same as of the full frame
+    non_fraud_fraction = training_sampling(data_root, run_id)["non_fraud_fraction"]
+    keep_rate = non_fraud_fraction * cap_rate  # of the legitimate orders of the training period
+    train = cap_training_rows(read_dataset(train_path, [*FEATURE_COLUMNS, LABEL]), cap_rate, settings.seed)
     tuning = read_dataset(tuning_path, [*FEATURE_COLUMNS, LABEL])
     holdout = read_dataset(holdout_path, FEATURE_COLUMNS)
     params = booster_params(settings)
@@ -140,13 +158,11 @@ def _train_and_register(
         collective_timeout=settings.collective_timeout_seconds,
     )
     train_seconds = time.perf_counter() - started
+    booster = with_prior_correction(trained.booster, keep_rate)  # what is saved, evaluated and served
     tuning_y = _truth(client, tuning_path)[0]
-    threshold = choose_threshold(
-        tuning_y, predict_scores(client, trained.booster, tuning), settings.threshold_metric
-    )
-    scores = predict_scores(client, trained.booster, holdout)
+    threshold = choose_threshold(tuning_y, predict_scores(client, booster, tuning), settings.threshold_metric)
+    scores = predict_scores(client, booster, holdout)
     y, scenarios = _truth(client, holdout_path)
-    train_rows, train_fraud = _label_counts(client, train_path)
     data_sizes = {
         "train_rows": train_rows,
         "train_fraud": train_fraud,
@@ -162,7 +178,16 @@ def _train_and_register(
         "tuning_fraud": int(tuning_y.sum()),
         "threshold_metric": settings.threshold_metric,
         "train_seconds": round(train_seconds, 3),
-        "train_rows_per_second": round(train_rows / train_seconds, 1),
+        "train_rows_per_second": round(fitted_rows / train_seconds, 1),
+        "max_train_rows": settings.max_train_rows,
+        "fitted_rows": fitted_rows,  # training rows the model was fitted on: train_rows after the cap
+        "sampling": {  # legitimate training-period orders kept, and the scores' correction for it
+            "non_fraud_fraction": non_fraud_fraction,  # training-data's subsampling
+            "cap_keep_rate": cap_rate,  # the cap's, of what training-data kept
+            "negative_keep_rate": keep_rate,  # both: r of the prior correction
+            "seed": settings.seed,
+            "scores": "probabilities of the full population: prior correction p_s r / (p_s r + 1 - p_s)",
+        },
         "workers": len(client.nthreads()),
     }
     metadata = model_metadata(
@@ -177,10 +202,10 @@ def _train_and_register(
     save_model(
         data_root,
         model_id,
-        trained.booster,
+        booster,
         metadata,
         report_pngs(
-            y, scores, threshold, importance_gain(trained.booster), metadata["metrics"]["recall_by_scenario"]
+            y, scores, threshold, importance_gain(booster), metadata["metrics"]["recall_by_scenario"]
         ),
     )
     return metadata

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['SPLIT_PARTS', 'SplitBounds', 'split_bounds', 'check_periods', 'keep_fraction', 'training_rows', 'tuning_rows',
-           'holdout_rows', 'check_split_sizes', 'make_training_data']
+           'holdout_rows', 'check_split_sizes', 'split_table', 'split_features_file', 'make_training_data']
 
 # %% ../../nbs/35_training_data.ipynb #8e601b46
 import hashlib
@@ -13,15 +13,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from distributed import Client
 
 from fraud_poc.datasets import (
     StepResult,
+    dataset_files,
     features_dir,
     parquet_write_options,
     read_dataset,
     replace_atomically,
     training_paths,
+    write_training_sampling,
 )
 from ..schema import LABEL
 from ..settings import TrainingDataSettings
@@ -113,6 +117,39 @@ def check_split_sizes(rows: dict[str, int], fraud: dict[str, int]) -> None:
             )
 
 # %% ../../nbs/35_training_data.ipynb #48a17570
+_SPLIT_KEYS = ["order_id", "order_date", LABEL]
+
+
+def split_table(
+    table: pa.Table, bounds: SplitBounds, non_fraud_fraction: float, seed: int
+) -> dict[str, pa.Table]:
+    """The rows of each part (`SPLIT_PARTS`) of one table of orders with features, as the pandas functions
+    choose them (they see only `order_id`, `order_date` and the label)."""
+    keys = table.select(_SPLIT_KEYS).to_pandas()
+    keys.index = pd.RangeIndex(len(keys))  # the rows' positions, kept by the filters
+    chosen = {
+        "train": training_rows(keys, bounds, non_fraud_fraction, seed),
+        "tuning": tuning_rows(keys, bounds),
+        "holdout": holdout_rows(keys, bounds),
+    }
+    return {part: table.take(pa.array(chosen[part].index.to_numpy())) for part in SPLIT_PARTS}
+
+
+def split_features_file(
+    path: str, targets: dict[str, str], bounds: SplitBounds, non_fraud_fraction: float, seed: int
+) -> dict[str, int]:
+    """Dask task: split one features file into the files `targets` (part -> path); its rows and the rows and
+    fraud rows of each part."""
+    table = pq.read_table(path)
+    options = parquet_write_options(table.column_names)
+    counts = {"rows": table.num_rows}
+    for part, rows in split_table(table, bounds, non_fraud_fraction, seed).items():
+        pq.write_table(rows, targets[part], use_dictionary=options["use_dictionary"])
+        counts[f"{part}_rows"] = rows.num_rows
+        counts[f"{part}_fraud"] = int(rows.column(LABEL).to_numpy(zero_copy_only=False).sum())
+    return counts
+
+
 def make_training_data(
     client: Client, data_root: str | Path, run_id: str, settings: TrainingDataSettings
 ) -> StepResult:
@@ -126,29 +163,31 @@ def make_training_data(
     bounds = split_bounds(
         earliest, latest, settings.validation_days, settings.tuning_days, settings.warmup_days
     )
-    orders = read_dataset(folder)
-    parts = {
-        "train": orders.map_partitions(
-            training_rows, bounds, settings.non_fraud_fraction, settings.seed, meta=orders._meta
-        ),
-        "tuning": orders.map_partitions(tuning_rows, bounds, meta=orders._meta),
-        "holdout": orders.map_partitions(holdout_rows, bounds, meta=orders._meta),
+    files = dataset_files(folder)
+    names = {
+        part: path.name for part, path in zip(SPLIT_PARTS, training_paths(data_root, run_id), strict=True)
     }
-    paths = dict(zip(SPLIT_PARTS, training_paths(data_root, run_id), strict=True))
-    with replace_atomically(paths["train"].parent) as tmp:
-        counts = [
-            orders.shape[0],
-            *(parts[p].shape[0] for p in SPLIT_PARTS),
-            *(parts[p][LABEL].sum() for p in SPLIT_PARTS),
+    with replace_atomically(training_paths(data_root, run_id)[0].parent) as tmp:
+        for name in names.values():
+            (tmp / name).mkdir(parents=True)
+        tasks = [
+            client.submit(
+                split_features_file,
+                str(path),
+                {part: str(tmp / name / f"part.{i}.parquet") for part, name in names.items()},
+                bounds,
+                settings.non_fraud_fraction,
+                settings.seed,
+                pure=False,
+            )
+            for i, path in enumerate(files)
         ]
-        options = parquet_write_options(orders.columns)
-        writes = [
-            parts[p].to_parquet(str(tmp / paths[p].name), compute=False, **options) for p in SPLIT_PARTS
-        ]
-        n_in, *sizes = (int(n) for n in client.gather(client.compute(counts + writes))[: len(counts)])
-        rows = dict(zip(SPLIT_PARTS, sizes[:3], strict=True))
-        fraud = dict(zip(SPLIT_PARTS, sizes[3:], strict=True))
+        counts = client.gather(tasks)
+        n_in = sum(c["rows"] for c in counts)
+        rows = {part: sum(c[f"{part}_rows"] for c in counts) for part in SPLIT_PARTS}
+        fraud = {part: sum(c[f"{part}_fraud"] for c in counts) for part in SPLIT_PARTS}
         check_split_sizes(rows, fraud)
+        write_training_sampling(tmp, settings.non_fraud_fraction, settings.seed)
     details = {
         "train_from": bounds.train_from.isoformat(),
         "tuning_start": bounds.tuning_start.isoformat(),
