@@ -44,7 +44,9 @@ def test_features_equal_the_batch_definition(features_run):
     assert step3.details == {
         "feature_spec": FEATURE_SPEC.to_json(),
         "partitions": run.results["preprocess"].details["partitions"],
-        "data_cutoff": run.orders["order_date"].max().isoformat(),  # the newest order: what carry-over starts after
+        "data_cutoff": run.orders["order_date"]
+        .max()
+        .isoformat(),  # the newest order: what carry-over starts after
     }
     assert json.loads(json.dumps(asdict(step3))) == asdict(step3)  # the run status stores it as JSON
     assert feature_spec(run.data_root, run.run_id) == FEATURE_SPEC  # recorded for the later steps
