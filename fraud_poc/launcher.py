@@ -78,7 +78,8 @@ SERVICES = {
         ("config/server-prediction.json", "config/redis-streams.json", "config/fraud-service.json"),
         "config/openapi-service.json",
         8021,
-        ("--worker-class=GunicornUVLoopWebWorker",),
+        # two processes on one port, each with its own share of the connections (service.common.own_listener)
+        ("--worker-class=GunicornUVLoopWebWorker", "--workers=2"),
     ),
 }
 
