@@ -214,7 +214,7 @@ class Scorer:
                     if with_features
                     else {},
                     top_contributions=top_contributions(
-                        live.feature_columns, x[i], contributions[i], self.top_k
+                        live.feature_columns, x[i] if with_features else None, contributions[i], self.top_k
                     ),
                     margin=float(contributions[i].sum()),
                     bias=float(contributions[i][-1]),

@@ -76,11 +76,15 @@ def score_matrix(model: LiveModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def top_contributions(
-    columns: list[str], values: np.ndarray, contributions: np.ndarray, k: int
+    columns: list[str], values: np.ndarray | None, contributions: np.ndarray, k: int
 ) -> list[Contribution]:
-    """The `k` features with the largest |contribution| (ties: model column order), with their values."""
+    """The `k` features with the largest |contribution| (ties: model column order), with their `values` if given."""
     top = np.argsort(-np.abs(contributions[:-1]), kind="stable")[:k]
     return [
-        Contribution(feature=columns[j], value=float(values[j]), contribution=float(contributions[j]))
+        Contribution(
+            feature=columns[j],
+            contribution=float(contributions[j]),
+            value=None if values is None else float(values[j]),
+        )
         for j in top
     ]

@@ -100,9 +100,11 @@ def test_features_only_when_asked(service):
     tag, url = uuid4().hex[:8], f"{prediction.base}{SERVICE_API}"
     plain = requests.post(f"{url}/predict", json=an_order(tag), headers=AUTH, timeout=30).json()
     assert plain["features"] == {} and plain["top_contributions"], plain
+    assert all(c["value"] is None for c in plain["top_contributions"]), plain  # values are features too
     asked = requests.post(f"{url}/predict?features=true", json=an_order(tag), headers=AUTH, timeout=30).json()
     assert asked["fraud_score"] == plain["fraud_score"]  # a retry: the same order, scored the same
     assert asked["features"]["n_orders_by_customer_id"] == 1.0
+    assert all(asked["features"][c["feature"]] == c["value"] for c in asked["top_contributions"]), asked
     batch = requests.post(
         f"{url}/predict-batch?features=true", json={"orders": [an_order(tag, 1)]}, headers=AUTH, timeout=30
     ).json()
