@@ -26,6 +26,7 @@ LAYERS = {
         "report",
         "scored_orders",
         "quality",
+        "health",
     },
     CONTRACTS: {"settings", "payloads", "service_payloads"},
     STORES: {
