@@ -47,6 +47,7 @@ LAYERS = {
         "scorer",
         "carry_over",
         "live_models",
+        "health_log",
     },
     EVENT_SUPPORT: {"auth", "request_errors", "overload"},
     EVENTS: {
