@@ -6,7 +6,7 @@
 __all__ = ['DRIFT_BINS', 'MAX_BIN_ROWS', 'PSI_FLOOR', 'DAY_US', 'SCORE_HIST_BINS', 'bin_edges', 'bin_index', 'bin_counts',
            'reference_bins', 'drift_reference', 'FeatureBinner', 'feature_binner', 'score_hist_index',
            'hist_average_precision', 'ModelReference', 'psi', 'HealthAggregator', 'HealthThresholds', 'wilson_upper',
-           'drift_figures', 'health_report', 'health_png']
+           'drift_figures', 'health_report', 'health_png', 'retraining_reason']
 
 # %% ../nbs/13_health.ipynb #fe688ef3
 import math
@@ -202,7 +202,7 @@ def psi(expected: list[float], counts: np.ndarray) -> float:
 
 
 class HealthAggregator:
-    """Running aggregates of the scored orders of the last `window_days` before `now_us` (labels first)."""
+    """Running aggregates of the scored orders dated in the last `window_days` up to `now_us` (labels first)."""
 
     def __init__(self, models: dict[str, ModelReference], now_us: int, window_days: float, drift_days: float):
         self.models, self.now_us = models, now_us
@@ -216,7 +216,7 @@ class HealthAggregator:
     def add_labels(self, order_ids: list[str], is_fraud: list[bool], order_ts_us: np.ndarray) -> None:
         """Labels in log order (a later one replaces an earlier one); only orders dated in the window are kept."""
         for order_id, fraud, ts in zip(order_ids, is_fraud, order_ts_us, strict=True):
-            if ts >= self.window_start:
+            if self.window_start <= ts <= self.now_us:
                 self.fraud[order_id] = bool(fraud)
 
     def add_scores(
@@ -229,7 +229,7 @@ class HealthAggregator:
     ) -> None:
         """A chunk of scored orders as logged (each with its model's feature bins, or None)."""
         ts, scores = np.asarray(order_ts_us, dtype=np.int64), np.asarray(scores, dtype=np.float64)
-        keep = ts >= self.window_start
+        keep = (ts >= self.window_start) & (ts <= self.now_us)  # an order dated after `now` waits for its day
         models = np.asarray(model_ids, dtype=object)
         for model_id in set(models[keep].tolist()):
             mask = keep & (models == model_id)
@@ -445,3 +445,27 @@ def health_png(report: dict) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
     return buffer.getvalue()
+
+# %% ../nbs/13_health.ipynb #3133d030
+def retraining_reason(
+    verdict: str | None,
+    reasons: list[str],
+    *,
+    on_degraded: bool,
+    every_days: float,
+    cooldown_hours: float,
+    now_us: int,
+    last_start_us: int | None,
+    live_since_us: int | None,
+) -> str | None:
+    """Why a retraining run should start now ("degraded: ...", "schedule: ..."), or None."""
+    hour_us = DAY_US // 24
+    if last_start_us is not None and now_us - last_start_us < cooldown_hours * hour_us:
+        return None
+    if on_degraded and verdict == "degraded":
+        return "degraded: " + "; ".join(reasons)
+    if every_days > 0:
+        since = max([t for t in (last_start_us, live_since_us) if t is not None], default=None)
+        if since is None or now_us - since >= every_days * DAY_US:
+            return f"schedule: every {every_days:g} days, the last run or promotion {_iso(since) if since else 'unknown'}"
+    return None

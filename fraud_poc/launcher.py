@@ -394,8 +394,10 @@ def model_files(data_root: Path, model_id: str) -> dict[str, list[Path]]:
     }
 
 
-def summary_lines(run: dict, files: dict[str, list[Path]], ports: dict[str, int]) -> list[str]:
-    """What `make run` ends with: model, metrics and recall per scenario, files, docs, and `make up`."""
+def summary_lines(
+    run: dict, files: dict[str, list[Path]], ports: dict[str, int], health: list[str] = ()
+) -> list[str]:
+    """What `make run` ends with: model, metrics and recall per scenario, model health, files, docs, and `make up`."""
     lines = [f"model {run['model_id']}: promoted={run['promoted']} ({run['promotion_reason']})"]
     metrics = run.get("metrics") or {}
     if metrics:
@@ -410,7 +412,7 @@ def summary_lines(run: dict, files: dict[str, list[Path]], ports: dict[str, int]
                 for name, s in metrics.get("recall_by_scenario", {}).items()
             ),
         ]
-    lines.append("files:")
+    lines += [*health, "files:"]
     for kind, paths in files.items():  # one path a line, the kind on the first
         lines += [f"  {kind if i == 0 else '':<9} {path}" for i, path in enumerate(paths)]
     lines += [
@@ -550,9 +552,8 @@ def main(argv: list[str] | None = None) -> None:
         if run["promoted"]:
             print("example predictions (scored apart from the live feature store, then removed):")
             example_predictions(ports["prediction"], args.demo_port)
-        health = model_health(ports["training"]) if run["promoted"] else "no model went live"
-        print("\n".join(summary_lines(run, model_files(data_root, run["model_id"]), ports)))
-        print("\n".join(health_lines(health)))
+        health = health_lines(model_health(ports["training"]) if run["promoted"] else "no model went live")
+        print("\n".join(summary_lines(run, model_files(data_root, run["model_id"]), ports, health)))
     except KeyboardInterrupt:
         print("\nstopping")
     finally:
