@@ -7,6 +7,7 @@ fresh process and prints its time and peak memory (RSS) against the same process
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from fraud_poc.redis_store import Keys, redis_url_from_env, sync_redis
 from fraud_poc.schema import FEATURE_COLUMNS
 
 MODEL_ID = "xgb-bench"
+PAUSE_RATIO = float(os.environ.get("HEALTH_PAUSE_RATIO", "0.5"))
 
 
 def peak_mb() -> float:
@@ -105,13 +107,16 @@ def fill(url: str, prefix: str, root: Path, orders: int, seed: int = 0) -> None:
 
 def measure(url: str, prefix: str, root: str) -> None:
     """Compute health once and print time and peak RSS (run in a fresh process)."""
-    from fraud_poc.health_log import compute_health
+    import asyncio
+
+    from fraud_poc.health_log import compute_health, in_nice_thread
     from fraud_poc.settings import HealthSettings
 
     r, keys = sync_redis(url), Keys(prefix)
     before = peak_mb()
     started = time.perf_counter()
-    report = compute_health(r, keys, root, MODEL_ID, datetime.now(UTC), HealthSettings())
+    settings = HealthSettings(pause_ratio=PAUSE_RATIO)  # as the training service runs it: nice 10, paced
+    report = asyncio.run(in_nice_thread(compute_health, r, keys, root, MODEL_ID, datetime.now(UTC), settings))
     print(
         json.dumps(
             {
@@ -130,10 +135,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--orders", type=int, default=1_000_000)
     parser.add_argument("--measure", nargs=2, metavar=("PREFIX", "ROOT"), help=argparse.SUPPRESS)
+    parser.add_argument("--loop", nargs=2, metavar=("PREFIX", "ROOT"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--beside",
+        help="a command (e.g. bench/bench_service.py ...) run twice after the measurement: alone, then while health "
+        "is computed over and over on the same Redis",
+    )
     args = parser.parse_args()
     url = redis_url_from_env()
     if args.measure:
         return measure(url, *args.measure)
+    if args.loop:
+        while True:
+            measure(url, *args.loop)
     prefix = f"bench-health-{uuid4().hex[:8]}:"
     r = sync_redis(url)
     with tempfile.TemporaryDirectory() as root:
@@ -145,6 +159,17 @@ def main() -> None:
         )
         try:
             subprocess.run([sys.executable, __file__, "--measure", prefix, root], check=True)
+            if args.beside:
+                print("--- alone", flush=True)
+                subprocess.run(args.beside, shell=True, check=True)
+                print("--- while health is computed over and over", flush=True)
+                loop = subprocess.Popen([sys.executable, __file__, "--loop", prefix, root])
+                try:
+                    time.sleep(3)  # the loop is reading the logs
+                    subprocess.run(args.beside, shell=True, check=True)
+                finally:
+                    loop.terminate()
+                    loop.wait()
         finally:
             r.delete(scores_key(Keys(prefix)), Keys(prefix).events)
 

@@ -194,7 +194,12 @@ class HealthSettings:
     precision_margin: float = field(default=0.15, ge=0, le=1)  # the same for precision
     min_fraud: int = field(default=20, ge=1)  # matured confirmed fraud needed to judge recall
     min_alerts: int = field(default=20, ge=1)  # matured alerts needed to judge precision
-    chunk_size: int = field(default=2000, ge=100, le=100_000)  # log entries per XRANGE page
+    chunk_size: int = field(
+        default=500, ge=100, le=100_000
+    )  # log entries per XRANGE page (each holds Redis ~1 ms)
+    # after each page, wait this many times the page's time (0.5: at most 2/3 of a core), and run at nice 10: the
+    # computation yields to scoring on a shared machine (README, Model health: measured)
+    pause_ratio: float = field(default=0.5, ge=0, le=10)
     # retraining on its own: checked every `check_interval_seconds` by the health-watch service
     retrain_on_degraded: bool = False  # a degraded live model starts a run on history + export
     retrain_every_days: float = field(default=0.0, ge=0)  # and/or one every so many days (0: no schedule)

@@ -23,6 +23,7 @@ from ..health import retraining_reason
 from fraud_poc.health_log import (
     claim_retraining,
     compute_health,
+    in_nice_thread,
     last_retraining,
     record_retraining,
     release_retraining,
@@ -74,7 +75,7 @@ async def retraining_due(context: EventContext, now: datetime) -> RetrainRequest
     verdict, reasons = None, []
     if settings.retrain_on_degraded:
         root = context.settings(key="storage", datatype=StorageSettings).data_root
-        report = await asyncio.to_thread(compute_health, r, keys, root, pointer["model_id"], now, settings)
+        report = await in_nice_thread(compute_health, r, keys, root, pointer["model_id"], now, settings)
         verdict, reasons = report["verdict"], report["reasons"]
     promoted = pointer.get("promoted_at")
     reason = retraining_reason(

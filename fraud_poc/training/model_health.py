@@ -18,7 +18,7 @@ from hopeit.dataobjects.payload import Payload
 
 from ..auth import check_token, secured_api
 from ..feature_store import live_pointer
-from ..health_log import compute_health, write_health_plot
+from ..health_log import compute_health, in_nice_thread, write_health_plot
 from ..redis_store import Keys, sync_redis
 from ..registry import check_id, model_exists
 from ..request_errors import with_request_errors
@@ -203,7 +203,7 @@ async def model_health(
         judged = await asyncio.to_thread(_model_to_judge, r, keys, root, model_id)
         if isinstance(judged, ErrorResponse):
             return judged
-        report = await asyncio.to_thread(
+        report = await in_nice_thread(
             compute_health, r, keys, root, judged, datetime.now(UTC), settings, days
         )
         report["plot"] = await asyncio.to_thread(write_health_plot, root, report)
