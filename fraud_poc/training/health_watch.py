@@ -64,11 +64,10 @@ async def retraining_due(context: EventContext, now: datetime) -> RetrainRequest
     keys = Keys(redis_settings.key_prefix)
     r = sync_redis(redis_settings.url)
     last = await asyncio.to_thread(last_retraining, r, keys)
-    if last:
-        run = await get_run(async_redis(redis_settings.url), keys, last["run_id"])
-        if run is not None and run.state not in _DONE:
-            logger.debug(context, "a retraining run is in progress", extra=extra(run_id=last["run_id"]))
-            return None
+    run = await get_run(async_redis(redis_settings.url), keys, last["run_id"]) if last else None
+    if run is not None and run.state not in _DONE:
+        logger.debug(context, "a retraining run is in progress", extra=extra(run_id=last["run_id"]))
+        return None
     pointer = await asyncio.to_thread(live_pointer, r, keys)
     if pointer is None:
         return None
@@ -85,7 +84,8 @@ async def retraining_due(context: EventContext, now: datetime) -> RetrainRequest
         every_days=settings.retrain_every_days,
         cooldown_hours=settings.retrain_cooldown_hours,
         now_us=_us(now),
-        last_start_us=int(last["started"]) if last else None,
+        # a record whose run was never registered (the process stopped in between) holds nothing back
+        last_start_us=int(last["started"]) if run is not None else None,
         live_since_us=_us(datetime.fromisoformat(promoted)) if promoted else None,
     )
     return None if reason is None else RetrainRequest(reason=reason, model_id=pointer["model_id"])
