@@ -57,6 +57,7 @@ sys.path.insert(0, str(REPO))
 from fraud_poc.feature_store import switch_live, upload_model, write_entity_states  # noqa: E402
 from fraud_poc.features import compute_features, serving_features, serving_states  # noqa: E402
 from fraud_poc.generator import generate_orders  # noqa: E402
+from fraud_poc.health import drift_reference  # noqa: E402
 from fraud_poc.launcher import SERVICES  # noqa: E402
 from fraud_poc.redis_pipe import RedisPipe  # noqa: E402
 from fraud_poc.redis_store import Keys, async_redis  # noqa: E402
@@ -185,8 +186,10 @@ def prepare_store(redis_url: str, prefix: str, args: argparse.Namespace) -> tupl
         "feature_spec": spec.to_json(),
     }
     r.set(keys.fs_meta(version), json.dumps(meta))
+    scores = booster.inplace_predict(features.to_numpy())
+    drift = drift_reference({c: features[c].to_numpy() for c in FEATURE_COLUMNS}, scores)  # as train-model's
     metadata = model_metadata(
-        model_id, "bench", params, {"threshold": threshold}, {"train": len(orders)}, {}, spec
+        model_id, "bench", params, {"threshold": threshold}, {"train": len(orders)}, {}, spec, drift=drift
     )
     upload_model(r, keys, model_id, bytes(booster.save_raw("ubj")), metadata)
     switch_live(r, keys, model_id, version, run_id="bench")

@@ -22,17 +22,18 @@ from pathlib import Path
 
 import numpy as np
 import redis
-import redis.asyncio as aioredis
 import redis.exceptions
 
 from .datasets import model_dir
 from fraud_poc.health import (
+    FeatureBinner,
     HealthAggregator,
     HealthThresholds,
     ModelReference,
     health_png,
     health_report,
 )
+from .redis_pipe import RedisPipe
 from .redis_store import Keys
 from .registry import REPORT_DIR, list_models, load_metadata
 from .settings import HealthSettings
@@ -51,12 +52,29 @@ def scores_key(keys: Keys) -> str:
     return f"{keys.prefix}scores"
 
 
-class ScoreLog:
-    """The prediction service's score log, written in the background in batches (best effort)."""
+def _with_bins(batch: list[tuple]) -> list[tuple]:
+    """The XADD commands of queued (command, row, binner) entries, each row's bins added: one binning per binner
+    for the whole batch, not one per request (binning one row costs about what binning 500 does)."""
+    binners: dict[int, tuple[FeatureBinner, list[int]]] = {}
+    for k, (_, _, binner) in enumerate(batch):
+        if binner is not None:
+            binners.setdefault(id(binner), (binner, []))[1].append(k)
+    bins: dict[int, bytes] = {}
+    for binner, places in binners.values():
+        for k, row in zip(places, binner.bins(np.stack([batch[k][1] for k in places])), strict=True):
+            bins[k] = row.tobytes()
+    return [
+        command if k not in bins else (*command, "bins", bins[k]) for k, (command, _, _) in enumerate(batch)
+    ]
 
-    def __init__(self, redis_client: aioredis.Redis, key: str, max_len: int):
-        self.redis, self.key, self.max_len = redis_client, key, max_len
-        self.pending: list[dict[str, str | bytes]] = []
+
+class ScoreLog:
+    """The prediction service's score log, written in the background in batches (best effort), through a connection
+    of its own (`RedisPipe`, no retry: an `XADD` sent again would log a score twice)."""
+
+    def __init__(self, url: str, key: str, max_len: int):
+        self.pipe, self.key, self.max_len = RedisPipe(url, retries=0), key, max_len
+        self.pending: list[tuple] = []  # XADD commands
         self.dropped = 0
         self._task: asyncio.Task | None = None
 
@@ -66,24 +84,29 @@ class ScoreLog:
         order_ids: list[str],
         ts_us: list[int],
         scores: np.ndarray,
-        bins: np.ndarray | None,
+        rows: np.ndarray | None = None,
+        binner: FeatureBinner | None = None,
     ) -> None:
-        """Queue the scores of newly scored orders (`bins`: their feature bins, or None) and schedule a write."""
+        """Queue the scores of newly scored orders (with their model input `rows`, binned by `binner` when written;
+        without a binner, no bins) and schedule a write."""
         if self.max_len <= 0 or not order_ids:
             return
         room = MAX_PENDING - len(self.pending)
         if room < len(order_ids):
             self.dropped += len(order_ids) - max(0, room)
+        head = ("XADD", self.key, "MAXLEN", "~", self.max_len, "*")
         for i in range(min(len(order_ids), max(0, room))):
-            entry: dict[str, str | bytes] = {
-                "order_id": order_ids[i],
-                "ts": str(ts_us[i]),
-                "model_id": model_id,
-                "score": repr(float(scores[i])),
-            }
-            if bins is not None:
-                entry["bins"] = bins[i].tobytes()
-            self.pending.append(entry)
+            fields = (
+                "order_id",
+                order_ids[i],
+                "ts",
+                ts_us[i],
+                "model_id",
+                model_id,
+                "score",
+                repr(float(scores[i])),
+            )
+            self.pending.append(((*head, *fields), None if binner is None else rows[i], binner))
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._write_later())
 
@@ -95,14 +118,16 @@ class ScoreLog:
         """Write every queued score now."""
         while self.pending:
             batch, self.pending = self.pending[:FLUSH_BATCH], self.pending[FLUSH_BATCH:]
-            pipe = self.redis.pipeline(transaction=False)
-            for entry in batch:
-                pipe.xadd(self.key, entry, maxlen=self.max_len, approximate=True)
             try:
-                await pipe.execute()
+                replies = await self.pipe.execute(_with_bins(batch))
+                failed = [r for r in replies if isinstance(r, Exception)]
             except (redis.exceptions.RedisError, OSError) as e:
-                self.dropped += len(batch)
-                logger.warning("score log: %d scores not logged (%d in all): %s", len(batch), self.dropped, e)
+                failed = [e] * len(batch)
+            if failed:
+                self.dropped += len(failed)
+                logger.warning(
+                    "score log: %d scores not logged (%d in all): %s", len(failed), self.dropped, failed[0]
+                )
 
 # %% ../nbs/24_health_log.ipynb #5d41a384
 def _pages(r: redis.Redis, key: str, chunk: int, pause_ratio: float = 0.0) -> Iterator[list]:

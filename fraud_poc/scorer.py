@@ -124,7 +124,7 @@ class Scorer:
         self._switching = asyncio.Lock()
         self._batcher = ModelBatcher()
         self._scripts = ScriptBatcher(pipe)
-        self.score_log = ScoreLog(redis, scores_key(keys), log_max_len)  # for model-health (nbs/24)
+        self.score_log = ScoreLog(pipe.url, scores_key(keys), log_max_len)  # for model-health (nbs/24)
 
     async def _call(self, fn, *args, **kwargs):
         """A Redis call; unreachable Redis becomes StoreUnavailable."""
@@ -206,7 +206,8 @@ class Scorer:
                 [records[i][0] for i in new],
                 [records[i][1] for i in new],
                 scores[new],
-                None if live.binner is None else live.binner.bins(x[new]),
+                x[new],
+                live.binner,  # bins computed when the log is written, a batch at a time
             )
         predictions = []
         for i, record in enumerate(records):
