@@ -252,7 +252,11 @@ def test_new_promotion_switches_prediction_service_without_restart(
     }
     response = requests.post(f"{prediction.base}{SERVICE_API}/predict", json=newcomer, timeout=10)
     assert response.status_code == 200 and response.json()["cold_start"] is True, response.text
-    label = {"order_id": "e2e-carried", "is_fraud": True}
+    # dated now, or just after the order when the run's data ends less than an hour ago (a run just after midnight)
+    label_date = max(
+        pd.Timestamp.now(tz="UTC"), pd.Timestamp(newcomer["order_date"]) + pd.Timedelta(seconds=1)
+    )
+    label = {"order_id": "e2e-carried", "is_fraud": True, "label_date": label_date.isoformat()}
     response = requests.post(
         f"{prediction.base}{SERVICE_API}/report-label", json=label, headers=AUTH, timeout=10
     )
