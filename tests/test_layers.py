@@ -46,8 +46,9 @@ LAYERS = {
         "scorer",
         "carry_over",
         "live_models",
+        "metrics",  # the metrics themselves (prometheus_client only)
     },
-    EVENT_SUPPORT: {"auth", "request_errors", "overload"},
+    EVENT_SUPPORT: {"auth", "request_errors", "overload", "http_metrics"},
     EVENTS: {
         "training",
         "service",
