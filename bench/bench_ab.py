@@ -68,10 +68,7 @@ def start(repo: Path, redis_url: str, prefix: str, token: str, log: Path) -> tup
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of `pid` and its children (gunicorn's worker)."""
-    used = bs.CpuMeter([pid], "redis://127.0.0.1:1")._service()
-    if os.environ.get("BENCH_AB_DEBUG"):
-        print(pid, used)
-    return sum(used.values())
+    return sum(bs.CpuMeter([pid], "redis://127.0.0.1:1")._service().values())
 
 
 async def rounds(urls: list[str], pids: list[int], source: bs.OrderSource, args: argparse.Namespace) -> None:
