@@ -10,15 +10,27 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import redis
 import requests
-from conftest import AUTH, ROOT
-from live_services import SERVICE_API, TRAINING_API, LiveServices, live_services
+from conftest import AUTH, REDIS_URL, ROOT, service_env
+from live_services import (
+    SERVICE_API,
+    TRAINING_API,
+    LiveServices,
+    ServiceOnPort,
+    live_services,
+    make_model_live,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from fraud_poc.generator import generate_orders
+from fraud_poc.launcher import SERVICES, own_control_socket
 from fraud_poc.payloads import PIPELINE_STEPS
+from fraud_poc.redis_store import Keys
 
 PORTS = (18224, 18225)  # training, prediction
+WORKERS_PORT = 18226  # the prediction service with two workers
 RUN = {
     "num_orders": 6_000,
     "num_customers": 200,
@@ -196,3 +208,58 @@ def test_multiprocess_mode_sums_the_workers(tmp_path):
     labels = (("outcome", "done"), ("step", "preprocess"))
     assert samples[("fraud_pipeline_step_duration_seconds_count", labels)] == 2
     assert samples[("fraud_pipeline_step_duration_seconds_sum", labels)] == 5.0
+
+
+class TwoWorkers(ServiceOnPort):
+    """The prediction service as the README runs it, with `--workers=2` and `PROMETHEUS_MULTIPROC_DIR`."""
+
+    def __init__(self, port: int, env: dict, log: Path):
+        self.port, self.base, self.log = port, f"http://127.0.0.1:{port}", log
+        cmd = [
+            str(Path(sys.executable).parent / "hopeit_server"),
+            *SERVICES["prediction"].args(port),
+            "--workers=2",
+        ]
+        env = own_control_socket(env, "prediction", port)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+def test_two_workers_in_multiprocess_mode_count_together(key_prefix, tmp_path):
+    """With `--workers 2`, each scrape reaches one worker; in multiprocess mode every scrape shows both workers'
+    requests, so the counters do not jump between workers' values."""
+    prefix = f"{key_prefix}workers:"
+    r = redis.Redis.from_url(REDIS_URL)
+    make_model_live(r, Keys(prefix))
+    folder = tmp_path / "prometheus"
+    folder.mkdir()
+    env = {**service_env(prefix, tmp_path / "data"), "PROMETHEUS_MULTIPROC_DIR": str(folder)}
+    service = TwoWorkers(WORKERS_PORT, env, tmp_path / "prediction.log")
+    try:
+        service.wait_ready()
+        sent = 40
+        for n in range(sent):  # a new connection each: gunicorn hands them to either worker
+            answer = requests.post(
+                f"{service.base}{SERVICE_API}/predict", json=order("workers", n), timeout=30
+            )
+            assert answer.status_code == 200, answer.text
+        scrapes = [scrape(service.base)[0] for _ in range(6)]
+    finally:
+        service.stop()
+        for key in r.scan_iter(match=f"{prefix}*", count=1000):
+            r.unlink(key)
+    predicted = ("fraud_http_requests_total", (("event", "predict"), ("status", "200")))
+    assert [s[predicted] for s in scrapes] == [sent] * len(scrapes)
+    assert all(s[("fraud_prediction_score_count", (("event", "predict"),))] == sent for s in scrapes)
+    by_worker = {  # what each worker process counted, from its own file
+        path.name: next(
+            (
+                s.value
+                for m in MultiProcessCollector.merge([str(path)], accumulate=False)
+                for s in m.samples
+                if (s.name, tuple(sorted(s.labels.items()))) == predicted
+            ),
+            0.0,
+        )
+        for path in folder.glob("counter_*.db")
+    }
+    assert len(by_worker) >= 2 and sum(by_worker.values()) == sent, by_worker
