@@ -119,7 +119,9 @@ def test_prediction_metrics_move_with_traffic(live: LiveServices):
     )
     assert moved(before, after, "fraud_predictions_flagged_total", event="predict") == flagged
     assert ("fraud_overload_refusals_total", ()) in after
-    assert after[("process_cpu_seconds_total", ())] > 0  # the process's own metrics are there too
+    # two workers (fraud_poc.launcher): their metrics summed from their files, without one worker's process_*
+    assert "--workers=2" in SERVICES["prediction"].args(PORTS[1])
+    assert ("process_cpu_seconds_total", ()) not in after
     # nothing of a customer, and no raw path, in any label
     assert "example.com" not in text and "metrics-a" not in text and "no/such" not in text
 
@@ -174,6 +176,7 @@ def test_training_step_durations_and_outcomes(live: LiveServices):
     assert moved(before, after, step_count, step="prepare-db", outcome="done") == 0
     assert moved(before, after, "fraud_http_requests_total", event="run-pipeline", status="200") == 1
     assert moved(before, after, "fraud_http_requests_total", event="run-from-raw", status="200") == 1
+    assert after[("process_cpu_seconds_total", ())] > 0  # one worker: the process's own metrics too
     assert "negative.csv" not in text and good.json()["run_id"] not in text
 
 
@@ -225,8 +228,8 @@ class TwoWorkers(ServiceOnPort):
 
 
 def test_two_workers_in_multiprocess_mode_count_together(key_prefix, tmp_path):
-    """With `--workers 2`, each scrape reaches one worker; in multiprocess mode every scrape shows both workers'
-    requests, so the counters do not jump between workers' values."""
+    """With `--workers 2` and `PROMETHEUS_MULTIPROC_DIR` given, each worker writes its own file there and every
+    scrape shows both workers' requests, so the counters do not jump between workers' values."""
     prefix = f"{key_prefix}workers:"
     r = redis.Redis.from_url(REDIS_URL)
     make_model_live(r, Keys(prefix))
