@@ -26,6 +26,7 @@ from aiohttp_swagger3.swagger_route import RequestValidationFailed
 from hopeit.dataobjects.payload import Payload
 from pydantic import ValidationError
 
+from .http_metrics import install_http_metrics
 from .service_payloads import ErrorResponse, FieldError, bad_request, field_errors
 
 # %% ../nbs/29_request_errors.ipynb #8ef53dca
@@ -255,11 +256,13 @@ def declare_request_errors(spec: dict) -> dict:
 
 
 def with_request_errors(api_spec: Callable[..., dict]) -> Callable[..., dict]:
-    """An event's `__api__` that also installs `request_errors` when hopeit builds the spec at start."""
+    """An event's `__api__` that also installs `request_errors` (and `/metrics`: every HTTP event of both services
+    passes here) when hopeit builds the spec at start."""
 
     def spec_with_errors(module, app_config, event_name, plugin) -> dict:
         spec = declare_request_errors(api_spec(module, app_config, event_name, plugin))
         install_request_errors()
+        install_http_metrics()
         return spec
 
     return spec_with_errors

@@ -10,6 +10,7 @@ __all__ = ['T', 'STEP_LOCK', 'STOP_WAIT_SECONDS', 'PERMANENT_ERRORS', 'RunAlread
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -17,6 +18,7 @@ import redis.asyncio as aioredis
 from distributed import Client, Future
 
 from .dask_client import release_worker_memory
+from .metrics import observe_step
 from .payloads import StepState
 from .redis_store import Keys, async_redis
 from fraud_poc.run_status import (
@@ -138,27 +140,32 @@ async def run_step(
         owner=PROCESS_OWNER,
     )
     stop, holding = threading.Event(), threading.Event()
+    started = time.perf_counter()  # the attempt's duration and outcome go to /metrics (fraud_poc.metrics)
     heart = asyncio.create_task(_keep_beating(redis, keys, owner_ttl))
     thread = asyncio.ensure_future(asyncio.to_thread(_locked, work, stop, holding))
     try:
         result = await asyncio.shield(thread)
     except asyncio.CancelledError:  # a timeout: the attempt ends before the error propagates
         how = await asyncio.shield(_stop(thread, stop, holding, cancel))
+        observe_step(step, "timeout", time.perf_counter() - started)
         error = f"step timed out or was cancelled: attempt {how}"
         await asyncio.shield(
             update_step(redis, keys, run_id, step, state=StepState.RETRYING, ended=now(), error=error)
         )
         raise
     except PERMANENT_ERRORS as e:  # no retry can succeed: the run fails at once
+        observe_step(step, "failed", time.perf_counter() - started)
         await update_step(redis, keys, run_id, step, state=StepState.FAILED, ended=now(), error=str(e))
         await update_run(redis, keys, run_id, state=StepState.FAILED)
         raise
     except Exception as e:
+        observe_step(step, "retrying", time.perf_counter() - started)
         error = f"{type(e).__name__}: {e}"
         await update_step(redis, keys, run_id, step, state=StepState.RETRYING, ended=now(), error=error)
         raise
     finally:
         heart.cancel()
+    observe_step(step, "done", time.perf_counter() - started)
     await update_step(
         redis,
         keys,

@@ -48,8 +48,9 @@ LAYERS = {
         "carry_over",
         "live_models",
         "health_log",
+        "metrics",  # the metrics themselves (prometheus_client only)
     },
-    EVENT_SUPPORT: {"auth", "request_errors", "overload"},
+    EVENT_SUPPORT: {"auth", "request_errors", "overload", "http_metrics"},
     EVENTS: {
         "training",
         "service",

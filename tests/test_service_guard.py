@@ -5,7 +5,7 @@
 - the `Bearer` scheme in any case (RFC 7235);
 - a NUL in a header: a 400 in the error schema and no traceback in the log;
 - a flood far beyond the process's bound of requests in progress (`service.max_in_flight`): 200s and 503s with
-  `Retry-After`, never a 500 or a connection error.
+  `Retry-After`, never a 500 or a connection error; `/metrics` answers through it and counts every refusal.
 
 One prediction service (two workers on one port, as `SERVICES` runs it), a small model live under a key prefix of
 its own.
@@ -28,6 +28,7 @@ import redis
 import requests
 from conftest import API_TOKEN, AUTH, REDIS_URL, ROOT, Service, service_env
 from live_services import make_model_live
+from prometheus_client.parser import text_string_to_metric_families
 
 from fraud_poc.overload import BUSY
 from fraud_poc.redis_store import Keys
@@ -199,11 +200,48 @@ async def flood(base: str, history: pd.DataFrame) -> tuple[Counter, int]:
     return answers, busy
 
 
+def counted(base: str) -> dict[tuple[str, tuple], float]:
+    """The service's `/metrics`, parsed by Prometheus' parser: (name, sorted labels) -> value."""
+    page = requests.get(f"{base}/metrics", timeout=30)
+    assert page.status_code == 200, page.text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(page.text)
+        for s in family.samples
+    }
+
+
+async def flood_and_scrape(base: str, history: pd.DataFrame) -> tuple[tuple[Counter, int], int]:
+    """`flood`, and the status of a `/metrics` scrape in the middle of it."""
+
+    async def scrape() -> int:
+        await asyncio.sleep(FLOOD_SECONDS / 2)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            async with session.get(f"{base}/metrics") as response:
+                await response.read()
+                return response.status
+
+    return await asyncio.gather(flood(base, history), scrape())
+
+
 def test_a_flood_far_beyond_the_bound_gets_200s_and_503s_with_retry_after(service):
     prediction, history = service
-    answers, busy = asyncio.run(flood(prediction.base, history))
+    before = counted(prediction.base)
+    (answers, busy), scraped = asyncio.run(flood_and_scrape(prediction.base, history))
     assert set(answers) <= {200, "503+retry-after"}, answers  # no 500, no other 503, no connection error
     assert answers[200] > 0 and answers["503+retry-after"] > 0 and busy == answers["503+retry-after"], answers
+    assert scraped == 200  # /metrics is never refused
+    after = counted(prediction.base)
+    moved = {
+        key: after.get(key, 0.0) - before.get(key, 0.0)
+        for key in (
+            ("fraud_overload_refusals_total", ()),
+            ("fraud_http_requests_total", (("event", "predict"), ("status", "503"))),
+            ("fraud_http_requests_total", (("event", "predict"), ("status", "200"))),
+            ("fraud_prediction_score_count", (("event", "predict"),)),
+        )
+    }
+    assert list(moved.values()) == [busy, busy, answers[200], answers[200]], (moved, answers)
     after = requests.post(
         f"{prediction.base}{SERVICE_API}/predict", json=an_order(uuid4().hex[:8]), headers=AUTH, timeout=30
     )

@@ -13,6 +13,7 @@ from hopeit.app.logger import app_extra_logger
 
 from ..scorer import OrderConflict, Scorer, ServiceUnavailable
 from .common import FEATURES_ARG, BUSY_OR_DOWN, event_scorer, features_asked, query_refusal
+from ..metrics import observe_predictions
 from ..overload import with_overload_guard
 from fraud_poc.service_payloads import (
     DateWindow,
@@ -102,12 +103,14 @@ async def score(payload: Order, context: EventContext, **query_args: str) -> Pre
     """Score the order and append it to the serving state; 503 if that cannot be done now."""
     assert scorer is not None
     try:
-        return (await scorer.predict([payload], features_asked(query_args)))[0]
+        predictions = await scorer.predict([payload], features_asked(query_args))
     except OrderConflict:
         return order_conflict(None)
     except ServiceUnavailable as e:
         logger.warning(context, "cannot score", extra=extra(order_id=payload.order_id, reason=str(e)))
         return unavailable(str(e))
+    observe_predictions("predict", predictions)  # the score into /metrics' histogram
+    return predictions[0]
 
 
 async def __postprocess__(

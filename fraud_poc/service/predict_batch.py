@@ -13,6 +13,7 @@ from hopeit.app.logger import app_extra_logger
 
 from ..scorer import OrderConflict, Scorer, ServiceUnavailable
 from .common import FEATURES_ARG, BUSY_OR_DOWN, event_scorer, features_asked, query_refusal
+from ..metrics import observe_predictions
 from ..overload import with_overload_guard
 from fraud_poc.service_payloads import (
     BatchRequest,
@@ -97,12 +98,14 @@ async def score_batch(
     """Score the orders in order and append each to the serving state; 503 if that cannot be done now."""
     assert scorer is not None
     try:
-        return BatchResponse(predictions=await scorer.predict(payload.orders, features_asked(query_args)))
+        predictions = await scorer.predict(payload.orders, features_asked(query_args))
     except OrderConflict as e:
         return order_conflict(e.positions, e.scored)
     except ServiceUnavailable as e:
         logger.warning(context, "cannot score batch", extra=extra(orders=len(payload.orders), reason=str(e)))
         return unavailable(str(e))
+    observe_predictions("predict-batch", predictions)  # the scores into /metrics' histogram
+    return BatchResponse(predictions=predictions)
 
 
 async def __postprocess__(
