@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['DAY_US', 'HOUR_US', 'FEATURE_INPUT_COLUMNS', 'Tile', 'window_features', 'check_label_delay', 'hours_of', 'cents_of',
            'recent_first_hour', 'matured_hours', 'state_horizon_hours', 'time_window_features', 'other_entities',
-           'check_window', 'timestamps_us', 'timestamp_us', 'fraud_timestamps', 'entity_features', 'distinct_orders',
-           'compute_features', 'EntityStates', 'serving_states', 'entity_features_and_state', 'state_of',
-           'preceding_records', 'usable_history', 'window_edges', 'running_sums', 'EntityView', 'entity_view',
-           'serving_time_features', 'serving_features', 'known_entities']
+           'check_window', 'timestamps_us', 'timestamp_us', 'compile_kernels', 'fraud_timestamps', 'entity_features',
+           'distinct_orders', 'compute_features', 'EntityStates', 'serving_states', 'entity_features_and_state',
+           'state_of', 'preceding_records', 'usable_history', 'window_edges', 'running_sums', 'EntityView',
+           'entity_view', 'serving_time_features', 'serving_features', 'known_entities']
 
 # %% ../nbs/10_features.ipynb #6274fab9
 import bisect
@@ -403,6 +403,16 @@ def _write_entity_features(
         column[:] = values[order] + offset
         offset += int(values.max()) + 1 if n else 0
     _window_kernel(starts, amount[order], ts_us[order], codes, offset, window, out)
+
+
+def compile_kernels() -> None:
+    """Load the batch kernels for float64 and float32 features (from numba's cache on disk, else compiling them:
+    ~2 s), so that a process's first batch does not pay for it: Dask workers call it as they start."""
+    one = np.zeros(1, np.int64)
+    for dtype in (np.float64, np.float32):
+        out = np.empty((1 + 3 * (len(ENTITIES) - 1) + 8 + len(TIME_STATS) * len(TIME_WINDOWS_DAYS), 1), dtype)
+        _write_entity_features(one, one, one, np.zeros(1), [one] * (len(ENTITIES) - 1), WINDOW, out[:-15])
+        time_window_features(one, one, one, np.full(1, NO_FRAUD), LABEL_DELAY_DAYS, out=out[-15:])
 
 
 def fraud_timestamps(orders: pd.DataFrame, ts_us: np.ndarray, label_delay_days: int) -> np.ndarray:
