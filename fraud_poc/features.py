@@ -12,15 +12,15 @@ __all__ = ['DAY_US', 'HOUR_US', 'FEATURE_INPUT_COLUMNS', 'Tile', 'window_feature
 
 # %% ../nbs/10_features.ipynb #6274fab9
 import bisect
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from numba import njit
 
 from fraud_poc.schema import (
     ENTITIES,
@@ -160,19 +160,23 @@ def _run_starts(*keys: np.ndarray) -> np.ndarray:
     return np.flatnonzero(changed)
 
 
-@njit(cache=True, nogil=True)
-def _first_at_or_after(ts_us: np.ndarray, lo: int, hi: int, instant: int) -> int:
-    """The first row in [lo, hi) of rows sorted by `ts_us` whose instant is at or after `instant` (hi if none)."""
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if ts_us[mid] < instant:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+def _compiled(kernel: Callable) -> Callable:
+    """`kernel` compiled by numba (cached on disk) at its first call: serving, which never calls a kernel, never
+    loads numba (~100 MiB per process). `call.dispatcher` is numba's dispatcher once compiled."""
+
+    @functools.wraps(kernel)
+    def call(*args):
+        if call.dispatcher is None:
+            from numba import njit
+
+            call.dispatcher = njit(cache=True, nogil=True)(kernel)
+        return call.dispatcher(*args)
+
+    call.dispatcher = None
+    return call
 
 
-@njit(cache=True, nogil=True)
+@_compiled
 def _time_window_kernel(
     starts: np.ndarray,
     ts_us: np.ndarray,
@@ -183,10 +187,20 @@ def _time_window_kernel(
     out: np.ndarray,
 ) -> None:
     """`time_window_features` into `out` (5 stats x windows, n): groups [starts[g], starts[g + 1]), one pass each."""
+
+    def first_at_or_after(lo: int, hi: int, instant: int) -> int:
+        """The first row in [lo, hi) whose instant is at or after `instant` (hi if none)."""
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if ts_us[mid] < instant:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
     n_windows, lag_hours = len(windows), 24 * delay_days
-    first = np.zeros(
-        n_windows, np.int64
-    )  # per window: its first row, its cents before it, its matured first row
+    # per window: its first row, the cents before it, its matured window's first row, its fraud count
+    first = np.zeros(n_windows, np.int64)
     cents_before = np.zeros(n_windows, np.int64)
     matured_first = np.zeros(n_windows, np.int64)
     n_fraud = np.zeros(n_windows, np.int64)
@@ -198,9 +212,9 @@ def _time_window_kernel(
         for f in range(begin, end):
             if fraud_ts[f] != NO_FRAUD:
                 lagged = ts_us[f] // HOUR_US + lag_hours
-                since = _first_at_or_after(ts_us, begin, end, max(fraud_ts[f], (lagged + 1) * HOUR_US))
+                since = first_at_or_after(begin, end, max(fraud_ts[f], (lagged + 1) * HOUR_US))
                 for k in range(n_windows):
-                    until = _first_at_or_after(ts_us, begin, end, (lagged + 24 * windows[k] + 1) * HOUR_US)
+                    until = first_at_or_after(since, end, (lagged + 24 * windows[k] + 1) * HOUR_US)
                     if since < until:
                         fraud_diff[k, since] += 1
                         if until < end:
@@ -315,7 +329,7 @@ def _group_rows(time_order: np.ndarray, by_codes: np.ndarray) -> tuple[np.ndarra
     return order, position, np.repeat(sizes, sizes) - 1 - position
 
 
-@njit(cache=True, nogil=True)
+@_compiled
 def _window_kernel(
     starts: np.ndarray,
     amount: np.ndarray,

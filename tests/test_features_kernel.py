@@ -6,6 +6,9 @@ that feature-calc used before the kernels: both kept here as the reference, so t
 bits, in float64 and in float32, for every W and δ tried (the oracle tests compare with SPEC to 1e-9 only).
 """
 
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -140,3 +143,12 @@ def test_kernels_on_one_order_and_on_none():
         np.testing.assert_array_equal(kernel, reference)
     empty = F.time_window_features(*(np.zeros(0, np.int64),) * 4, 7)
     assert empty.shape == (15, 0)
+
+
+def test_serving_modules_do_not_load_numba():
+    """The kernels compile at their first call: a process that only serves never loads numba (~100 MiB)."""
+    code = "import sys, fraud_poc.features, fraud_poc.serving_state; print('numba' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        == "False\n"
+    )
