@@ -74,7 +74,7 @@ training-service: install
 	. config/env.sh && $(CHECK_PORTS) training --training-port=$(TRAINING_PORT) && XDG_RUNTIME_DIR="$$FRAUD_DATA_ROOT/run/training-$(TRAINING_PORT)" && mkdir -p "$$XDG_RUNTIME_DIR" && export XDG_RUNTIME_DIR && $(WITH_REDIS) $(BIN)/hopeit_server run --config-files=config/server.json,config/redis-streams.json,config/training-pipeline.json --api-file=config/openapi-training.json --start-streams --port=$(TRAINING_PORT)
 
 prediction-service: install
-	. config/env.sh && $(CHECK_PORTS) prediction --prediction-port=$(PREDICTION_PORT) && XDG_RUNTIME_DIR="$$FRAUD_DATA_ROOT/run/prediction-$(PREDICTION_PORT)" && mkdir -p "$$XDG_RUNTIME_DIR" && export XDG_RUNTIME_DIR && $(WITH_REDIS) $(BIN)/hopeit_server run --config-files=config/server-prediction.json,config/redis-streams.json,config/fraud-service.json --api-file=config/openapi-service.json --start-streams --port=$(PREDICTION_PORT) --worker-class=GunicornUVLoopWebWorker
+	. config/env.sh && $(CHECK_PORTS) prediction --prediction-port=$(PREDICTION_PORT) && XDG_RUNTIME_DIR="$$FRAUD_DATA_ROOT/run/prediction-$(PREDICTION_PORT)" && mkdir -p "$$XDG_RUNTIME_DIR" && export XDG_RUNTIME_DIR && $(WITH_REDIS) $(BIN)/hopeit_server run --config-files=config/server-prediction.json,config/redis-streams.json,config/fraud-service.json --api-file=config/openapi-service.json --start-streams --port=$(PREDICTION_PORT) --worker-class=GunicornUVLoopWebWorker --workers=2
 
 bench: install
 	. config/env.sh && $(BIN)/python bench/bench_pipeline.py && $(BIN)/python bench/bench_service.py && $(BIN)/python bench/bench_service.py --replicas 2

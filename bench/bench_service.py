@@ -4,7 +4,7 @@ By default it sets everything up itself: a generated order history, a model trai
 the pipeline's XGBoost parameters (50 trees; `--rounds`), their serving state loaded as a
 feature-store version under a key prefix of its own in the configured Redis ($FRAUD_REDIS_URL), and the
 prediction service as the README runs it, on a free port (`--replicas N` for N services, `--workers N` for N
-processes each). `--url` points it at a running service instead (one with a live model; orders are built from `find-orders`).
+processes each instead of the README's two). `--url` points it at a running service instead (one with a live model; orders are built from `find-orders`).
 
 It prints, in one run:
 - the floor: Redis round trip (PING, and the scoring script), `serving_features` for one order, and the
@@ -22,7 +22,7 @@ else), and the p99 of the 200s against their p99 at saturation; `--max-in-flight
 Everything is bounded in count and time. The load generator shares the machine's cores with the service and
 Redis; its own CPU use is printed too.
 
-    . config/env.sh && .venv/bin/python bench/bench_service.py --workers 2
+    . config/env.sh && .venv/bin/python bench/bench_service.py --workers 1
 """
 
 import argparse
@@ -57,6 +57,7 @@ sys.path.insert(0, str(REPO))
 from fraud_poc.feature_store import switch_live, upload_model, write_entity_states  # noqa: E402
 from fraud_poc.features import compute_features, serving_features, serving_states  # noqa: E402
 from fraud_poc.generator import generate_orders  # noqa: E402
+from fraud_poc.health import drift_reference  # noqa: E402
 from fraud_poc.launcher import SERVICES  # noqa: E402
 from fraud_poc.redis_pipe import RedisPipe  # noqa: E402
 from fraud_poc.redis_store import Keys, async_redis  # noqa: E402
@@ -185,8 +186,10 @@ def prepare_store(redis_url: str, prefix: str, args: argparse.Namespace) -> tupl
         "feature_spec": spec.to_json(),
     }
     r.set(keys.fs_meta(version), json.dumps(meta))
+    scores = booster.inplace_predict(features.to_numpy())
+    drift = drift_reference({c: features[c].to_numpy() for c in FEATURE_COLUMNS}, scores)  # as train-model's
     metadata = model_metadata(
-        model_id, "bench", params, {"threshold": threshold}, {"train": len(orders)}, {}, spec
+        model_id, "bench", params, {"threshold": threshold}, {"train": len(orders)}, {}, spec, drift=drift
     )
     upload_model(r, keys, model_id, bytes(booster.save_raw("ubj")), metadata)
     switch_live(r, keys, model_id, version, run_id="bench")
@@ -246,7 +249,7 @@ def app_config(max_in_flight: int | None, workdir: Path) -> Path | None:
 
 
 def service_command(
-    port: int, workers: int, worker_class: str | None, server: Path | None, app: Path | None = None
+    port: int, workers: int | None, worker_class: str | None, server: Path | None, app: Path | None = None
 ) -> list[str]:
     """The prediction service's command as the README gives it, with the bench's changes."""
     args = SERVICES["prediction"].args(port, REPO)
@@ -256,15 +259,15 @@ def service_command(
         args[1] = args[1].replace(str(REPO / SERVICES["prediction"].config_files[2]), str(app))
     if worker_class is not None:
         args = [a for a in args if not a.startswith("--worker-class=")] + [f"--worker-class={worker_class}"]
-    if workers > 1:
-        args += [f"--workers={workers}"]
+    if workers is not None:
+        args = [a for a in args if not a.startswith("--workers=")] + [f"--workers={workers}"]
     return [str(Path(sys.executable).parent / "hopeit_server"), *args]
 
 
 def start_service(
     redis_url: str,
     prefix: str,
-    workers: int,
+    workers: int | None,
     worker_class: str | None,
     log: Path,
     server: Path | None,
@@ -791,7 +794,12 @@ def main() -> None:
     parser.add_argument(
         "--replicas", type=int, default=1, help="services started, each on its own port (own service only)"
     )
-    parser.add_argument("--workers", type=int, default=1, help="hopeit_server --workers (own service only)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="hopeit_server --workers (own service only; default: the README's)",
+    )
     parser.add_argument("--worker-class", help="hopeit_server --worker-class instead of the README's")
     parser.add_argument(
         "--log-level", help="run the own service with a copy of its server config at this level"

@@ -5,12 +5,12 @@
 # %% auto #0
 __all__ = ['FEATURE_SPEC_FILE', 'SAMPLING_FILE', 'DATA_CUTOFF_FILE', 'ORDER_FILE_SUFFIXES', 'DICTIONARY_COLUMNS',
            'PARQUET_COMPRESSION', 'MAX_FILE_BYTES', 'MAX_HEADER_BYTES', 'run_dir', 'raw_dir', 'raw_file_name',
-           'entity_dir', 'features_dir', 'serving_state_dir', 'training_dir', 'training_paths', 'model_dir',
-           'FeatureSpecError', 'write_feature_spec', 'feature_spec', 'write_training_sampling', 'training_sampling',
-           'write_data_cutoff', 'data_cutoff', 'replace_atomically', 'resolve_inside', 'check_order_file',
-           'list_order_files', 'order_file_columns', 'check_order_files', 'input_limits', 'order_date_bounds',
-           'read_orders_file', 'in_file_terms', 'parquet_write_options', 'write_parquet', 'dataset_files',
-           'read_dataset', 'StepResult']
+           'entity_dir', 'history_dir', 'features_dir', 'serving_state_dir', 'training_dir', 'training_paths',
+           'model_dir', 'FeatureSpecError', 'write_feature_spec', 'feature_spec', 'write_training_sampling',
+           'training_sampling', 'write_data_cutoff', 'data_cutoff', 'replace_atomically', 'resolve_inside',
+           'check_order_file', 'list_order_files', 'order_file_columns', 'check_order_files', 'input_limits',
+           'order_date_bounds', 'read_orders_file', 'in_file_terms', 'parquet_write_options', 'write_parquet',
+           'dataset_files', 'read_dataset', 'StepResult']
 
 # %% ../nbs/20_datasets.ipynb #3f9f7519
 import csv
@@ -70,6 +70,12 @@ def entity_dir(data_root: str | Path, run_id: str, entity: str) -> Path:
     if entity not in ENTITIES:
         raise ValueError(f"unknown entity {entity!r}: expected one of {', '.join(ENTITIES)}")
     return run_dir(data_root, run_id) / f"orders_by_{entity}"
+
+
+def history_dir(data_root: str | Path, run_id: str) -> Path:
+    """The orders an earlier run kept (its step 2 output for the first entity: every order once): what run-from-raw's
+    `history_run_id` trains on and what export-orders looks labelled orders up in."""
+    return entity_dir(data_root, run_id, ENTITIES[0])
 
 
 def features_dir(data_root: str | Path, run_id: str) -> Path:

@@ -8,7 +8,7 @@ __all__ = ['DAY_US', 'HOUR_US', 'FEATURE_INPUT_COLUMNS', 'Tile', 'window_feature
            'check_window', 'timestamps_us', 'timestamp_us', 'compile_kernels', 'fraud_timestamps', 'entity_features',
            'distinct_orders', 'compute_features', 'EntityStates', 'serving_states', 'entity_features_and_state',
            'state_of', 'preceding_records', 'usable_history', 'window_edges', 'running_sums', 'EntityView',
-           'entity_view', 'serving_time_features', 'serving_features', 'known_entities']
+           'entity_view', 'serving_time_features', 'serving_window_features', 'serving_features', 'known_entities']
 
 # %% ../nbs/10_features.ipynb #6274fab9
 import bisect
@@ -501,8 +501,8 @@ def _write_time_features(
     out: np.ndarray,
 ) -> None:
     """Write one entity's SPEC 2.3 features into `out` (15, n), column j for row `order[j]` (`_group_rows`' order)."""
-    out[:] = time_window_features(
-        by_codes[order], ts_us[order], cents[order], fraud_ts[order], label_delay_days
+    time_window_features(
+        by_codes[order], ts_us[order], cents[order], fraud_ts[order], label_delay_days, out=out
     )
 
 
@@ -760,38 +760,60 @@ def serving_time_features(view: EntityView, cents: int) -> list[float]:
     return [float(value) for stat in TIME_STATS for value in stats[stat]]
 
 
+def _fold(values: list[float]) -> float:
+    """((v0 + v1) + v2) + ...: the sum `_sum_rows` gives for one column, bit for bit."""
+    total = values[0]
+    for value in values[1:]:
+        total += value
+    return total
+
+
+def serving_window_features(recent: Sequence[Sequence], fields: Sequence[int], window: int) -> list[float]:
+    """`window_features` of one entity for one order in plain Python (for one order, numpy's per-call cost is most of
+    the time): `recent` holds the order's record, then its previous records of that entity, newest first (at most
+    W in all); `fields` are the other entities' positions in a record. The same operations in the same order as
+    `window_features`, padding included, so the same bits."""
+    n, own = len(recent), recent[0]
+    padding = [0.0] * (max(window, 2) - n)  # window_features pads W = 1 with one invalid lag
+    amounts = [float(rec[_AMOUNT]) for rec in recent]
+    own_amount, own_ts = amounts[0], own[_TS]
+    prev_sum = _fold(amounts[1:] + padding)
+    total = own_amount + prev_sum
+    mean = total / n
+    std = math.sqrt(_fold([(a - mean) * (a - mean) for a in amounts] + padding) / n)
+    prev = recent[1] if n > 1 else None
+    return [
+        float(n),
+        *(float(len({rec[f] for rec in recent})) for f in fields),
+        *(float(prev is not None and prev[f] == own[f]) for f in fields),
+        *(float(any(rec[f] == own[f] for rec in recent[1:])) for f in fields),
+        mean,
+        std,
+        min(amounts),
+        max(amounts),
+        total,
+        (own_amount + 1.0) / (prev_sum / max(n - 1, 1) + 1.0) if prev is not None else 1.0,
+        (own_ts - prev[_TS]) / 1e6 if prev is not None else -1.0,
+        float(sum(rec[_TS] > own_ts - DAY_US for rec in recent)),
+    ]
+
+
 def serving_features(
     views: Mapping[str, EntityView], order: Sequence, window: int, label_delay_days: int
 ) -> np.ndarray:
     """`FEATURE_COLUMNS` (float64) of a new order (a `STATE_FIELDS` record) from each entity's `EntityView` (an
     entity without one is a cold start)."""
     check_label_delay(label_delay_days)
-    amounts: list[float] = []
-    timestamps: list[int] = []
-    codes: list[list[int]] = [[] for _ in _OTHER_FIELDS[0]]
-    valid: list[bool] = []
+    features: list[float] = [float(order[_AMOUNT])]
     time_features: list[float] = []
     cents = cents_of(order[_AMOUNT])
-    code_of: dict = {}  # any value -> small int; only equality within one column matters
     for by, fields in zip(ENTITIES, _OTHER_FIELDS, strict=True):
         view = views.get(by) or EntityView()
         before = preceding_records(view.records, order)
         time_features += serving_time_features(view, cents)
         recent = [order, *reversed(before[max(len(before) - (window - 1), 0) :])]
-        padding = window - len(recent)
-        amounts += [rec[_AMOUNT] for rec in recent] + [0.0] * padding
-        timestamps += [rec[_TS] for rec in recent] + [0] * padding
-        for column, field in zip(codes, fields, strict=True):
-            column += [code_of.setdefault(rec[field], len(code_of)) for rec in recent] + [0] * padding
-        valid += [True] * len(recent) + [False] * padding
-    shape = (len(ENTITIES), window)
-    features = window_features(
-        np.array(amounts, np.float64).reshape(shape).T,
-        np.array(timestamps, np.int64).reshape(shape).T,
-        np.array(codes, np.int64).reshape((len(codes), *shape)).transpose(0, 2, 1),
-        np.array(valid, bool).reshape(shape).T,
-    )
-    return np.concatenate([[float(order[_AMOUNT])], features.T.ravel(), time_features])
+        features += serving_window_features(recent, fields, window)
+    return np.array(features + time_features, dtype=np.float64)
 
 
 _N_ORDERS = {by: FEATURE_COLUMNS.index(f"n_orders_by_{by}") for by in ENTITIES}

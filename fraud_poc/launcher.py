@@ -6,8 +6,8 @@
 __all__ = ['TRAINING_API', 'SERVICE_API', 'SERVICES', 'FINISHED', 'READS_FROM', 'ServiceCommand', 'call', 'own_control_socket',
            'start_service', 'log_dir', 'wait_ready', 'free_port', 'port_holder', 'taken_ports', 'session_token',
            'token_help', 'finished_line', 'step_line', 'Progress', 'run_pipeline', 'copy_live_to_sandbox',
-           'drop_sandbox', 'example_orders', 'example_predictions', 'model_files', 'summary_lines',
-           'serve_until_interrupted', 'main']
+           'drop_sandbox', 'example_orders', 'example_predictions', 'model_files', 'summary_lines', 'model_health',
+           'health_lines', 'serve_until_interrupted', 'main']
 
 # %% ../nbs/70_launcher.ipynb #ff6d92ef
 import argparse
@@ -78,7 +78,8 @@ SERVICES = {
         ("config/server-prediction.json", "config/redis-streams.json", "config/fraud-service.json"),
         "config/openapi-service.json",
         8021,
-        ("--worker-class=GunicornUVLoopWebWorker",),
+        # two processes on one port, each with its own share of the connections (service.common.own_listener)
+        ("--worker-class=GunicornUVLoopWebWorker", "--workers=2"),
     ),
 }
 
@@ -394,8 +395,10 @@ def model_files(data_root: Path, model_id: str) -> dict[str, list[Path]]:
     }
 
 
-def summary_lines(run: dict, files: dict[str, list[Path]], ports: dict[str, int]) -> list[str]:
-    """What `make run` ends with: model, metrics and recall per scenario, files, docs, and `make up`."""
+def summary_lines(
+    run: dict, files: dict[str, list[Path]], ports: dict[str, int], health: list[str] = ()
+) -> list[str]:
+    """What `make run` ends with: model, metrics and recall per scenario, model health, files, docs, and `make up`."""
     lines = [f"model {run['model_id']}: promoted={run['promoted']} ({run['promotion_reason']})"]
     metrics = run.get("metrics") or {}
     if metrics:
@@ -410,7 +413,7 @@ def summary_lines(run: dict, files: dict[str, list[Path]], ports: dict[str, int]
                 for name, s in metrics.get("recall_by_scenario", {}).items()
             ),
         ]
-    lines.append("files:")
+    lines += [*health, "files:"]
     for kind, paths in files.items():  # one path a line, the kind on the first
         lines += [f"  {kind if i == 0 else '':<9} {path}" for i, path in enumerate(paths)]
     lines += [
@@ -422,6 +425,46 @@ def summary_lines(run: dict, files: dict[str, list[Path]], ports: dict[str, int]
     return lines
 
 # %% ../nbs/70_launcher.ipynb #64060660
+def model_health(port: int = SERVICES["training"].port) -> dict | str:
+    """The live model's health report (model-health), or why there is none."""
+    status, answer = call(f"http://127.0.0.1:{port}{TRAINING_API}/model-health", timeout=120)
+    return answer if status == 200 and isinstance(answer, dict) else f"HTTP {status}: {answer}"
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def health_lines(report: dict | str) -> list[str]:
+    """The summary's lines of model-health: the verdict and why, the live figures beside the holdout's, the drift."""
+    if isinstance(report, str):
+        return [f"model health: not available ({report})"]
+    window = report["window"]
+    lines = [
+        f"model health ({report['model_id']}, orders scored {window['from'][:10]} to {window['to'][:10]}): "
+        f"{report['verdict'].upper()}",
+        *(f"  because {reason}" for reason in report["reasons"]),
+        *(f"  note: {note}" for note in report["notes"]),
+    ]
+    quality = report["quality"].get(report["model_id"])
+    if quality:
+        live, holdout = quality["live"], quality["holdout"] or {}
+        lines.append(
+            f"  matured orders {live['matured_orders']:,} of {live['orders']:,}, alerts {live['alerts']:,}, "
+            f"confirmed fraud {live['confirmed_fraud']:,}; precision {_figure(live['precision'])} "
+            f"(holdout {_figure(holdout.get('precision'))}), recall {_figure(live['recall'])} "
+            f"(holdout {_figure(holdout.get('recall'))}), average precision {_figure(live['average_precision'])} "
+            f"(holdout {_figure(holdout.get('average_precision'))})"
+        )
+    drift = report["drift"]
+    if drift.get("available") and drift.get("score_psi") is not None:
+        worst = ", ".join(f"{f['feature']} {f['psi']:.3f}" for f in drift["features"][:3])
+        lines.append(
+            f"  drift over {drift['orders']:,} recent orders: score PSI {drift['score_psi']:.3f}; worst: {worst}"
+        )
+    return lines
+
+
 def serve_until_interrupted(services: dict[str, subprocess.Popen]) -> None:
     """`make up`: wait until Ctrl-C or SIGTERM (KeyboardInterrupt, see `main`), or until a service exits (an error)."""
     print("serving until Ctrl-C")
@@ -510,7 +553,8 @@ def main(argv: list[str] | None = None) -> None:
         if run["promoted"]:
             print("example predictions (scored apart from the live feature store, then removed):")
             example_predictions(ports["prediction"], args.demo_port)
-        print("\n".join(summary_lines(run, model_files(data_root, run["model_id"]), ports)))
+        health = health_lines(model_health(ports["training"]) if run["promoted"] else "no model went live")
+        print("\n".join(summary_lines(run, model_files(data_root, run["model_id"]), ports, health)))
     except KeyboardInterrupt:
         print("\nstopping")
     finally:

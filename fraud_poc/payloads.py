@@ -210,6 +210,9 @@ class RunStatus:
     metrics: Optional[dict] = None
     promoted: Optional[bool] = None
     promotion_reason: Optional[str] = None
+    # why the training service started the run by itself (retraining: "degraded: ..." or "schedule: ..."); None: a
+    # request started it (run-pipeline, run-from-raw)
+    started_by: Optional[str] = None
 
 
 @dataobject

@@ -65,8 +65,10 @@ def model_metadata(
     training: dict[str, Any],
     spec: FeatureSpec,
     created: datetime | None = None,
+    drift: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything stored beside a model: what it is, what it was trained on, how good it is."""
+    """Everything stored beside a model: what it is, what it was trained on, how good it is, and (`drift`) its
+    holdout's bins for model-health's drift (`fraud_poc.health.drift_reference`; older models have none)."""
     return {
         "model_id": model_id,
         "run_id": run_id,
@@ -83,6 +85,7 @@ def model_metadata(
         "metrics": metrics,
         "data_sizes": data_sizes,
         "library_versions": library_versions(),
+        **({"drift": drift} if drift is not None else {}),
     }
 
 # %% ../nbs/23_registry.ipynb #36d06d0d

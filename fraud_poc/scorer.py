@@ -19,6 +19,7 @@ import redis.exceptions
 
 from .batching import ModelBatcher, ScriptBatcher
 from .features import EntityView, hours_of, known_entities, serving_features, timestamp_us
+from .health_log import ScoreLog, scores_key
 from .redis_pipe import RedisPipe
 from .redis_store import Keys, async_redis
 from .schema import ENTITIES, FEATURE_COLUMNS, FeatureSpec
@@ -123,6 +124,7 @@ class Scorer:
         self._switching = asyncio.Lock()
         self._batcher = ModelBatcher()
         self._scripts = ScriptBatcher(pipe)
+        self.score_log = ScoreLog(pipe.url, scores_key(keys), log_max_len)  # for model-health (nbs/24)
 
     async def _call(self, fn, *args, **kwargs):
         """A Redis call; unreachable Redis becomes StoreUnavailable."""
@@ -197,6 +199,16 @@ class Scorer:
         ).reshape(len(records), len(FEATURE_COLUMNS))
         x = features[:, live.feature_index]
         scores, contributions = await self._batcher.score(live, x)
+        new = [i for i, reply in enumerate(replies) if reply[1] is None]  # a retry is logged once
+        if new and self.score_log.max_len > 0:
+            self.score_log.add(
+                live.model_id,
+                [records[i][0] for i in new],
+                [records[i][1] for i in new],
+                scores[new],
+                x[new],
+                live.binner,  # bins computed when the log is written, a batch at a time
+            )
         predictions = []
         for i, record in enumerate(records):
             known = KnownEntities(**known_entities(features[i]))
@@ -214,7 +226,7 @@ class Scorer:
                     if with_features
                     else {},
                     top_contributions=top_contributions(
-                        live.feature_columns, x[i], contributions[i], self.top_k
+                        live.feature_columns, x[i] if with_features else None, contributions[i], self.top_k
                     ),
                     margin=float(contributions[i].sum()),
                     bias=float(contributions[i][-1]),

@@ -107,11 +107,12 @@ class KnownEntities:
 @dataobject
 @dataclass
 class Contribution:
-    """One feature's contribution to this prediction's margin (log-odds), with the feature's value."""
+    """One feature's contribution to this prediction's margin (log-odds), and the feature's value only when the
+    features were asked for (`?features=true`: a value is as sensitive as the features themselves)."""
 
     feature: str
-    value: float
     contribution: float
+    value: float | None = None
 
 
 @dataobject

@@ -14,6 +14,7 @@ import numpy as np
 import xgboost as xgb
 
 from .row_predictor import RowPredictor
+from .health import FeatureBinner, feature_binner
 from .schema import FEATURE_COLUMNS, FeatureSpec
 from .service_payloads import Contribution
 
@@ -37,6 +38,7 @@ class LiveModel:
     feature_index: np.ndarray  # position of each model feature in FEATURE_COLUMNS
     spec: FeatureSpec  # the spec the model was trained with: serving keeps the states and scores with it
     metadata: dict[str, Any]
+    binner: FeatureBinner | None = None  # its features' drift bins, for the score log (None: no bins)
 
 
 def load_live_model(pointer: bytes, booster_raw: bytes, metadata_raw: bytes) -> LiveModel:
@@ -67,6 +69,7 @@ def load_live_model(pointer: bytes, booster_raw: bytes, metadata_raw: bytes) -> 
         feature_index=np.array([FEATURE_COLUMNS.index(c) for c in columns]),
         spec=spec,
         metadata=metadata,
+        binner=feature_binner(metadata),
     )
 
 # %% ../nbs/46_serving_model.ipynb #979d9a54
@@ -76,11 +79,15 @@ def score_matrix(model: LiveModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def top_contributions(
-    columns: list[str], values: np.ndarray, contributions: np.ndarray, k: int
+    columns: list[str], values: np.ndarray | None, contributions: np.ndarray, k: int
 ) -> list[Contribution]:
-    """The `k` features with the largest |contribution| (ties: model column order), with their values."""
+    """The `k` features with the largest |contribution| (ties: model column order), with their `values` if given."""
     top = np.argsort(-np.abs(contributions[:-1]), kind="stable")[:k]
     return [
-        Contribution(feature=columns[j], value=float(values[j]), contribution=float(contributions[j]))
+        Contribution(
+            feature=columns[j],
+            contribution=float(contributions[j]),
+            value=None if values is None else float(values[j]),
+        )
         for j in top
     ]

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['RedisSettings', 'DaskSettings', 'StorageSettings', 'PreprocessSettings', 'TrainingDataSettings', 'TrainModelSettings',
            'FeatureStoreSettings', 'ServiceSettings', 'InputLimitsSettings', 'DeliverySettings', 'RunLimits',
-           'SecuritySettings', 'RetentionSettings']
+           'SecuritySettings', 'RetentionSettings', 'HealthSettings']
 
 # %% ../nbs/01_settings.ipynb #61b2f1bc
 from hopeit.dataobjects import dataclass, dataobject, field
@@ -176,3 +176,32 @@ class RetentionSettings:
     # the event log's bound in time (its bound in length is the prediction service's `events_max_len`): the
     # training service trims older events (0: no bound in time); a promotion needs the log back to its data cut-off
     events_max_age_days: float = field(default=30.0, ge=0)
+
+
+@dataobject
+@dataclass
+class HealthSettings:
+    """model-health (nbs/13_health, 68_model_health): the window of scored orders it judges, its verdict's thresholds,
+    and retraining on its own (off by default)."""
+
+    window_days: int = field(default=30, ge=1, le=365)  # quality: the matured orders of the last days
+    drift_days: int = field(default=7, ge=1, le=365)  # drift: the orders scored in the last days
+    psi_drifting: float = field(default=0.2, gt=0)  # a feature's or the score's PSI above it: drifting
+    min_drift_orders: int = field(default=500, ge=1)  # fewer recent orders: drift not judged
+    recall_margin: float = field(
+        default=0.15, ge=0, le=1
+    )  # live recall this far below the holdout's: degraded
+    precision_margin: float = field(default=0.15, ge=0, le=1)  # the same for precision
+    min_fraud: int = field(default=20, ge=1)  # matured confirmed fraud needed to judge recall
+    min_alerts: int = field(default=20, ge=1)  # matured alerts needed to judge precision
+    chunk_size: int = field(
+        default=500, ge=100, le=100_000
+    )  # log entries per XRANGE page (500: Redis busy ~0.3 ms a page)
+    # after each page, wait this many times the page's time (0.5: at most 2/3 of a core), and run at nice 10: the
+    # computation yields to scoring on a shared machine (README, Model health: measured)
+    pause_ratio: float = field(default=0.5, ge=0, le=10)
+    # retraining on its own: checked every `check_interval_seconds` by the health-watch service
+    retrain_on_degraded: bool = False  # a degraded live model starts a run on history + export
+    retrain_every_days: float = field(default=0.0, ge=0)  # and/or one every so many days (0: no schedule)
+    check_interval_seconds: float = field(default=3600.0, ge=1)
+    retrain_cooldown_hours: float = field(default=24.0, ge=0)  # after a retraining run, none for this long

@@ -398,3 +398,58 @@ async def test_a_run_whose_promotion_would_lose_logged_events_stays_registered(
     assert redis_client.get(keys.live) == before
     models = await call(training, "list-models")
     assert run.model_id in [m.model_id for m in models.models]  # registered, not live
+
+
+async def test_model_health_names_recall_when_reported_fraud_was_missed(apps, first_run):
+    """Orders scored through predict-batch over the last 20 days, 30 of the matured ones the model let through
+    reported as fraud: model-health says degraded, recall first among the reasons, with the figures, the drift
+    against the holdout's bins and the plot in the model's report folder; refusals as documented."""
+    training, service, data_root = apps
+    now = pd.Timestamp.now(tz="UTC").floor("s")
+    history = read_dataset(raw_dir(data_root, first_run)).compute()
+    known = history[~history["is_fraud"]].drop_duplicates("customer_id").head(120)
+    orders = [
+        Order(
+            order_id=f"health-{i}",
+            order_date=(now - pd.Timedelta(hours=4 * i + 1)).to_pydatetime(),
+            customer_id=str(row.customer_id),
+            email=str(row.email),
+            ip_addr=str(row.ip_addr),
+            order_amount=float(row.order_amount),
+            location_lat=float(row.location_lat),
+            location_long=float(row.location_long),
+        )
+        for i, row in enumerate(known.itertuples())
+    ]  # 20 days, an order every 4 hours, each of a known customer as it usually orders
+    answer = await call(service, "predict-batch", BatchRequest(orders=orders))
+    model_id = answer.predictions[0].model_id
+    missed = [
+        p.order_id
+        for p, o in zip(answer.predictions, orders, strict=True)
+        if not p.is_fraud and o.order_date < (now - pd.Timedelta(days=8)).to_pydatetime()
+    ][:30]
+    assert len(missed) >= 25, missed
+    for order_id in missed:
+        recorded = await call(service, "report-label", LabelReport(order_id=order_id, is_fraud=True))
+        assert recorded.order_id == order_id, recorded
+    await asyncio.sleep(0.5)  # the score log is written in the background (every 0.2 s)
+
+    report = await call(training, "model-health", model_id=model_id)
+    assert report.model_id == model_id and report.verdict == "degraded", report
+    assert report.reasons[0].startswith("recall 0.000 on "), report.reasons
+    live = report.quality[model_id].live
+    assert live.confirmed_fraud >= len(missed) and live.true_alerts == 0 and live.orders >= 120, live
+    assert report.quality[model_id].holdout.recall == load_metadata(data_root, model_id)["metrics"]["recall"]
+    assert report.drift.available and report.drift.orders >= 42 and report.drift.features, report.drift
+    assert report.plot == str(data_root / "models" / model_id / "report" / "health.png")
+    assert (data_root / "models" / model_id / "report" / "health.png").read_bytes().startswith(b"\x89PNG")
+    assert report.computed["scores_read"] >= 120
+
+    refused = await execute_event(training, "model-health", None, preprocess=True)
+    assert isinstance(refused, ErrorResponse) and refused.status == 401, refused
+    bad = await call(training, "model-health", window_days="0")
+    assert isinstance(bad, ErrorResponse) and bad.status == 400 and bad.fields[0].field == "window_days", bad
+    unknown = await call(training, "model-health", model_id="xgb-nope")
+    assert isinstance(unknown, ErrorResponse) and unknown.status == 404, unknown
+    other = await call(training, "model-health", days="3")
+    assert isinstance(other, ErrorResponse) and other.status == 400, other

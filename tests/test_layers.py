@@ -26,6 +26,7 @@ LAYERS = {
         "report",
         "scored_orders",
         "quality",
+        "health",
     },
     CONTRACTS: {"settings", "payloads", "service_payloads"},
     STORES: {
@@ -46,6 +47,7 @@ LAYERS = {
         "scorer",
         "carry_over",
         "live_models",
+        "health_log",
     },
     EVENT_SUPPORT: {"auth", "request_errors", "overload"},
     EVENTS: {

@@ -296,11 +296,14 @@ def test_with_no_token_configured_every_call_is_refused(setup, first_run):
                 f"{service.base}{TRAINING_API}/{endpoint}", json=body, headers=headers, timeout=10
             )
             assert (response.status_code, response.json()) == (401, REFUSED), (endpoint, headers)
+    for headers in [*BAD_HEADERS, auth(), auth("")]:
+        health = requests.get(f"{service.base}{TRAINING_API}/model-health", headers=headers, timeout=10)
+        assert (health.status_code, health.json()) == (401, REFUSED), headers
     assert footprint(setup) == before
     said = (service.folder / "console.log").read_text()
     assert (
         "no API token is configured (FRAUD_API_TOKEN), so every call to run-pipeline, run-from-raw, "
-        "export-orders, promote-model, rollback, clean-runs is refused" in said
+        "export-orders, promote-model, rollback, clean-runs, model-health is refused" in said
     )
     assert "export FRAUD_API_TOKEN=" in said
 
@@ -393,6 +396,7 @@ def test_openapi_specs_declare_exactly_the_token_scheme(setup):
                     "promote-model",
                     "rollback",
                     "clean-runs",
+                    "model-health",
                 )
             },
         ),

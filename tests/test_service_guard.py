@@ -7,7 +7,8 @@
 - a flood far beyond the process's bound of requests in progress (`service.max_in_flight`): 200s and 503s with
   `Retry-After`, never a 500 or a connection error.
 
-One prediction service (one worker), a small model live under a key prefix of its own.
+One prediction service (two workers on one port, as `SERVICES` runs it), a small model live under a key prefix of
+its own.
 """
 
 import asyncio
@@ -21,6 +22,7 @@ from uuid import uuid4
 
 import aiohttp
 import pandas as pd
+import psutil
 import pytest
 import redis
 import requests
@@ -98,9 +100,11 @@ def test_features_only_when_asked(service):
     tag, url = uuid4().hex[:8], f"{prediction.base}{SERVICE_API}"
     plain = requests.post(f"{url}/predict", json=an_order(tag), headers=AUTH, timeout=30).json()
     assert plain["features"] == {} and plain["top_contributions"], plain
+    assert all(c["value"] is None for c in plain["top_contributions"]), plain  # values are features too
     asked = requests.post(f"{url}/predict?features=true", json=an_order(tag), headers=AUTH, timeout=30).json()
     assert asked["fraud_score"] == plain["fraud_score"]  # a retry: the same order, scored the same
     assert asked["features"]["n_orders_by_customer_id"] == 1.0
+    assert all(asked["features"][c["feature"]] == c["value"] for c in asked["top_contributions"]), asked
     batch = requests.post(
         f"{url}/predict-batch?features=true", json={"orders": [an_order(tag, 1)]}, headers=AUTH, timeout=30
     ).json()
@@ -205,3 +209,45 @@ def test_a_flood_far_beyond_the_bound_gets_200s_and_503s_with_retry_after(servic
     )
     assert after.status_code == 200, after.text  # the flood over, the service serves again
     assert "overload:" in prediction.log.read_text(errors="replace")  # the refusals were logged, in short
+
+
+def listens(worker: psutil.Process, port: int) -> bool:
+    return any(c.laddr.port == port and c.status == "LISTEN" for c in worker.net_connections("tcp"))
+
+
+def test_two_workers_share_a_burst_of_connections(service):
+    """The service runs two workers on one port (`SERVICES`); a burst of keep-alive connections, as a load balancer's
+    pool opens them, is spread over both (before, the first worker to wake took nearly all)."""
+    prediction, _ = service
+    workers = psutil.Process(prediction.proc.pid).children()
+    assert len(workers) == 2, workers
+    deadline = (
+        time.monotonic() + 60
+    )  # each listens once its app is loaded (the service answers when one does)
+    while not all(listens(w, prediction.port) for w in workers):
+        assert time.monotonic() < deadline, "a worker never listened"
+        time.sleep(0.2)
+    body = json.dumps(an_order(uuid4().hex[:8])).encode()
+    request = (
+        f"POST {SERVICE_API}/predict HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {API_TOKEN}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    burst = [socket.create_connection(("127.0.0.1", prediction.port), timeout=30) for _ in range(32)]
+    try:
+        for s in burst:  # then a request on each, kept open after its answer (the same order: retries)
+            s.sendall(request)
+        for s in burst:
+            assert s.recv(65536).startswith(b"HTTP/1.1 200"), "a request was not answered 200"
+        held = [
+            sum(
+                c.laddr.port == prediction.port and c.status == "ESTABLISHED"
+                for c in w.net_connections("tcp")
+            )
+            for w in workers
+        ]
+    finally:
+        for s in burst:
+            s.close()
+    assert sum(held) == 32 and min(held) >= 4, (
+        held
+    )  # 32 draws of a fair coin: fewer than 4 is a 1-in-10^5 event

@@ -1,6 +1,7 @@
 """fraud_poc.steps.train_model: step 5 on runs made by the real steps 1-4, with prepare-db where the gate needs a
 live champion; real Redis, real LocalCluster."""
 
+import json
 import shutil
 from pathlib import Path
 from uuid import uuid4
@@ -23,6 +24,7 @@ from fraud_poc.datasets import (
 )
 from fraud_poc.feature_store import live_pointer, version_meta
 from fraud_poc.features import serving_states, state_of, timestamp_us
+from fraud_poc.health import bin_counts
 from fraud_poc.redis_store import Keys
 from fraud_poc.registry import list_models, load_booster, load_metadata
 from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, LABEL, SCENARIO, FeatureSpec
@@ -103,6 +105,15 @@ def test_pipeline_steps_5_and_6(client, store, runs):
     assert metadata["metrics"]["average_precision"] == pytest.approx(
         average_precision(holdout[LABEL].to_numpy(), scores)
     )
+    # the holdout's drift bins: every feature and the score, each bin's share as the holdout has it
+    drift = metadata["drift"]
+    assert set(drift["features"]) == set(FEATURE_COLUMNS) and drift["rows"] == len(holdout)
+    for name, values in [("order_amount", holdout["order_amount"]), ("score", scores)]:
+        ref = drift["score"] if name == "score" else drift["features"][name]
+        assert len(ref["edges"]) >= 5 and ref["edges"] == sorted(ref["edges"])
+        counts = bin_counts(ref["edges"], values.to_numpy() if name != "score" else values)
+        assert ref["expected"] == pytest.approx(counts / counts.sum(), abs=1e-6)
+    assert len(json.dumps(drift)) < 40_000
     fraud_scenarios = holdout.loc[holdout[LABEL], SCENARIO].value_counts().to_dict()
     assert {k: v["count"] for k, v in metadata["metrics"]["recall_by_scenario"].items()} == fraud_scenarios
     assert sorted(p.name for p in (data_root / "models" / "xgb-run-1" / "report").iterdir()) == [

@@ -28,6 +28,7 @@ from fraud_poc.registry import (
     promotion_gate,
     save_model,
 )
+from ..health import MAX_BIN_ROWS, drift_reference
 from ..report import report_pngs
 from ..schema import FEATURE_COLUMNS, LABEL, SCENARIO, FeatureSpec
 from ..settings import TrainModelSettings
@@ -117,6 +118,14 @@ def _truth(client: Client, path: Path) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
+def _drift_reference(client: Client, holdout: Any, scores: np.ndarray, seed: int) -> dict[str, Any]:
+    """The holdout's drift bins (features: a seeded sample of at most MAX_BIN_ROWS rows; the score: every row)."""
+    rows = len(scores)
+    sample = holdout if rows <= MAX_BIN_ROWS else holdout.sample(frac=MAX_BIN_ROWS / rows, random_state=seed)
+    frame = client.compute(sample, sync=True)
+    return drift_reference({c: frame[c].to_numpy() for c in FEATURE_COLUMNS}, scores)
+
+
 def _train_and_register(
     client: Client,
     data_root: str | Path,
@@ -163,6 +172,7 @@ def _train_and_register(
     threshold = choose_threshold(tuning_y, predict_scores(client, booster, tuning), settings.threshold_metric)
     scores = predict_scores(client, booster, holdout)
     y, scenarios = _truth(client, holdout_path)
+    drift = _drift_reference(client, holdout, scores, settings.seed)
     data_sizes = {
         "train_rows": train_rows,
         "train_fraud": train_fraud,
@@ -198,6 +208,7 @@ def _train_and_register(
         data_sizes,
         training,
         spec,
+        drift=drift,
     )
     save_model(
         data_root,

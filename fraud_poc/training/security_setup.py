@@ -19,8 +19,17 @@ logger, extra = app_extra_logger()
 
 
 def protected_endpoints(security: SecuritySettings) -> list[str]:
-    """The endpoints that check the token: those that start work or change what is live."""
-    return ["run-pipeline", "run-from-raw", "export-orders", "promote-model", "rollback", "clean-runs"]
+    """The endpoints that check the token: those that start work or change what is live, and model-health (it
+    reads the whole log)."""
+    return [
+        "run-pipeline",
+        "run-from-raw",
+        "export-orders",
+        "promote-model",
+        "rollback",
+        "clean-runs",
+        "model-health",
+    ]
 
 
 async def announce(payload: None, context: EventContext) -> None:
