@@ -31,7 +31,7 @@ import psutil
 import redis
 from distributed import Client, LocalCluster
 
-from fraud_poc.dask_client import LOCAL_CLUSTER_CONFIG, release_worker_memory
+from fraud_poc.dask_client import LOCAL_CLUSTER_CONFIG, CompileKernels, release_worker_memory
 from fraud_poc.redis_store import glob_escape, unlink_matching
 from fraud_poc.registry import model_id_for_run
 from fraud_poc.schema import FeatureSpec
@@ -324,6 +324,8 @@ def main() -> None:
             memory_limit="6GiB",
         )
     client = Client(cluster, set_as_default=False)
+    # as the services' cluster does: workers load feature-calc's compiled kernels as they start
+    client.register_plugin(CompileKernels())
     key_prefix = f"fraudbench:{os.getpid()}:"
     try:
         small = run_steps(client, args, args.orders, args.customers, key_prefix)

@@ -5,13 +5,14 @@
 # %% auto #0
 __all__ = ['DAY_US', 'HOUR_US', 'FEATURE_INPUT_COLUMNS', 'Tile', 'window_features', 'check_label_delay', 'hours_of', 'cents_of',
            'recent_first_hour', 'matured_hours', 'state_horizon_hours', 'time_window_features', 'other_entities',
-           'check_window', 'timestamps_us', 'timestamp_us', 'fraud_timestamps', 'entity_features', 'distinct_orders',
-           'compute_features', 'EntityStates', 'serving_states', 'entity_features_and_state', 'state_of',
-           'preceding_records', 'usable_history', 'window_edges', 'running_sums', 'EntityView', 'entity_view',
-           'serving_time_features', 'serving_window_features', 'serving_features', 'known_entities']
+           'check_window', 'timestamps_us', 'timestamp_us', 'compile_kernels', 'fraud_timestamps', 'entity_features',
+           'distinct_orders', 'compute_features', 'EntityStates', 'serving_states', 'entity_features_and_state',
+           'state_of', 'preceding_records', 'usable_history', 'window_edges', 'running_sums', 'EntityView',
+           'entity_view', 'serving_time_features', 'serving_window_features', 'serving_features', 'known_entities']
 
 # %% ../nbs/10_features.ipynb #6274fab9
 import bisect
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from numpy.lib.stride_tricks import sliding_window_view
 
 from fraud_poc.schema import (
     ENTITIES,
@@ -160,96 +160,122 @@ def _run_starts(*keys: np.ndarray) -> np.ndarray:
     return np.flatnonzero(changed)
 
 
-def _range_counts(n: int, start: np.ndarray, stop: np.ndarray) -> np.ndarray:
-    """For each of n positions, how many [start, stop) ranges hold it."""
-    diff = np.bincount(start, minlength=n + 1) - np.bincount(stop, minlength=n + 1)
-    return np.cumsum(diff[:-1])
+def _compiled(kernel: Callable) -> Callable:
+    """`kernel` compiled by numba (cached on disk) at its first call: serving, which never calls a kernel, never
+    loads numba (~100 MiB per process). `call.dispatcher` is numba's dispatcher once compiled."""
+
+    @functools.wraps(kernel)
+    def call(*args):
+        if call.dispatcher is None:
+            from numba import njit
+
+            call.dispatcher = njit(cache=True, nogil=True)(kernel)
+        return call.dispatcher(*args)
+
+    call.dispatcher = None
+    return call
 
 
-def _group_search(group: np.ndarray, ts_us: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """For rows sorted by (group, ts_us): rows, instants -> per row, the first row of its group at or after the instant.
+@_compiled
+def _time_window_kernel(
+    starts: np.ndarray,
+    ts_us: np.ndarray,
+    cents: np.ndarray,
+    fraud_ts: np.ndarray,
+    delay_days: int,
+    windows: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """`time_window_features` into `out` (5 stats x windows, n): groups [starts[g], starts[g + 1]), one pass each."""
 
-    One `searchsorted` over keys (group, time) as one int64: the time itself when every group's keys fit (a
-    partition of the pipeline, a year of data), else its rank among the data's instants (any input).
-    """
-    low, high = int(ts_us.min()), int(ts_us.max()) + 1  # queries outside [low, high] behave as low or high
-    width = high - low + 1
-    if (int(group.max()) + 1) * width < 2**62:
-        keys = group * width + (ts_us - low)
+    def first_at_or_after(lo: int, hi: int, instant: int) -> int:
+        """The first row in [lo, hi) whose instant is at or after `instant` (hi if none)."""
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if ts_us[mid] < instant:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
 
-        low_, high_ = (
-            np.int64(low),
-            np.int64(high),
-        )  # numpy scalars: np.clip with Python ints is several times slower
+    n_windows, lag_hours = len(windows), 24 * delay_days
+    # per window: its first row, the cents before it, its matured window's first row, its fraud count
+    first = np.zeros(n_windows, np.int64)
+    cents_before = np.zeros(n_windows, np.int64)
+    matured_first = np.zeros(n_windows, np.int64)
+    n_fraud = np.zeros(n_windows, np.int64)
+    fraud_diff = np.zeros((n_windows, len(ts_us)), np.int64)
+    for g in range(len(starts) - 1):
+        begin, end = starts[g], starts[g + 1]
+        # fraud row f counts for the rows o of its group with h(f) + L + 1 <= h(o) < h(f) + L + 24d + 1 and
+        # t(o) >= fraud_ts(f): a contiguous range of rows, +1 at its first row, -1 after its last
+        for f in range(begin, end):
+            if fraud_ts[f] != NO_FRAUD:
+                lagged = ts_us[f] // HOUR_US + lag_hours
+                since = first_at_or_after(begin, end, max(fraud_ts[f], (lagged + 1) * HOUR_US))
+                for k in range(n_windows):
+                    until = first_at_or_after(since, end, (lagged + 24 * windows[k] + 1) * HOUR_US)
+                    if since < until:
+                        fraud_diff[k, since] += 1
+                        if until < end:
+                            fraud_diff[k, until] -= 1
+        first[:], cents_before[:], matured_first[:], n_fraud[:] = begin, 0, begin, 0
+        matured_end, running_cents = begin, 0
+        for i in range(begin, end):
+            hour = ts_us[i] // HOUR_US
+            running_cents += cents[i]
+            while matured_end < end and ts_us[matured_end] < (hour - lag_hours) * HOUR_US:
+                matured_end += 1
+            for k in range(n_windows):
+                n_fraud[k] += fraud_diff[k, i]
+                while ts_us[first[k]] < (hour - 24 * windows[k]) * HOUR_US:  # stops at i at the latest
+                    cents_before[k] += cents[first[k]]
+                    first[k] += 1
+                matured_since = (hour - lag_hours - 24 * windows[k]) * HOUR_US
+                while matured_first[k] < end and ts_us[matured_first[k]] < matured_since:
+                    matured_first[k] += 1
+                n_orders, n_matured = i - first[k] + 1, matured_end - matured_first[k]
+                out[k, i] = n_orders
+                # amount_mean: Σ cents / (100 · n), one float64 division of two exact integers
+                out[n_windows + k, i] = np.float64(running_cents - cents_before[k]) / np.float64(
+                    100 * n_orders
+                )
+                out[2 * n_windows + k, i] = n_matured
+                out[3 * n_windows + k, i] = n_fraud[k]
+                out[4 * n_windows + k, i] = n_fraud[k] / n_matured if n_matured > 0 else 0.0
 
-        def first_at_or_after(rows: np.ndarray, since_us: np.ndarray) -> np.ndarray:
-            return np.searchsorted(
-                keys, group[rows] * width + (np.minimum(np.maximum(since_us, low_), high_) - low_)
-            )
 
-        return first_at_or_after
-    instants = np.unique(ts_us)
-    ranks = len(instants) + 1
-    rank_keys = group * ranks + np.searchsorted(instants, ts_us)
-
-    def first_at_or_after_rank(rows: np.ndarray, since_us: np.ndarray) -> np.ndarray:
-        return np.searchsorted(rank_keys, group[rows] * ranks + np.searchsorted(instants, since_us))
-
-    return first_at_or_after_rank
-
-
-def _window_mean(cents: np.ndarray, n_orders: np.ndarray) -> np.ndarray:
-    """`amount_mean`: Σ cents / (100 · n), one float64 division of two exact integers."""
-    return cents.astype(np.float64) / (100 * n_orders).astype(np.float64)
+_TIME_WINDOWS = np.array(TIME_WINDOWS_DAYS, np.int64)
 
 
 def time_window_features(
-    group: np.ndarray, ts_us: np.ndarray, cents: np.ndarray, fraud_ts: np.ndarray, label_delay_days: int
+    group: np.ndarray,
+    ts_us: np.ndarray,
+    cents: np.ndarray,
+    fraud_ts: np.ndarray,
+    label_delay_days: int,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """SPEC 2.3's features, shape (len(TIME_STATS) * len(TIME_WINDOWS_DAYS), n), in `time_feature_columns` order.
 
     Rows are sorted by (`group`, `ts_us`, `order_id`): `group` holds integer codes of the entity value, `cents` the
     amounts in integer cents (`cents_of`), `fraud_ts` the instant each order's fraud label counts from (`NO_FRAUD`
-    if none), all times in microseconds.
+    if none), all times in microseconds. Written into `out` (C-contiguous, float64 or float32) if given.
     """
     n, delay = len(ts_us), check_label_delay(label_delay_days)
+    if out is None:
+        out = np.empty((len(TIME_STATS) * len(TIME_WINDOWS_DAYS), n))
     if n == 0:
-        return np.zeros((len(TIME_STATS) * len(TIME_WINDOWS_DAYS), 0))
+        return out
     if len(cents) and float(np.abs(cents).max()) * n >= 2.0**62:
         raise ValueError("the orders' amounts are too large to sum exactly in int64 cents")
-    first_at_or_after = _group_search(group, ts_us)
-    rows, hour = np.arange(n), hours_of(ts_us)
-    prefix = np.r_[0, np.cumsum(cents, dtype=np.int64)]
-    fraud = np.flatnonzero(fraud_ts != NO_FRAUD)
-    result = np.empty((len(TIME_STATS), len(TIME_WINDOWS_DAYS), n))  # (stat, window, order): the column order
-    matured_end = first_at_or_after(rows, matured_hours(hour, 0, delay)[1] * HOUR_US)  # the same for every d
-    # fraud row f counts for the rows o of its group with first(o) <= h(f) < end(o) and t(o) >= fraud_ts(f):
-    # h(f) < h(o) − L <=> h(o) >= h(f) + L + 1, and h(o) − L − 24d <= h(f) <=> h(o) < h(f) + L + 24d + 1
-    lagged = hour[fraud] + 24 * delay
-    counts_from = first_at_or_after(fraud, np.maximum(fraud_ts[fraud], (lagged + 1) * HOUR_US))
-    for k, days in enumerate(TIME_WINDOWS_DAYS):
-        start = first_at_or_after(rows, recent_first_hour(hour, days) * HOUR_US)
-        n_orders = rows - start + 1
-        n_matured = matured_end - first_at_or_after(rows, matured_hours(hour, days, delay)[0] * HOUR_US)
-        until = first_at_or_after(fraud, (lagged + 24 * days + 1) * HOUR_US)
-        counts_until = np.maximum(until, counts_from)
-        n_fraud = _range_counts(n, counts_from, counts_until)
-        stats = {
-            "n_orders": n_orders,
-            "amount_mean": _window_mean(prefix[rows + 1] - prefix[start], n_orders),
-            "n_matured": n_matured,
-            "n_fraud": n_fraud,
-            "risk": np.divide(n_fraud, n_matured, out=np.zeros(n), where=n_matured > 0),
-        }
-        for s, stat in enumerate(TIME_STATS):
-            result[s, k] = stats[stat]
-    return result.reshape(len(TIME_STATS) * len(TIME_WINDOWS_DAYS), n)
+    starts = np.r_[_run_starts(np.asarray(group)), n].astype(np.int64)
+    as_int64 = (np.ascontiguousarray(a, np.int64) for a in (ts_us, cents, fraud_ts))
+    _time_window_kernel(starts, *as_int64, delay, _TIME_WINDOWS, out)
+    return out
 
 # %% ../nbs/10_features.ipynb #88e779e6
 FEATURE_INPUT_COLUMNS: tuple[str, ...] = ("order_id", "order_date", *ENTITIES, "order_amount")
-_BLOCK_ROWS = (
-    8192  # orders per call of the core in batch: large enough to amortise calls, small enough for cache
-)
 
 
 def other_entities(by: str) -> tuple[str, ...]:
@@ -289,12 +315,6 @@ def _codes(values: pd.Series) -> np.ndarray:
     return pd.factorize(values, use_na_sentinel=False)[0].astype(np.int64, copy=False)
 
 
-def _lag_views(values: np.ndarray, window: int) -> np.ndarray:
-    """(W, n) read-only view of a sorted array: row k holds each element's k-th predecessor (0 before the start)."""
-    padded = np.concatenate([np.zeros(window - 1, values.dtype), values])
-    return sliding_window_view(padded, len(values))[::-1]
-
-
 def _group_rows(time_order: np.ndarray, by_codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows grouped by entity code, each group in (ts_us, order_id) order, given the rows' time order.
 
@@ -309,6 +329,76 @@ def _group_rows(time_order: np.ndarray, by_codes: np.ndarray) -> tuple[np.ndarra
     return order, position, np.repeat(sizes, sizes) - 1 - position
 
 
+@_compiled
+def _window_kernel(
+    starts: np.ndarray,
+    amount: np.ndarray,
+    ts_us: np.ndarray,
+    codes: np.ndarray,
+    n_codes: int,
+    window: int,
+    out: np.ndarray,
+) -> None:
+    """`window_features` of every row into `out`, for rows grouped by value (groups [starts[g], starts[g + 1])) and
+    in time order in each: one pass, the same float operations in the same order, so the same bits.
+
+    `codes` (n_others, n) holds the other entities' integer codes, each column's distinct from the others' and
+    below `n_codes`; the distinct codes of each window are counted as rows enter and leave it.
+    """
+    n_others, lags = codes.shape[0], max(window, 2)  # W = 1 sums one invalid lag, as `window_features` does
+    in_window = np.zeros(n_codes, np.int64)  # rows of the current window holding each code
+    distinct = np.zeros(n_others, np.int64)
+    stats = 1 + 3 * n_others  # the amount statistics' first row in `out`
+    for g in range(len(starts) - 1):
+        begin, end = starts[g], starts[g + 1]
+        for i in range(begin, end):
+            if i - window >= begin:  # the row that leaves the window
+                for c in range(n_others):
+                    code = codes[c, i - window]
+                    in_window[code] -= 1
+                    distinct[c] -= in_window[code] == 0
+            n_prev = min(i - begin, window - 1)
+            own = amount[i]
+            prev_sum = 0.0  # ((r1 + r2) + r3) + ...: a left fold over lags 1.., 0.0 for the invalid ones
+            for k in range(1, lags):
+                value = amount[i - k] if k <= n_prev else 0.0
+                prev_sum = value if k == 1 else prev_sum + value
+            n_orders = n_prev + 1
+            total = own + prev_sum
+            mean = total / n_orders
+            square_sum = (own - mean) * (own - mean)
+            low, high, n_24h = own, own, 1
+            for k in range(1, lags):
+                if k <= n_prev:
+                    value = amount[i - k]
+                    square_sum = square_sum + (value - mean) * (value - mean)
+                    low, high = min(low, value), max(high, value)
+                    n_24h += ts_us[i - k] > ts_us[i] - DAY_US
+                else:
+                    square_sum = square_sum + 0.0
+            has_prev = n_prev >= 1
+            out[0, i] = n_orders
+            for c in range(n_others):
+                code = codes[c, i]
+                out[1 + n_others + c, i] = has_prev and codes[c, i - 1] == code  # same
+                out[1 + 2 * n_others + c, i] = in_window[code] > 0  # known
+                in_window[code] += 1
+                distinct[c] += in_window[code] == 1
+                out[1 + c, i] = distinct[c]  # num
+            out[stats, i] = mean
+            out[stats + 1, i] = np.sqrt(square_sum / n_orders)
+            out[stats + 2, i] = low
+            out[stats + 3, i] = high
+            out[stats + 4, i] = total
+            out[stats + 5, i] = (own + 1.0) / (prev_sum / max(n_orders - 1, 1) + 1.0) if has_prev else 1.0
+            out[stats + 6, i] = (ts_us[i] - ts_us[i - 1]) / 1e6 if has_prev else -1.0
+            out[stats + 7, i] = n_24h
+        for i in range(max(begin, end - window), end):  # the last window leaves before the next group
+            for c in range(n_others):
+                in_window[codes[c, i]] -= 1
+        distinct[:] = 0
+
+
 def _write_entity_features(
     order: np.ndarray,
     position: np.ndarray,
@@ -320,15 +410,23 @@ def _write_entity_features(
 ) -> None:
     """Write one entity's features into `out` (n_features, n), column j for row `order[j]` (`_group_rows`' order)."""
     n = len(order)
-    amount_lags = _lag_views(amount[order], window)
-    ts_lags = _lag_views(ts_us[order], window)
-    code_lags = [_lag_views(codes[order], window) for codes in other_codes]
-    lags = np.arange(window)[:, None]
-    for start in range(0, n, _BLOCK_ROWS):
-        rows = slice(start, start + _BLOCK_ROWS)
-        codes = np.stack([lagged[:, rows] for lagged in code_lags])
-        valid = lags <= position[rows]
-        out[:, rows] = window_features(amount_lags[:, rows], ts_lags[:, rows], codes, valid)
+    starts = np.r_[np.flatnonzero(position == 0), n].astype(np.int64)
+    codes = np.empty((len(other_codes), n), np.int64)  # each column's codes after the previous column's
+    offset = 0
+    for column, values in zip(codes, other_codes, strict=True):
+        column[:] = values[order] + offset
+        offset += int(values.max()) + 1 if n else 0
+    _window_kernel(starts, amount[order], ts_us[order], codes, offset, window, out)
+
+
+def compile_kernels() -> None:
+    """Load the batch kernels for float64 and float32 features (from numba's cache on disk, else compiling them:
+    ~2 s), so that a process's first batch does not pay for it: Dask workers call it as they start."""
+    one = np.zeros(1, np.int64)
+    for dtype in (np.float64, np.float32):
+        out = np.empty((1 + 3 * (len(ENTITIES) - 1) + 8 + len(TIME_STATS) * len(TIME_WINDOWS_DAYS), 1), dtype)
+        _write_entity_features(one, one, one, np.zeros(1), [one] * (len(ENTITIES) - 1), WINDOW, out[:-15])
+        time_window_features(one, one, one, np.full(1, NO_FRAUD), LABEL_DELAY_DAYS, out=out[-15:])
 
 
 def fraud_timestamps(orders: pd.DataFrame, ts_us: np.ndarray, label_delay_days: int) -> np.ndarray:
@@ -403,8 +501,8 @@ def _write_time_features(
     out: np.ndarray,
 ) -> None:
     """Write one entity's SPEC 2.3 features into `out` (15, n), column j for row `order[j]` (`_group_rows`' order)."""
-    out[:] = time_window_features(
-        by_codes[order], ts_us[order], cents[order], fraud_ts[order], label_delay_days
+    time_window_features(
+        by_codes[order], ts_us[order], cents[order], fraud_ts[order], label_delay_days, out=out
     )
 
 
