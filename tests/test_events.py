@@ -8,6 +8,7 @@ import json
 import os
 from contextlib import contextmanager
 from copy import deepcopy
+from pathlib import Path
 
 import hopeit.testing.apps
 import pandas as pd
@@ -49,17 +50,17 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")  # the module's tests shar
 STEPS = ["sample-data", "preprocess", "feature-calc", "training-data", "train-model", "prepare-db"]
 
 
-@pytest.fixture(scope="module")
-def apps(key_prefix, tmp_path_factory):
-    """Both app configs, loaded as the services load them, against this module's Redis prefix and data root."""
-    data_root = tmp_path_factory.mktemp("event-data")
+@contextmanager
+def app_configs(key_prefix: str, data_root: Path, find_orders: bool):
+    """Both app configs, loaded as the services load them, with this Redis prefix and data root in the environment
+    (restored after): (training, service, data root)."""
     env = {
         "FRAUD_REDIS_URL": REDIS_URL,
-        "FRAUD_KEY_PREFIX": key_prefix + "events:",
+        "FRAUD_KEY_PREFIX": key_prefix,
         "FRAUD_DATA_ROOT": str(data_root),
         "DASK_SCHEDULER_ADDRESS": "",
         "FRAUD_API_TOKEN": API_TOKEN,
-        "FRAUD_FIND_ORDERS_ENABLED": "true",
+        "FRAUD_FIND_ORDERS_ENABLED": "true" if find_orders else "false",
         "FRAUD_PREDICT_REQUIRES_TOKEN": "false",
     }
     saved = {name: os.environ.get(name) for name in env}
@@ -77,6 +78,32 @@ def apps(key_prefix, tmp_path_factory):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def orders_like(rows: pd.DataFrame, tag: str, dates: list[pd.Timestamp]) -> list[Order]:
+    """One order per row (its customer, email, IP and amount, as it usually orders), `<tag>-<i>` on `dates[i]`."""
+    return [
+        Order(
+            order_id=f"{tag}-{i}",
+            order_date=date.to_pydatetime(),
+            customer_id=str(row.customer_id),
+            email=str(row.email),
+            ip_addr=str(row.ip_addr),
+            order_amount=float(row.order_amount),
+            location_lat=float(row.location_lat),
+            location_long=float(row.location_long),
+        )
+        for i, (row, date) in enumerate(zip(rows.itertuples(), dates, strict=True))
+    ]
+
+
+@pytest.fixture(scope="module")
+def apps(key_prefix, tmp_path_factory):
+    """Both app configs against this module's Redis prefix and data root."""
+    with app_configs(
+        key_prefix + "events:", tmp_path_factory.mktemp("event-data"), find_orders=True
+    ) as configs:
+        yield configs
 
 
 @contextmanager
@@ -408,19 +435,8 @@ async def test_model_health_names_recall_when_reported_fraud_was_missed(apps, fi
     now = pd.Timestamp.now(tz="UTC").floor("s")
     history = read_dataset(raw_dir(data_root, first_run)).compute()
     known = history[~history["is_fraud"]].drop_duplicates("customer_id").head(120)
-    orders = [
-        Order(
-            order_id=f"health-{i}",
-            order_date=(now - pd.Timedelta(hours=4 * i + 1)).to_pydatetime(),
-            customer_id=str(row.customer_id),
-            email=str(row.email),
-            ip_addr=str(row.ip_addr),
-            order_amount=float(row.order_amount),
-            location_lat=float(row.location_lat),
-            location_long=float(row.location_long),
-        )
-        for i, row in enumerate(known.itertuples())
-    ]  # 20 days, an order every 4 hours, each of a known customer as it usually orders
+    # 20 days, an order every 4 hours, each of a known customer as it usually orders
+    orders = orders_like(known, "health", [now - pd.Timedelta(hours=4 * i + 1) for i in range(len(known))])
     answer = await call(service, "predict-batch", BatchRequest(orders=orders))
     model_id = answer.predictions[0].model_id
     missed = [

@@ -5,21 +5,18 @@ on the reported labels, and the gate decides. Its own app configs and Redis pref
 are in its logs."""
 
 import asyncio
-import os
 from copy import deepcopy
 from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
 import pytest_asyncio
-from conftest import API_TOKEN, REDIS_URL, ROOT
-from hopeit.testing.apps import config, create_test_context, execute_event
-from test_events import SMALL, STEPS, call, run_chain, status
+from hopeit.testing.apps import create_test_context, execute_event
+from test_events import SMALL, STEPS, app_configs, call, orders_like, run_chain, status
 
-from fraud_poc.dask_client import close_dask_client
 from fraud_poc.datasets import history_dir, raw_dir, read_dataset
 from fraud_poc.payloads import PipelineJob, RunPipelineRequest
-from fraud_poc.service_payloads import BatchRequest, LabelReport, Order
+from fraud_poc.service_payloads import BatchRequest, LabelReport
 from fraud_poc.training.health_watch import RetrainRequest, watch_pass
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -29,30 +26,9 @@ NOW = datetime(2025, 4, 25, tzinfo=UTC)  # the replay's "now": 25 days after the
 @pytest.fixture(scope="module")
 def apps(key_prefix, tmp_path_factory):
     """Both app configs against this module's Redis prefix and data root."""
-    env = {
-        "FRAUD_REDIS_URL": REDIS_URL,
-        "FRAUD_KEY_PREFIX": key_prefix + "retrain:",
-        "FRAUD_DATA_ROOT": str(tmp_path_factory.mktemp("retrain-data")),
-        "DASK_SCHEDULER_ADDRESS": "",
-        "FRAUD_API_TOKEN": API_TOKEN,
-        "FRAUD_FIND_ORDERS_ENABLED": "false",
-        "FRAUD_PREDICT_REQUIRES_TOKEN": "false",
-    }
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    try:
-        yield (
-            config(ROOT / "config" / "training-pipeline.json"),
-            config(ROOT / "config" / "fraud-service.json"),
-            env["FRAUD_DATA_ROOT"],
-        )
-    finally:
-        close_dask_client()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    data_root = tmp_path_factory.mktemp("retrain-data")
+    with app_configs(key_prefix + "retrain:", data_root, find_orders=False) as (training, service, _):
+        yield training, service, str(data_root)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -78,19 +54,7 @@ async def test_retraining_starts_once_with_its_reason_trains_on_the_labels_and_t
     known = history[~history["is_fraud"]].drop_duplicates("customer_id")
     known = known.sample(n=400, replace=True, random_state=1).reset_index(drop=True)
     start = pd.Timestamp("2025-04-01", tz="UTC")
-    orders = [
-        Order(
-            order_id=f"replay-{i}",
-            order_date=(start + pd.Timedelta(minutes=85 * i)).to_pydatetime(),  # 2025-04-01 to 04-24
-            customer_id=str(row.customer_id),
-            email=str(row.email),
-            ip_addr=str(row.ip_addr),
-            order_amount=float(row.order_amount),
-            location_lat=float(row.location_lat),
-            location_long=float(row.location_long),
-        )
-        for i, row in enumerate(known.itertuples())
-    ]
+    orders = orders_like(known, "replay", [start + pd.Timedelta(minutes=85 * i) for i in range(len(known))])
     predictions = []
     for at in range(0, len(orders), 200):
         answer = await call(service, "predict-batch", BatchRequest(orders=orders[at : at + 200]))
