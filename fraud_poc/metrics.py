@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['MULTIPROC_ENV', 'METRICS_DIR', 'MULTIPROCESS', 'CONTENT_TYPE', 'LATENCY_BUCKETS', 'SCORE_BUCKETS', 'STEP_BUCKETS',
-           'STEP_OUTCOMES', 'SCORED_EVENTS', 'REQUESTS', 'LATENCY', 'ERRORS', 'OVERLOAD_REFUSALS', 'SCORES', 'FLAGGED',
-           'STEP_SECONDS', 'gunicorn_workers', 'shared_metrics_dir', 'observe_predictions', 'observe_step',
+           'STEP_OUTCOMES', 'SCORED_EVENTS', 'METRICS', 'REQUESTS', 'LATENCY', 'ERRORS', 'OVERLOAD_REFUSALS', 'SCORES',
+           'FLAGGED', 'STEP_SECONDS', 'gunicorn_workers', 'shared_metrics_dir', 'observe_predictions', 'observe_step',
            'exposition']
 
 # %% ../nbs/21_metrics.ipynb #7eb2b6df
@@ -50,10 +50,12 @@ METRICS_DIR = shared_metrics_dir(sys.argv, os.environ)  # before prometheus_clie
 # %% ../nbs/21_metrics.ipynb #d57e15ce
 from prometheus_client import (
     CONTENT_TYPE_PLAIN_0_0_4,
-    REGISTRY,
     CollectorRegistry,
     Counter,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
     multiprocess,
@@ -93,28 +95,53 @@ STEP_OUTCOMES = ("done", "failed", "retrying", "timeout")
 SCORED_EVENTS = ("predict", "predict-batch")
 
 disable_created_metrics()
-REQUESTS = Counter("fraud_http_requests", "HTTP answers by event and status code", ["event", "status"])
+# the module's own registry, not prometheus_client's global one: importing this module again (a notebook that runs its
+# cells, then imports it) makes new metrics instead of failing on names the global registry already holds
+METRICS = CollectorRegistry(auto_describe=True)
+for _collector in (
+    ProcessCollector,
+    PlatformCollector,
+    GCCollector,
+):  # what the global registry has by default
+    _collector(registry=METRICS)
+REQUESTS = Counter(
+    "fraud_http_requests", "HTTP answers by event and status code", ["event", "status"], registry=METRICS
+)
 LATENCY = Histogram(
     "fraud_http_request_duration_seconds",
     "time from a request's head to its answer, in the process",
     ["event"],
     buckets=LATENCY_BUCKETS,
+    registry=METRICS,
 )
 ERRORS = Counter(
-    "fraud_http_request_errors", "error answers by event and status class", ["event", "status_class"]
+    "fraud_http_request_errors",
+    "error answers by event and status class",
+    ["event", "status_class"],
+    registry=METRICS,
 )
-OVERLOAD_REFUSALS = Counter("fraud_overload_refusals", "503s of the overload guard (service.max_in_flight)")
+OVERLOAD_REFUSALS = Counter(
+    "fraud_overload_refusals", "503s of the overload guard (service.max_in_flight)", registry=METRICS
+)
 SCORES = Histogram(
-    "fraud_prediction_score", "fraud score of each scored order", ["event"], buckets=SCORE_BUCKETS
+    "fraud_prediction_score",
+    "fraud score of each scored order",
+    ["event"],
+    buckets=SCORE_BUCKETS,
+    registry=METRICS,
 )
 FLAGGED = Counter(
-    "fraud_predictions_flagged", "scored orders at or above the live model's threshold", ["event"]
+    "fraud_predictions_flagged",
+    "scored orders at or above the live model's threshold",
+    ["event"],
+    registry=METRICS,
 )
 STEP_SECONDS = Histogram(
     "fraud_pipeline_step_duration_seconds",
     "duration of each attempt of a pipeline step, by outcome",
     ["step", "outcome"],
     buckets=STEP_BUCKETS,
+    registry=METRICS,
 )
 for _event in SCORED_EVENTS:  # present (at 0) before the first order
     SCORES.labels(_event), FLAGGED.labels(_event)
@@ -148,4 +175,4 @@ def exposition() -> bytes:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry)
-    return generate_latest(REGISTRY)
+    return generate_latest(METRICS)

@@ -104,13 +104,11 @@ PROMQL_WORDS = {"sum", "by", "rate", "increase", "histogram_quantile", "without"
 def exported_metrics() -> dict[str, set[str]]:
     """Every series name the services' `/metrics` can show (`fraud_poc.metrics` and prometheus_client's process
     collector), with its labels."""
-    from prometheus_client import REGISTRY
-
-    import fraud_poc.metrics  # registers the project's metrics
+    import fraud_poc.metrics  # the project's metrics, in its own registry
 
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     names: dict[str, set[str]] = {}
-    for family in REGISTRY.collect():
+    for family in fraud_poc.metrics.METRICS.collect():
         collector = next(
             (c for c in vars(fraud_poc.metrics).values() if getattr(c, "_name", None) == family.name), None
         )
