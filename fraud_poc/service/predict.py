@@ -52,10 +52,7 @@ __api__ = secured_api(
     payload=(Order, "the order; `order_date` is ISO 8601 (UTC if it has no time zone)"),
     query_args=[FEATURES_ARG],
     responses={
-        200: (
-            Prediction,
-            "fraud score, decision at the model's threshold, top contributions, features if asked",
-        ),
+        200: (Prediction, "fraud score, decision at the threshold, top contributions, features if asked"),
         400: (ErrorResponse, "invalid order: the message and `fields` name each bad field"),
         409: (
             ErrorResponse,
