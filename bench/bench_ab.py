@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,6 @@ from uuid import uuid4
 import aiohttp
 import numpy as np
 import pandas as pd
-import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_service as bs  # noqa: E402
@@ -147,14 +145,7 @@ def main() -> None:
         print(f"A: {bs.REPO}\nB: {args.base.resolve()}")
         asyncio.run(rounds(urls, [p.pid for p in procs], source, args))
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            proc.wait(timeout=60)
-        r = redis.Redis.from_url(redis_url)
-        stale = list(r.scan_iter(match=f"{prefix}*", count=1000))
-        for chunk in range(0, len(stale), 1000):
-            r.unlink(*stale[chunk : chunk + 1000])
+        bs.stop_services(procs, redis_url, prefix)
 
 
 if __name__ == "__main__":

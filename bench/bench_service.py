@@ -60,7 +60,7 @@ from fraud_poc.generator import generate_orders  # noqa: E402
 from fraud_poc.health import drift_reference  # noqa: E402
 from fraud_poc.launcher import SERVICES  # noqa: E402
 from fraud_poc.redis_pipe import RedisPipe  # noqa: E402
-from fraud_poc.redis_store import Keys, async_redis  # noqa: E402
+from fraud_poc.redis_store import Keys, async_redis, glob_escape, unlink_matching  # noqa: E402
 from fraud_poc.registry import model_metadata  # noqa: E402
 from fraud_poc.schema import (  # noqa: E402
     ENTITIES,
@@ -262,6 +262,15 @@ def service_command(
     if workers is not None:
         args = [a for a in args if not a.startswith("--workers=")] + [f"--workers={workers}"]
     return [str(Path(sys.executable).parent / "hopeit_server"), *args]
+
+
+def stop_services(procs: list[subprocess.Popen], redis_url: str, prefix: str) -> None:
+    """Stop the services (SIGTERM, then wait) and remove every key the bench wrote under its prefix."""
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        proc.wait(timeout=60)
+    unlink_matching(redis.Redis.from_url(redis_url), f"{glob_escape(prefix)}*")
 
 
 def start_service(
@@ -862,14 +871,7 @@ def main() -> None:
             print(f"{args.replicas} replicas, connections spread over them in turn")
         uvloop.run(run_load(bases, source, CpuMeter([p.pid for p in procs], redis_url), args))
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            proc.wait(timeout=60)
-        r = redis.Redis.from_url(redis_url)
-        stale = list(r.scan_iter(match=f"{prefix}*", count=1000))
-        for chunk in range(0, len(stale), 1000):
-            r.unlink(*stale[chunk : chunk + 1000])
+        stop_services(procs, redis_url, prefix)
         print(
             f"max RSS of the load generator: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
         )
