@@ -17,6 +17,7 @@ feature-store entity states/s and the model's holdout metrics per fraud scenario
 """
 
 import argparse
+import itertools
 import os
 import shutil
 import tempfile
@@ -160,10 +161,14 @@ class MemorySampler:
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
+        me, processes = psutil.Process(), []
+        for sample in itertools.count():
+            if self._stop.is_set():
+                break
+            if sample % 50 == 0:  # finding the children scans every process of the machine: once a second
+                processes = [me, *me.children(recursive=True)]
             total = 0
-            for proc in [me, *me.children(recursive=True)]:
+            for proc in processes:
                 try:
                     total += proc.memory_info().rss
                 except psutil.NoSuchProcess:

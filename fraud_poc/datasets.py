@@ -10,7 +10,7 @@ __all__ = ['FEATURE_SPEC_FILE', 'SAMPLING_FILE', 'DATA_CUTOFF_FILE', 'ORDER_FILE
            'training_sampling', 'write_data_cutoff', 'data_cutoff', 'replace_atomically', 'resolve_inside',
            'check_order_file', 'list_order_files', 'order_file_columns', 'check_order_files', 'input_limits',
            'order_date_bounds', 'read_orders_file', 'in_file_terms', 'parquet_write_options', 'write_parquet',
-           'dataset_files', 'read_dataset', 'StepResult']
+           'write_arrow_part', 'dataset_files', 'read_dataset', 'StepResult']
 
 # %% ../nbs/20_datasets.ipynb #3f9f7519
 import csv
@@ -360,6 +360,17 @@ def write_parquet(df: pd.DataFrame, path: Path) -> None:
     """One pandas frame to one parquet file."""
     options = parquet_write_options(df.columns)
     df.to_parquet(path, index=options.pop("write_index"), **options)
+
+
+def write_arrow_part(df: pd.DataFrame, folder: Path, part: int) -> int:
+    """One partition as `part.<part>.parquet` in `folder`, written through Arrow without pandas' metadata, which
+    names nested Arrow types (a list of bytes) in a way pandas cannot read back; returns its rows. Read back, such
+    columns are lists (numpy arrays) in pandas, or Arrow-backed with `types_mapper=pd.ArrowDtype`."""
+    table = pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None)
+    options = parquet_write_options(df.columns)
+    options.pop("write_index")
+    pq.write_table(table, Path(folder) / f"part.{part}.parquet", **options)
+    return table.num_rows
 
 # %% ../nbs/20_datasets.ipynb #67779121
 _PART_NUMBER = re.compile(r"part\.(\d+)\.parquet")

@@ -68,14 +68,15 @@ def test_features_equal_the_batch_definition(features_run):
 
 def decoded_states(encoded: pd.DataFrame) -> dict[str, tuple[list, list, list]]:
     """value -> (records in stored order, tiles in stored order, order entries sorted): what the bytes hold."""
-    return {
-        value: (
-            decode_state(state),
-            [tuple(tile) for tile in msgpack.unpackb(tiles)],
-            sorted(tuple(entry) for entry in msgpack.unpackb(orders, raw=False)),
-        )
-        for value, state, tiles, orders in encoded[ENCODED_COLUMNS].itertuples(index=False, name=None)
-    }
+    decoded = {}
+    for value, state, tiles, hours, ids, orders in encoded[ENCODED_COLUMNS].itertuples(
+        index=False, name=None
+    ):
+        tiles = [tuple(msgpack.unpackb(tile)) for tile in tiles]
+        assert [tile[0] for tile in tiles] == list(hours)  # each tile scored by its hour
+        entries = sorted((i, *msgpack.unpackb(e, raw=False)) for i, e in zip(ids, orders, strict=True))
+        decoded[value] = (decode_state(state), tiles, entries)
+    return decoded
 
 
 def test_serving_state_is_every_values_records_and_tiles(features_run):

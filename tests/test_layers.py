@@ -19,6 +19,7 @@ LAYERS = {
         "masking",
         "features",
         "serving_state",
+        "resp",  # Redis commands encoded in bulk (numpy, no connection)
         "row_predictor",
         "generator",
         "validation",

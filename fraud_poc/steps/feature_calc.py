@@ -30,11 +30,12 @@ from fraud_poc.datasets import (
     parquet_write_options,
     replace_atomically,
     serving_state_dir,
+    write_arrow_part,
     write_data_cutoff,
     write_feature_spec,
 )
 from ..schema import ENTITIES, FEATURE_COLUMNS, LABEL, LABEL_DATE, SCENARIO, FeatureSpec
-from ..serving_state import ENCODED_COLUMNS, encoded_states
+from ..serving_state import encoded_states
 from .preprocess import read_by_entity
 
 # %% ../../nbs/34_feature_calc.ipynb #809dcc14
@@ -226,9 +227,12 @@ def calc_features(client: Client, data_root: str | Path, run_id: str, *, spec: F
         writes = [
             joined.to_parquet(str(tmp), compute=False, **parquet_write_options(FEATURES_OUTPUT_COLUMNS))
         ]
+        for by in states_by_entity:
+            (tmp_state / by).mkdir(parents=True)
         writes += [
-            frame.to_parquet(str(tmp_state / by), compute=False, **parquet_write_options(ENCODED_COLUMNS))
+            delayed(write_arrow_part, pure=True)(part, tmp_state / by, i)
             for by, frame in states_by_entity.items()
+            for i, part in enumerate(frame.to_delayed())
         ]
         rows, *_ = client.gather(client.compute([by_first.shape[0], *writes]))
         write_feature_spec(tmp_state, spec)

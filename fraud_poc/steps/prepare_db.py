@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import dask.dataframe as dd
+import pandas as pd
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 from distributed import Client
 
 from ..carry_over import Carried, EventsLost, switch_carrying_over
-from ..datasets import entity_dir, feature_spec, read_dataset, serving_state_dir
+from ..datasets import dataset_files, entity_dir, feature_spec, serving_state_dir
 from fraud_poc.feature_store import (
     ANY_LIVE,
     GateOutdated,
@@ -80,11 +82,18 @@ class PrepareResult:
 
 
 def serving_states(data_root: str | Path, run_id: str, by: str) -> dd.DataFrame:
-    """Lazy frame of step 3's encoded states of every value of `by` (`value`, `state`), one partition per file."""
+    """Lazy frame of step 3's encoded states of every value of `by` (`serving_state.ENCODED_COLUMNS`), one
+    partition per file, Arrow-backed (the bytes and lists as stored, no Python object per value)."""
     folder = serving_state_dir(data_root, run_id) / by
     if not folder.is_dir():
         raise FileNotFoundError(f"no serving state of {by} for run {run_id!r}: run step feature-calc first")
-    return read_dataset(folder)
+    files = [str(path) for path in dataset_files(folder)]
+    meta = pq.read_schema(files[0]).empty_table().to_pandas(types_mapper=pd.ArrowDtype)
+    return dd.from_map(_arrow_backed, files, meta=meta, label="read-serving-state")
+
+
+def _arrow_backed(path: str) -> pd.DataFrame:
+    return pq.read_table(path).to_pandas(types_mapper=pd.ArrowDtype)
 
 
 def count_rows(path: Path) -> int:
