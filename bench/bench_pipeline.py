@@ -7,6 +7,7 @@ processes) and peak memory (RSS of this process plus its worker processes, sampl
     .venv/bin/python bench/bench_pipeline.py             # the services' default cluster: 2 worker processes x 1 thread
     .venv/bin/python bench/bench_pipeline.py --steps 4 --in-process --workers 1 --threads 2   # fastest for steps 1-4
     .venv/bin/python bench/bench_pipeline.py --scale 10   # then 12M orders, 100,000 customers: the ratios per step
+    .venv/bin/python bench/bench_pipeline.py --scale 10 --external   # the same on a scheduler and 2 worker processes
     .venv/bin/python bench/bench_pipeline.py --orders 12000000 --customers 100000 --steps 3 --from-step feature-calc \
         --data-root /tmp/run12m   # one step again on the run an earlier call (--steps 2 --data-root ...) left there
 
@@ -20,10 +21,14 @@ import argparse
 import itertools
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +37,7 @@ import psutil
 import redis
 from distributed import Client, LocalCluster
 
-from fraud_poc.dask_client import LOCAL_CLUSTER_CONFIG, CompileKernels, release_worker_memory
+from fraud_poc.dask_client import LOCAL_CLUSTER_CONFIG, WORKER_MALLOC, CompileKernels, release_worker_memory
 from fraud_poc.redis_store import glob_escape, unlink_matching
 from fraud_poc.registry import model_id_for_run
 from fraud_poc.schema import FeatureSpec
@@ -209,6 +214,11 @@ def parse_args() -> argparse.Namespace:
         help="workers as threads of this process (default: worker processes)",
     )
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--external",
+        action="store_true",
+        help="a `dask scheduler` and --workers `dask worker` processes as the compose file starts them, not a LocalCluster",
+    )
     parser.add_argument("--threads", type=int, default=1, help="threads per worker")
     parser.add_argument(
         "--rows-per-partition",
@@ -318,30 +328,74 @@ def main() -> None:
     args = parse_args()
     if args.from_step != STEPS[0][0] and args.data_root is None:
         raise SystemExit("--from-step needs --data-root: the run its earlier steps left there")
-    with dask.config.set(
-        LOCAL_CLUSTER_CONFIG
-    ):  # the services' local cluster settings (fraud_poc.dask_client)
-        cluster = LocalCluster(
-            n_workers=args.workers,
-            threads_per_worker=args.threads,
-            processes=not args.in_process,
-            dashboard_address=":0",
-            memory_limit="6GiB",
-        )
-    client = Client(cluster, set_as_default=False)
+    with cluster_client(args) as client:
+        run_all(client, args)
+
+
+@contextmanager
+def cluster_client(args: argparse.Namespace) -> Iterator[Client]:
+    """A client of the services' default local cluster, or with `--external` of a `dask scheduler` and `dask worker`
+    processes started as docker/docker-compose.yml starts them (1 thread and 4 GiB each, work stealing off, the
+    same malloc settings), children of this process so that their CPU and memory are counted."""
+    if not args.external:
+        with dask.config.set(
+            LOCAL_CLUSTER_CONFIG
+        ):  # the services' local cluster settings (fraud_poc.dask_client)
+            cluster = LocalCluster(
+                n_workers=args.workers,
+                threads_per_worker=args.threads,
+                processes=not args.in_process,
+                dashboard_address=":0",
+                memory_limit="6GiB",
+            )
+        with cluster, Client(cluster, set_as_default=False) as client:
+            yield client
+        return
+    dask_cli = str(Path(sys.executable).parent / "dask")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    env["DASK_DISTRIBUTED__SCHEDULER__WORK_STEALING"] = "False"
+    for key, value in WORKER_MALLOC.items():
+        env["DASK_" + key.upper().replace(".", "__").replace("-", "_")] = str(value)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    command = [[dask_cli, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"]]
+    command += [
+        [dask_cli, "worker", address, "--name", f"worker-{i}", "--host", "127.0.0.1", "--nthreads", "1"]
+        + ["--memory-limit", "4GiB", "--no-dashboard"]
+        for i in range(args.workers)
+    ]
+    processes = [
+        subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for c in command
+    ]
+    try:
+        with Client(address, timeout=60, set_as_default=False) as client:
+            client.wait_for_workers(args.workers, timeout=60)
+            print(
+                f"external cluster at {address}: a scheduler and {args.workers} worker processes (1 thread, 4 GiB)"
+            )
+            yield client
+    finally:
+        for process in processes[::-1]:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def run_all(client: Client, args: argparse.Namespace) -> None:
     # as the services' cluster does: workers load feature-calc's compiled kernels as they start
     client.register_plugin(CompileKernels())
     key_prefix = f"fraudbench:{os.getpid()}:"
-    try:
-        small = run_steps(client, args, args.orders, args.customers, key_prefix)
-        if args.scale > 1:
-            print()
-            large = run_steps(client, args, args.orders * args.scale, args.customers * args.scale, key_prefix)
-            print()
-            print_scaling(small, large, args.scale)
-    finally:
-        client.close()
-        cluster.close()
+    small = run_steps(client, args, args.orders, args.customers, key_prefix)
+    if args.scale > 1:
+        print()
+        large = run_steps(client, args, args.orders * args.scale, args.customers * args.scale, key_prefix)
+        print()
+        print_scaling(small, large, args.scale)
 
 
 if __name__ == "__main__":
