@@ -362,12 +362,16 @@ def write_parquet(df: pd.DataFrame, path: Path) -> None:
     df.to_parquet(path, index=options.pop("write_index"), **options)
 
 
-def write_arrow_part(df: pd.DataFrame, folder: Path, part: int) -> int:
-    """One partition as `part.<part>.parquet` in `folder`, written through Arrow without pandas' metadata, which
-    names nested Arrow types (a list of bytes) in a way pandas cannot read back; returns its rows. Read back, such
-    columns are lists (numpy arrays) in pandas, or Arrow-backed with `types_mapper=pd.ArrowDtype`."""
-    table = pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None)
-    options = parquet_write_options(df.columns)
+def write_arrow_part(data: pd.DataFrame | pa.Table, folder: Path, part: int) -> int:
+    """One partition as `part.<part>.parquet` in `folder`, written with Arrow; returns its rows. A table is written
+    as it is; a frame without pandas' metadata, which names nested Arrow types (a list of bytes) in a way pandas
+    cannot read back (such columns read back as lists, numpy arrays, or Arrow-backed with
+    `types_mapper=pd.ArrowDtype`)."""
+    if isinstance(data, pa.Table):
+        table = data
+    else:
+        table = pa.Table.from_pandas(data, preserve_index=False).replace_schema_metadata(None)
+    options = parquet_write_options(table.column_names)
     options.pop("write_index")
     pq.write_table(table, Path(folder) / f"part.{part}.parquet", **options)
     return table.num_rows

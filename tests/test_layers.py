@@ -36,6 +36,7 @@ LAYERS = {
         "redis_server",
         "dask_client",
         "datasets",
+        "exchange",  # rows sent between partitions as Arrow files (steps 2 and 3)
         "registry",
         "feature_store",
         "run_status",

@@ -6,12 +6,8 @@
 __all__ = ['FEATURES_OUTPUT_COLUMNS', 'FEATURE_DTYPE', 'align_features', 'customer_partitions', 'calc_features']
 
 # %% ../../nbs/34_feature_calc.ipynb #ef3d2108
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from uuid import uuid4
 
 import dask.dataframe as dd
 import numpy as np
@@ -19,7 +15,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from dask import delayed
-from dask.dataframe.shuffle import partitioning_index
 from distributed import Client
 
 from .. import features
@@ -34,6 +29,7 @@ from fraud_poc.datasets import (
     write_data_cutoff,
     write_feature_spec,
 )
+from ..exchange import exchange_folder, hash_partitions, received_rows, send_rows
 from ..schema import ENTITIES, FEATURE_COLUMNS, LABEL, LABEL_DATE, SCENARIO, FeatureSpec
 from ..serving_state import encoded_states
 from .preprocess import read_by_entity
@@ -99,14 +95,9 @@ def _features_output(left: pd.DataFrame, *others: pd.DataFrame) -> pd.DataFrame:
 
 
 def customer_partitions(customer_ids: pd.Series, npartitions: int) -> np.ndarray:
-    """The partition of the customer dataset that holds each customer_id: Dask's hash partitioning, as step 2's
-    shuffle on customer_id used it."""
-    return np.asarray(partitioning_index(customer_ids.to_frame(), npartitions), np.int64)
-
-
-def _exchange_file(folder: Path, by: str, target: int, source: int) -> Path:
-    """The file of entity `by`'s features of partition `source` for customer partition `target`."""
-    return folder / by / str(target) / f"{source}.arrow"
+    """The partition of the customer dataset that holds each customer_id: the hash partitioning step 2 wrote it
+    with."""
+    return hash_partitions(customer_ids, npartitions)
 
 
 def _features_sent(
@@ -123,24 +114,14 @@ def _features_sent(
     first = ENTITIES[0]
     with_features, states = _features_and_state(orders, by, spec, as_of_us, ["order_id", first])
     targets = customer_partitions(with_features[first], npartitions)
-    ends = np.cumsum(np.bincount(targets, minlength=npartitions))
-    rows = np.argsort(targets, kind="stable")
-    table = pa.Table.from_pandas(with_features.drop(columns=first).iloc[rows], preserve_index=False)
-    for target in np.flatnonzero(np.diff(np.r_[0, ends])):
-        begin = int(ends[target - 1]) if target else 0
-        path = _exchange_file(folder, by, int(target), source)
-        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table.slice(begin, int(ends[target]) - begin))
+    table = pa.Table.from_pandas(with_features.drop(columns=first), preserve_index=False)
+    send_rows(table, targets, npartitions, folder / by, source)
     return states
 
 
 def _features_received(folder: Path, by: str, target: int, schema: pa.Schema) -> pd.DataFrame:
     """Every file of entity `by`'s features sent to customer partition `target`, as one frame."""
-    tables = [
-        pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-        for path in sorted((folder / by / str(target)).glob("*.arrow"))
-    ]
-    return (pa.concat_tables(tables) if tables else schema.empty_table()).to_pandas()
+    return received_rows(folder / by, target, schema).to_pandas()
 
 
 def _customer_partition(
@@ -159,20 +140,6 @@ def _customer_partition(
     return _features_output(left, *others), states
 
 
-@contextmanager
-def _exchange_folder(data_root: str | Path, run_id: str) -> Iterator[Path]:
-    """A new temporary folder in the run for the features sent between partitions, removed afterwards (and any
-    an interrupted attempt left)."""
-    run_dir = features_dir(data_root, run_id).parent
-    for leftover in run_dir.glob(".feature-exchange-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    folder = run_dir / f".feature-exchange-{uuid4().hex[:8]}"
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def calc_features(client: Client, data_root: str | Path, run_id: str, *, spec: FeatureSpec) -> StepResult:
     """Step 3: compute every order's features from the per-entity datasets; write `features/` and `serving_state/`
     with the spec they were computed with (what every later step takes its W and δ from)."""
@@ -186,7 +153,7 @@ def calc_features(client: Client, data_root: str | Path, run_id: str, *, spec: F
     # the states know the labels dated up to the history's newest order; later ones come through report-label
     as_of_us = features.timestamp_us(client.compute(by_first["order_date"].max()).result())
     with (
-        _exchange_folder(data_root, run_id) as folder,
+        exchange_folder(features_dir(data_root, run_id).parent, "feature-exchange") as folder,
         replace_atomically(features_dir(data_root, run_id)) as tmp,
         replace_atomically(serving_state_dir(data_root, run_id)) as tmp_state,
     ):
@@ -197,8 +164,6 @@ def calc_features(client: Client, data_root: str | Path, run_id: str, *, spec: F
                 orders._meta, by, spec, as_of_us, ["order_id", first]
             )
             schemas[by] = pa.Schema.from_pandas(meta.drop(columns=first), preserve_index=False)
-            for target in range(npartitions):
-                (folder / by / str(target)).mkdir(parents=True)
             sent += [
                 delayed(_features_sent, pure=True)(part, by, spec, as_of_us, folder, source, npartitions)
                 for source, part in enumerate(orders.to_delayed())

@@ -14,6 +14,7 @@ from uuid import uuid4
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from dask import delayed
 from distributed import Client
 
@@ -22,12 +23,14 @@ from fraud_poc.datasets import (
     StepResult,
     entity_dir,
     list_order_files,
-    parquet_write_options,
     raw_dir,
     read_dataset,
     read_orders_file,
     replace_atomically,
+    run_dir,
+    write_arrow_part,
 )
+from ..exchange import exchange_folder, hash_partitions, received_rows, send_rows
 from ..schema import ENTITIES, LABEL, LABEL_DATE, RAW_COLUMNS, SCENARIO
 from ..settings import PreprocessSettings
 from ..validation import DEFAULT_LIMITS, OrderLimits, add_missing_scenario
@@ -118,6 +121,20 @@ def _without_duplicates(client: Client, orders: dd.DataFrame) -> tuple[dd.DataFr
     return dd.from_delayed(kept, meta=orders._meta), n_rows, sum(map(len, drops.values()))
 
 
+def _send_by_entity(orders: pd.DataFrame, source: int, folder: Path, npartitions: int) -> int:
+    """Dask task: one partition's orders sent, for each entity, to the partition its value hashes to."""
+    table = pa.Table.from_pandas(orders, preserve_index=False)
+    for entity in ENTITIES:
+        send_rows(table, hash_partitions(orders[entity], npartitions), npartitions, folder / entity, source)
+    return len(orders)
+
+
+def _write_received(folder: Path, target: int, schema: pa.Schema, out: Path, sent: int) -> int:
+    """Dask task: partition `target` of one entity's dataset, what was sent to it, written as its part file (once
+    the `sent` sources are written)."""
+    return write_arrow_part(received_rows(folder, target, schema), out, target)
+
+
 def preprocess_orders(
     client: Client,
     data_root: str | Path,
@@ -143,17 +160,22 @@ def preprocess_orders(
     orders, rows_in, dropped = _without_duplicates(client, orders)
     rows_out = rows_in - dropped
     npartitions = max(1, -(-rows_out // rows_per_partition))
-    with (
-        ExitStack() as outputs
-    ):  # the three datasets are written in one computation, then each replaces its own
-        writes = [
-            orders.shuffle(on=entity, npartitions=npartitions, shuffle_method="tasks").to_parquet(
-                str(outputs.enter_context(replace_atomically(entity_dir(data_root, run_id, entity)))),
-                compute=False,
-                **parquet_write_options(orders.columns),
-            )
-            for entity in ENTITIES
+    schema = pa.Schema.from_pandas(orders._meta, preserve_index=False)
+    # the three datasets are written in one computation (through one exchange), then each replaces its own
+    with ExitStack() as outputs, exchange_folder(run_dir(data_root, run_id), "preprocess-exchange") as folder:
+        sent = [
+            delayed(_send_by_entity, pure=True)(part, source, folder, npartitions)
+            for source, part in enumerate(orders.to_delayed())
         ]
+        all_sent = delayed(len, pure=True)(sent)  # every file written before a partition is read
+        writes = []
+        for entity in ENTITIES:
+            out = outputs.enter_context(replace_atomically(entity_dir(data_root, run_id, entity)))
+            out.mkdir()
+            writes += [
+                delayed(_write_received, pure=True)(folder / entity, target, schema, out, all_sent)
+                for target in range(npartitions)
+            ]
         client.gather(client.compute(writes))
     details = {"files": sources, "duplicates_dropped": dropped, "partitions": npartitions}
     return StepResult(rows_in=rows_in, rows_out=rows_out, details=details)
