@@ -34,10 +34,12 @@ def redis_answers(url: str) -> bool:
 
 
 def _loading(url: str) -> bool:
-    """True if the Redis at `url` is up but still reading its data back (it answers LOADING)."""
+    """True if the Redis at `url` is up but still reading its data back: it answers LOADING, or it accepts the
+    connection but does not answer within 2 s (replaying a long append-only file, Redis 6 answers only now and
+    then: 30 s for the file a 12M-order feature store left)."""
     try:
         redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2).ping()
-    except redis.BusyLoadingError:
+    except (redis.BusyLoadingError, redis.TimeoutError):
         return True
     except (redis.ConnectionError, redis.TimeoutError, OSError):
         pass
