@@ -41,7 +41,7 @@ def _loading(url: str) -> bool:
         redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2).ping()
     except (redis.BusyLoadingError, redis.TimeoutError):
         return True
-    except (redis.ConnectionError, redis.TimeoutError, OSError):
+    except (redis.ConnectionError, OSError):
         pass
     return False
 
