@@ -39,22 +39,26 @@ def exchange_folder(parent: Path, name: str) -> Iterator[Path]:
 
 def send_rows(table: pa.Table, targets: np.ndarray, npartitions: int, folder: Path, source: int) -> None:
     """Write the rows of `table` that go to each target partition (`targets`: one per row, in
-    `[0, npartitions)`) as `folder/<target>/<source>.arrow`, in their order; no file for a target without rows."""
+    `[0, npartitions)`) as `folder/<source>.arrow`: record batch `t` holds the rows for target `t`, in their order
+    (empty for a target without rows)."""
     counts = np.bincount(targets, minlength=npartitions)
-    ends, rows = np.cumsum(counts), np.argsort(targets, kind="stable")
-    ordered = table.take(rows)
+    starts = np.cumsum(counts) - counts
+    in_order = bool((targets[1:] >= targets[:-1]).all())  # rows already by target: no copy
+    ordered = table if in_order else table.take(np.argsort(targets, kind="stable"))
+    batches = ordered.combine_chunks().to_batches()  # one batch (or none, without rows) to slice per target
+    whole = batches[0] if batches else pa.RecordBatch.from_pylist([], schema=table.schema)
     # never `parents=True`: a task still running after its step failed and removed the exchange must not make it again
     folder.mkdir(exist_ok=True)
-    for target in np.flatnonzero(counts):
-        begin = int(ends[target] - counts[target])
-        (folder / str(target)).mkdir(exist_ok=True)
-        path = folder / str(target) / f"{source}.arrow"
-        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(ordered.slice(begin, int(counts[target])))
+    path, partial = folder / f"{source}.arrow", folder / f".{source}.arrow.{uuid4().hex[:8]}"
+    with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        for target in range(npartitions):
+            writer.write_batch(whole.slice(int(starts[target]), int(counts[target])))
+    partial.replace(path)
 
 
 def received_rows(folder: Path, target: int, schema: pa.Schema) -> pa.Table:
     """Every row sent to partition `target`, in source order, as one table (empty, with `schema`, if none)."""
-    paths = sorted((folder / str(target)).glob("*.arrow"), key=lambda path: int(path.stem))
-    tables = [pa.ipc.open_file(pa.memory_map(str(path))).read_all() for path in paths]
-    return pa.concat_tables(tables) if tables else schema.empty_table()
+    paths = sorted(folder.glob("*.arrow"), key=lambda path: int(path.stem))
+    batches = [pa.ipc.open_file(pa.memory_map(str(path))).get_batch(target) for path in paths]
+    batches = [batch for batch in batches if batch.num_rows]
+    return pa.Table.from_batches(batches) if batches else schema.empty_table()
