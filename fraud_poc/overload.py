@@ -30,7 +30,9 @@ BUSY = "the service is at its limit of requests in progress (service.max_in_flig
 RETRY_AFTER_SECONDS = 1
 LOG_EVERY_SECONDS = 10.0
 NEVER_REFUSED = ("/api/docs", "/metrics")  # the docs, and the metrics an overload is seen by
-SLOTS = 64  # processes of one replica at most
+SLOTS = (
+    2 * (os.cpu_count() or 1) + 2
+)  # processes of one replica at most: hopeit runs 2 x cores + 1 workers at most
 log = logging.getLogger(__name__)
 
 
