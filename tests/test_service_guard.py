@@ -182,7 +182,8 @@ def test_a_nul_in_a_header_is_a_400_without_a_traceback(service):
 async def flood(base: str, history: pd.DataFrame) -> tuple[Counter, int, Counter]:
     """`FLOOD_CONNECTIONS` connections sending orders back to back for `FLOOD_SECONDS`, and one sending them three
     at a time pipelined: the answers by kind (status, `503+retry-after`, or the exception's name), how many 503s
-    were the overload refusal, and the pipelined requests' answers by status."""
+    were the overload refusal, and the pipelined requests' answers by status (`raw`: the refusals the connection
+    protocol wrote itself, which name no `Server`, of any sender)."""
     answers, busy, pipelined = Counter(), 0, Counter()
     url = f"{base}{SERVICE_API}/predict"
     combos = history[["customer_id", "email", "ip_addr"]].drop_duplicates().to_dict("records")
@@ -204,6 +205,7 @@ async def flood(base: str, history: pd.DataFrame) -> tuple[Counter, int, Counter
                     if kind == 503 and "Retry-After" in response.headers:
                         kind = "503+retry-after"
                         busy += json.loads(text)["error"] == BUSY
+                        pipelined["raw"] += "Server" not in response.headers  # the protocol's prepared bytes
                     answers[kind] += 1
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 answers[type(e).__name__] += 1
@@ -270,6 +272,9 @@ def test_a_flood_far_beyond_the_bound_gets_200s_and_503s_with_retry_after(servic
     assert answers[200] > 0 and answers["503+retry-after"] > 0 and busy == answers["503+retry-after"], answers
     assert scraped == 200  # /metrics is never refused
     assert pipelined[503] > 0, pipelined  # refusals in a pipeline, each answer its own request's (pipeliner)
+    assert pipelined["raw"] > 0, (
+        pipelined
+    )  # refused as soon as parsed (GuardedRequestHandler), in the service
     after = counted(prediction.base)
     moved = {
         key: after.get(key, 0.0) - before.get(key, 0.0)
