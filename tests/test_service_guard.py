@@ -5,7 +5,9 @@
 - the `Bearer` scheme in any case (RFC 7235);
 - a NUL in a header: a 400 in the error schema and no traceback in the log;
 - a flood far beyond the process's bound of requests in progress (`service.max_in_flight`): 200s and 503s with
-  `Retry-After`, never a 500 or a connection error; `/metrics` answers through it and counts every refusal.
+  `Retry-After`, never a 500 or a connection error; `/metrics` answers through it and counts every refusal;
+  requests pipelined on one keep-alive connection through it are each answered, in order;
+- each worker listens with gunicorn's backlog (2048), not aiohttp's 128.
 
 One prediction service (two workers on one port, as `SERVICES` runs it), a small model live under a key prefix of
 its own.
@@ -16,6 +18,7 @@ import json
 import socket
 import subprocess
 import time
+import urllib.parse
 from collections import Counter
 from pathlib import Path
 from uuid import uuid4
@@ -139,6 +142,15 @@ def test_the_bearer_scheme_in_any_case(service):
         assert refused.status_code == 401, (scheme, refused.text)
 
 
+def raw_post(path: str, order: dict) -> bytes:
+    """A predict request as bytes on the wire (keep-alive, with the token)."""
+    body = json.dumps(order).encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {API_TOKEN}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
 def raw_request(port: int, request: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(request)
@@ -167,10 +179,12 @@ def test_a_nul_in_a_header_is_a_400_without_a_traceback(service):
     assert "Traceback" not in logged and "Error handling request" not in logged, logged[-3000:]
 
 
-async def flood(base: str, history: pd.DataFrame) -> tuple[Counter, int]:
-    """`FLOOD_CONNECTIONS` connections sending orders back to back for `FLOOD_SECONDS`: the answers by kind
-    (status, `503+retry-after`, or the exception's name) and how many 503s were the overload refusal."""
-    answers, busy = Counter(), 0
+async def flood(base: str, history: pd.DataFrame) -> tuple[Counter, int, Counter]:
+    """`FLOOD_CONNECTIONS` connections sending orders back to back for `FLOOD_SECONDS`, and one sending them three
+    at a time pipelined: the answers by kind (status, `503+retry-after`, or the exception's name), how many 503s
+    were the overload refusal, and the pipelined requests' answers by status (`raw`: the refusals the connection
+    protocol wrote itself, which name no `Server`, of any sender)."""
+    answers, busy, pipelined = Counter(), 0, Counter()
     url = f"{base}{SERVICE_API}/predict"
     combos = history[["customer_id", "email", "ip_addr"]].drop_duplicates().to_dict("records")
     run = uuid4().hex[:8]
@@ -191,13 +205,39 @@ async def flood(base: str, history: pd.DataFrame) -> tuple[Counter, int]:
                     if kind == 503 and "Retry-After" in response.headers:
                         kind = "503+retry-after"
                         busy += json.loads(text)["error"] == BUSY
+                        pipelined["raw"] += "Server" not in response.headers  # the protocol's prepared bytes
                     answers[kind] += 1
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 answers[type(e).__name__] += 1
 
+    async def pipeliner() -> None:
+        """Three requests at a time on one keep-alive connection, written at once: each answer is its own
+        request's (a 200 names its order), 503s included, and the connection stays in sync after them."""
+        nonlocal busy
+        reader, writer = await asyncio.open_connection("127.0.0.1", urllib.parse.urlsplit(base).port)
+        n = 0
+        while time.monotonic() < deadline:
+            orders = [{**an_order(f"pipe-{run}", n + i), **combos[(n + i) % len(combos)]} for i in range(3)]
+            n += 3
+            writer.write(b"".join(raw_post(SERVICE_API + "/predict", order) for order in orders))
+            for order in orders:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode().lower()
+                length = int(head.split("content-length: ", 1)[1].split("\r\n", 1)[0])
+                body = json.loads(await reader.readexactly(length))
+                status = int(head.split(" ", 2)[1])
+                if status == 200:
+                    assert body["order_id"] == order["order_id"], (order["order_id"], body)
+                    answers[200] += 1
+                else:
+                    assert status == 503 and "\r\nretry-after: 1\r\n" in head, head
+                    answers["503+retry-after"] += 1
+                    busy += body["error"] == BUSY
+                pipelined[status] += 1
+        writer.close()
+
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await asyncio.gather(*[sender(session, k) for k in range(FLOOD_CONNECTIONS)])
-    return answers, busy
+        await asyncio.gather(pipeliner(), *[sender(session, k) for k in range(FLOOD_CONNECTIONS)])
+    return answers, busy, pipelined
 
 
 def counted(base: str) -> dict[tuple[str, tuple], float]:
@@ -211,7 +251,7 @@ def counted(base: str) -> dict[tuple[str, tuple], float]:
     }
 
 
-async def flood_and_scrape(base: str, history: pd.DataFrame) -> tuple[tuple[Counter, int], int]:
+async def flood_and_scrape(base: str, history: pd.DataFrame) -> tuple[tuple[Counter, int, Counter], int]:
     """`flood`, and the status of a `/metrics` scrape in the middle of it."""
 
     async def scrape() -> int:
@@ -227,10 +267,14 @@ async def flood_and_scrape(base: str, history: pd.DataFrame) -> tuple[tuple[Coun
 def test_a_flood_far_beyond_the_bound_gets_200s_and_503s_with_retry_after(service):
     prediction, history = service
     before = counted(prediction.base)
-    (answers, busy), scraped = asyncio.run(flood_and_scrape(prediction.base, history))
+    (answers, busy, pipelined), scraped = asyncio.run(flood_and_scrape(prediction.base, history))
     assert set(answers) <= {200, "503+retry-after"}, answers  # no 500, no other 503, no connection error
     assert answers[200] > 0 and answers["503+retry-after"] > 0 and busy == answers["503+retry-after"], answers
     assert scraped == 200  # /metrics is never refused
+    assert pipelined[503] > 0, pipelined  # refusals in a pipeline, each answer its own request's (pipeliner)
+    assert pipelined["raw"] > 0, (
+        pipelined
+    )  # refused as soon as parsed (GuardedRequestHandler), in the service
     after = counted(prediction.base)
     moved = {
         key: after.get(key, 0.0) - before.get(key, 0.0)
@@ -289,3 +333,20 @@ def test_two_workers_share_a_burst_of_connections(service):
     assert sum(held) == 32 and min(held) >= 4, (
         held
     )  # 32 draws of a fair coin: fewer than 4 is a 1-in-10^5 event
+
+
+def test_each_worker_listens_with_gunicorns_backlog(service):
+    """aiohttp's sites listen with a backlog of 128 unless told: under overload the queue of connections not yet
+    accepted filled, and a client whose handshake the kernel dropped retried only a second later."""
+    prediction, _ = service
+    workers = psutil.Process(prediction.proc.pid).children()
+    deadline = time.monotonic() + 60
+    while not all(listens(w, prediction.port) for w in workers):
+        assert time.monotonic() < deadline, "a worker never listened"
+        time.sleep(0.2)
+    listed = subprocess.run(
+        ["ss", "-Hltn", f"sport = :{prediction.port}"], capture_output=True, text=True, check=True
+    ).stdout
+    assert [int(line.split()[2]) for line in listed.splitlines()] == [2048, 2048], (
+        listed
+    )  # Send-Q: the backlog
