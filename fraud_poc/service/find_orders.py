@@ -8,7 +8,7 @@ __all__ = ['logger', 'extra', 'scorer', 'max_find_items', 'security', 'prefix_er
 # %% ../../nbs/42_find_orders.ipynb #1fe7b458
 from typing import Optional
 
-from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
+from hopeit.app.context import EventContext, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 
 from ..scorer import Scorer, ServiceUnavailable
@@ -27,6 +27,7 @@ from ..schema import MAX_TEXT_LENGTH
 from ..auth import check_token, secured_api, switched_off
 from ..settings import SecuritySettings, ServiceSettings
 from ..request_errors import with_request_errors
+from ..event_kit import answer, refused
 
 # %% ../../nbs/42_find_orders.ipynb #61af8b74
 __steps__ = ["find"]
@@ -89,8 +90,7 @@ async def __preprocess__(
         or query_int(query_args, "num_items", 10, 1, max_find_items)
     )
     if isinstance(result, ErrorResponse):
-        request.set_status(result.status)
-        return result
+        return refused(request, result)
     return FindOrdersQuery(prefix=query_args.get("prefix", ""), num_items=result)
 
 # %% ../../nbs/42_find_orders.ipynb #b3fd44c7
@@ -106,9 +106,4 @@ async def find(
         return unavailable(str(e))
 
 
-async def __postprocess__(
-    payload: FoundOrders | ErrorResponse, context: EventContext, response: PostprocessHook
-) -> FoundOrders | ErrorResponse:
-    if isinstance(payload, ErrorResponse):
-        response.set_status(payload.status)
-    return payload
+__postprocess__ = answer  # the step's result; a refusal with its status (nbs/49)

@@ -10,7 +10,7 @@ import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 
-from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
+from hopeit.app.context import EventContext, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 from hopeit.dataobjects import dataclass, dataobject
 
@@ -22,6 +22,7 @@ from ..redis_store import Keys, sync_redis
 from ..service_payloads import ErrorResponse
 from ..settings import RedisSettings, RetentionSettings, SecuritySettings, StorageSettings
 from ..request_errors import with_request_errors
+from ..event_kit import answer, refused
 
 # %% ../../nbs/66_export_orders.ipynb #17d3d5c5
 @dataobject
@@ -66,10 +67,7 @@ async def __preprocess__(
     payload: None, context: EventContext, request: PreprocessHook, **query_args: str
 ) -> None | ErrorResponse:
     """Nothing to parse; a 401 without the API token."""
-    refused = check_token(request, context.settings(key="security", datatype=SecuritySettings))
-    if refused is not None:
-        request.set_status(refused.status)
-    return refused
+    return refused(request, check_token(request, context.settings(key="security", datatype=SecuritySettings)))
 
 
 async def export_orders(
@@ -111,9 +109,4 @@ async def export_orders(
     )
 
 
-async def __postprocess__(
-    payload: ExportedOrders | ErrorResponse, context: EventContext, response: PostprocessHook
-) -> ExportedOrders | ErrorResponse:
-    if isinstance(payload, ErrorResponse):
-        response.set_status(payload.status)
-    return payload
+__postprocess__ = answer  # the step's result; a refusal with its status (nbs/49)

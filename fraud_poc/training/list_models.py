@@ -10,7 +10,7 @@ import asyncio
 
 import redis
 from hopeit.app.api import event_api
-from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
+from hopeit.app.context import EventContext, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 from hopeit.dataobjects.payload import Payload
 
@@ -20,6 +20,7 @@ from ..redis_store import Keys, sync_redis
 from ..request_errors import with_request_errors
 from ..service_payloads import ErrorResponse, unavailable, unknown_query
 from ..settings import RedisSettings, StorageSettings
+from ..event_kit import answer, refused
 
 # %% ../../nbs/62_list_models.ipynb #93fa3377
 __steps__ = ["list_registered"]
@@ -47,10 +48,7 @@ async def __preprocess__(
     payload: None, context: EventContext, request: PreprocessHook, **query_args: str
 ) -> ErrorResponse | None:
     """Nothing to parse; a 400 for unknown query parameters."""
-    error = unknown_query(query_args)
-    if error is not None:
-        request.set_status(error.status)
-    return error
+    return refused(request, unknown_query(query_args))
 
 
 async def list_registered(
@@ -69,9 +67,4 @@ async def list_registered(
     return Payload.from_obj(found, ModelList)
 
 
-async def __postprocess__(
-    payload: ModelList | ErrorResponse, context: EventContext, response: PostprocessHook
-) -> ModelList | ErrorResponse:
-    if isinstance(payload, ErrorResponse):
-        response.set_status(payload.status)
-    return payload
+__postprocess__ = answer  # the step's result; a refusal with its status (nbs/49)

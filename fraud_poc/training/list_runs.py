@@ -7,7 +7,7 @@ __all__ = ['MAX_RUNS', 'load_runs']
 
 # %% ../../nbs/53_list_runs.ipynb #ec03fb53
 from hopeit.app.api import event_api
-from hopeit.app.context import EventContext, PostprocessHook
+from hopeit.app.context import EventContext
 
 from ..payloads import RecentRuns
 from ..redis_store import Keys, async_redis
@@ -15,6 +15,7 @@ from ..request_errors import with_request_errors
 from ..run_status import list_runs
 from ..service_payloads import ErrorResponse, query_int, unknown_query
 from ..settings import RedisSettings
+from ..event_kit import answer
 
 # %% ../../nbs/53_list_runs.ipynb #968541c2
 __steps__ = ["load_runs"]
@@ -44,9 +45,4 @@ async def load_runs(
     return RecentRuns(runs=await list_runs(async_redis(settings.url), Keys(settings.key_prefix), count))
 
 
-async def __postprocess__(
-    payload: RecentRuns | ErrorResponse, context: EventContext, response: PostprocessHook
-) -> RecentRuns | ErrorResponse:
-    if isinstance(payload, ErrorResponse):
-        response.status = payload.status
-    return payload
+__postprocess__ = answer  # the step's result; a refusal with its status (nbs/49)

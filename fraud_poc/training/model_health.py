@@ -11,7 +11,7 @@ import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 
-from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
+from hopeit.app.context import EventContext, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 from hopeit.dataobjects import dataclass, dataobject, field
 from hopeit.dataobjects.payload import Payload
@@ -24,6 +24,7 @@ from ..registry import check_id, model_exists
 from ..request_errors import with_request_errors
 from ..service_payloads import ErrorResponse, FieldError, bad_request, query_int, unknown_query
 from ..settings import HealthSettings, RedisSettings, SecuritySettings, StorageSettings
+from ..event_kit import answer, refused
 
 # %% ../../nbs/68_model_health.ipynb #d41492b8
 @dataobject
@@ -155,10 +156,7 @@ async def __preprocess__(
     payload: None, context: EventContext, request: PreprocessHook, **query_args: str
 ) -> None | ErrorResponse:
     """A 401 without the API token."""
-    refused = check_token(request, context.settings(key="security", datatype=SecuritySettings))
-    if refused is not None:
-        request.set_status(refused.status)
-    return refused
+    return refused(request, check_token(request, context.settings(key="security", datatype=SecuritySettings)))
 
 
 def _model_to_judge(r, keys: Keys, root: Path, model_id: str | None) -> str | ErrorResponse:
@@ -215,9 +213,4 @@ async def model_health(
     return Payload.from_obj(report, ModelHealth)
 
 
-async def __postprocess__(
-    payload: ModelHealth | ErrorResponse, context: EventContext, response: PostprocessHook
-) -> ModelHealth | ErrorResponse:
-    if isinstance(payload, ErrorResponse):
-        response.set_status(payload.status)
-    return payload
+__postprocess__ = answer  # the step's result; a refusal with its status (nbs/49)

@@ -7,7 +7,7 @@ __all__ = ['MAX_RUN_ID', 'load_status']
 
 # %% ../../nbs/52_pipeline_status.ipynb #25d379c4
 from hopeit.app.api import event_api
-from hopeit.app.context import EventContext, PostprocessHook
+from hopeit.app.context import EventContext
 
 from ..payloads import RunStatus
 from ..redis_store import Keys, async_redis
@@ -15,6 +15,7 @@ from ..request_errors import with_request_errors
 from ..run_status import get_run
 from ..service_payloads import ErrorResponse, FieldError, bad_request, unknown_query
 from ..settings import RedisSettings
+from ..event_kit import answer
 
 # %% ../../nbs/52_pipeline_status.ipynb #f70f7ba5
 __steps__ = ["load_status"]
@@ -55,9 +56,4 @@ async def load_status(
     return status if status is not None else ErrorResponse(status=404, error=f"unknown run_id: {run_id}")
 
 
-async def __postprocess__(
-    payload: RunStatus | ErrorResponse, context: EventContext, response: PostprocessHook
-) -> RunStatus | ErrorResponse:
-    if isinstance(payload, ErrorResponse):
-        response.status = payload.status
-    return payload
+__postprocess__ = answer  # the step's result; a refusal with its status (nbs/49)

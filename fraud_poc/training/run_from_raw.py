@@ -22,16 +22,17 @@ from fraud_poc.datasets import (
 from ..steps.training_data import check_periods
 from ..validation import PeriodsTooShort
 from ..payloads import PipelineJob, RawDataRequest, RunStarted
-from ..auth import check_token, secured_api
-from ..request_errors import parse_request, with_request_errors
-from ..service_payloads import ErrorResponse, FieldError, bad_request, unknown_query
+from ..auth import secured_api
+from ..request_errors import with_request_errors
+from ..service_payloads import ErrorResponse, FieldError, bad_request
 from fraud_poc.settings import (
     InputLimitsSettings,
     SecuritySettings,
     StorageSettings,
     TrainingDataSettings,
 )
-from .run_pipeline import register_run, run_started
+from ..event_kit import RequestChecks, parsed_request, refused
+from ..pipeline_events import register_run, run_started
 
 # %% ../../nbs/51_run_from_raw.ipynb #f91efc6c
 __steps__ = ["start_run"]
@@ -70,23 +71,19 @@ async def __preprocess__(
     payload: None, context: EventContext, request: PreprocessHook, **query_args: str
 ) -> RawDataRequest | ErrorResponse:
     """The request with its path checked, a 401 without the API token or a 400 naming the bad field."""
-    result = (
-        check_token(request, context.settings(key="security", datatype=SecuritySettings))
-        or unknown_query(query_args)
-        or parse_request(request.payload_raw, RawDataRequest, "request")
-    )
-    if not isinstance(result, ErrorResponse):
-        max_file_bytes, _ = input_limits(context.settings(key="input_limits", datatype=InputLimitsSettings))
-        result = await asyncio.to_thread(  # reads the files' schemas and dates: off the event loop
-            checked_request,
-            result,
-            context.settings(key="storage", datatype=StorageSettings).data_root,
-            max_file_bytes,
-            context.settings(key="training_data", datatype=TrainingDataSettings),
-        )
+    security = context.settings(key="security", datatype=SecuritySettings)
+    result = parsed_request(request, query_args, RawDataRequest, checks=RequestChecks(security))
     if isinstance(result, ErrorResponse):
-        request.set_status(result.status)
-    return result
+        return result
+    max_file_bytes, _ = input_limits(context.settings(key="input_limits", datatype=InputLimitsSettings))
+    checked = await asyncio.to_thread(  # reads the files' schemas and dates: off the event loop
+        checked_request,
+        result,
+        context.settings(key="storage", datatype=StorageSettings).data_root,
+        max_file_bytes,
+        context.settings(key="training_data", datatype=TrainingDataSettings),
+    )
+    return refused(request, checked)
 
 
 def checked_request(
