@@ -60,6 +60,7 @@ LAYERS = {
         "http_metrics",
         "event_kit",  # both services' __preprocess__/__postprocess__ and the registry's refusals
         "pipeline_events",  # the training chain checked against the config, steps run, runs registered
+        "event_trial",  # an event run through hopeit's test harness on an example (the event notebooks)
     },
     EVENTS: {
         "training",
