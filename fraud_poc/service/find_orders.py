@@ -24,15 +24,14 @@ from fraud_poc.service_payloads import (
     unknown_query,
 )
 from ..schema import MAX_TEXT_LENGTH
-from ..auth import check_token, secured_api, switched_off
+from ..auth import check_token, switched_off
 from ..settings import SecuritySettings, ServiceSettings
-from ..request_errors import with_request_errors
-from ..event_kit import answer, refused
+from ..event_kit import NO_MODEL_OR_REDIS_DOWN, answer, endpoint_api, refused
 
 # %% ../../nbs/42_find_orders.ipynb #61af8b74
 __steps__ = ["find"]
 
-__api__ = secured_api(
+__api__ = endpoint_api(
     summary="Find orders: known combinations to try",
     description=(
         "Known customer_id / email / ip_addr combinations (from the latest order of each matching value) whose "
@@ -52,10 +51,9 @@ __api__ = secured_api(
         200: (FoundOrders, "known combinations, at most `num_items`"),
         400: (ErrorResponse, "invalid query: the message names the parameter"),
         404: (ErrorResponse, "find-orders is off on this service"),
-        503: (ErrorResponse, "no model is live yet, or Redis is unavailable"),
+        503: NO_MODEL_OR_REDIS_DOWN,
     },
 )
-__api__ = with_request_errors(__api__)  # the error schema for every refusal (nbs/29)
 
 logger, extra = app_extra_logger()
 scorer: Scorer | None = None

@@ -6,7 +6,6 @@
 __all__ = ['logger', 'extra', 'scorer', 'describe_live_model']
 
 # %% ../../nbs/43_model_info.ipynb #bca8039c
-from hopeit.app.api import event_api
 from hopeit.app.context import EventContext, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 
@@ -14,22 +13,21 @@ from ..scorer import Scorer, ServiceUnavailable
 from .common import event_scorer
 from ..service_payloads import ErrorResponse, ModelInfo, unavailable, unknown_query
 
-from ..request_errors import with_request_errors
-from ..event_kit import answer, refused
+from ..event_kit import NO_MODEL_OR_REDIS_DOWN, UNKNOWN_QUERY, answer, endpoint_api, refused
 
 # %% ../../nbs/43_model_info.ipynb #0a9dde34
 __steps__ = ["describe_live_model"]
 
-__api__ = event_api(
+__api__ = endpoint_api(
+    token=None,
     summary="Model info: the live model",
     description="The live model's id, feature-store version, threshold, feature list, metadata and metrics.",
     responses={
         200: (ModelInfo, "the model that scores requests now"),
-        400: (ErrorResponse, "unknown query parameter"),
-        503: (ErrorResponse, "no model is live yet, or Redis is unavailable"),
+        400: UNKNOWN_QUERY,
+        503: NO_MODEL_OR_REDIS_DOWN,
     },
 )
-__api__ = with_request_errors(__api__)  # the error schema for every refusal (nbs/29)
 
 logger, extra = app_extra_logger()
 scorer: Scorer | None = None

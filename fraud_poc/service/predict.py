@@ -23,16 +23,14 @@ from fraud_poc.service_payloads import (
     order_conflict,
     unavailable,
 )
-from ..auth import secured_api
 from ..settings import SecuritySettings, ServiceSettings
-from ..request_errors import with_request_errors
-from ..event_kit import RequestChecks, answer, parsed_request, refused
+from ..event_kit import RequestChecks, answer, endpoint_api, parsed_request, refused
 
 # %% ../../nbs/40_predict.ipynb #6dd5c6cf
 __steps__ = ["score"]
 
-__api__ = secured_api(
-    optional=True,
+__api__ = endpoint_api(
+    token="optional",
     summary="Predict: score one order (needs the API token unless FRAUD_PREDICT_REQUIRES_TOKEN=false)",
     description=(
         "Scores one order (SPEC 1.1 without the label) with the live model, from the serving state of its "
@@ -61,8 +59,8 @@ __api__ = secured_api(
         503: (ErrorResponse, BUSY_OR_DOWN),
     },
 )
-# the error schema for every refusal (nbs/29), at most service.max_in_flight requests at once, then 503 (nbs/38)
-__api__ = with_overload_guard(with_request_errors(__api__))
+# at most service.max_in_flight requests at once, then 503 (nbs/38)
+__api__ = with_overload_guard(__api__)
 
 logger, extra = app_extra_logger()
 scorer: Scorer | None = None

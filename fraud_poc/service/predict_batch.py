@@ -24,16 +24,14 @@ from fraud_poc.service_payloads import (
     order_conflict,
     unavailable,
 )
-from ..auth import secured_api
 from ..settings import SecuritySettings, ServiceSettings
-from ..request_errors import with_request_errors
-from ..event_kit import RequestChecks, answer, parsed_request, refused
+from ..event_kit import RequestChecks, answer, endpoint_api, parsed_request, refused
 
 # %% ../../nbs/41_predict_batch.ipynb #de6aa70c
 __steps__ = ["score_batch"]
 
-__api__ = secured_api(
-    optional=True,
+__api__ = endpoint_api(
+    token="optional",
     summary="Predict batch: score a list of orders (needs the API token unless FRAUD_PREDICT_REQUIRES_TOKEN=false)",
     description=(
         "Scores each order like `predict`, in the order given: an order sees the orders before it in the "
@@ -54,8 +52,8 @@ __api__ = secured_api(
         503: (ErrorResponse, BUSY_OR_DOWN),
     },
 )
-# the error schema for every refusal (nbs/29), at most service.max_in_flight requests at once, then 503 (nbs/38)
-__api__ = with_overload_guard(with_request_errors(__api__))
+# at most service.max_in_flight requests at once, then 503 (nbs/38)
+__api__ = with_overload_guard(__api__)
 
 logger, extra = app_extra_logger()
 scorer: Scorer | None = None

@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 from hopeit.app.context import EventContext, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 
-from ..auth import secured_api
 from ..scorer import Scorer, ServiceUnavailable, UnknownOrder
 from .common import event_scorer
 from fraud_poc.service_payloads import (
@@ -24,13 +23,19 @@ from fraud_poc.service_payloads import (
     unavailable,
 )
 from ..settings import SecuritySettings, ServiceSettings
-from ..request_errors import with_request_errors
-from ..event_kit import RequestChecks, answer, parsed_request, refused
+from fraud_poc.event_kit import (
+    NO_MODEL_OR_REDIS_DOWN,
+    RequestChecks,
+    answer,
+    endpoint_api,
+    parsed_request,
+    refused,
+)
 
 # %% ../../nbs/45_report_label.ipynb #d6e77221
 __steps__ = ["record_label"]
 
-__api__ = secured_api(
+__api__ = endpoint_api(
     summary="Report label: a confirmed label for a known order",
     description=(
         "Records that a known order was fraud (`is_fraud: true`, e.g. a chargeback) or legitimate (a "
@@ -48,10 +53,9 @@ __api__ = secured_api(
         ),
         400: (ErrorResponse, "invalid label: the message and `fields` name each bad field"),
         404: (ErrorResponse, "the live feature store does not know this order_id"),
-        503: (ErrorResponse, "no model is live yet, or Redis is unavailable"),
+        503: NO_MODEL_OR_REDIS_DOWN,
     },
 )
-__api__ = with_request_errors(__api__)  # the error schema for every refusal (nbs/29)
 
 logger, extra = app_extra_logger()
 scorer: Scorer | None = None

@@ -10,11 +10,9 @@ from hopeit.app.context import EventContext
 from hopeit.app.logger import app_extra_logger
 from hopeit.dataobjects.payload import Payload
 
-from ..auth import secured_api
 from ..payloads import CleanRunsRequest, CleanRunsResult
-from ..request_errors import with_request_errors
 from ..service_payloads import ErrorResponse
-from ..event_kit import answer, body_preprocess, registry_refusal
+from ..event_kit import BAD_FIELD, REDIS_DOWN, answer, body_preprocess, endpoint_api, registry_refusal
 from ..pipeline_events import clean_now
 
 # %% ../../nbs/65_clean_runs.ipynb #b1d7a0de
@@ -22,23 +20,21 @@ __steps__ = ["clean"]
 
 __preprocess__ = body_preprocess(CleanRunsRequest, empty=CleanRunsRequest())  # the token, then the body
 
-__api__ = with_request_errors(
-    secured_api(
-        summary="Remove old runs and models (retention)",
-        description=(
-            "Keeps the newest `keep_runs` runs (default: the `retention.keep_runs` setting), the live and the "
-            "previous run with their models and features, and every run still in progress; removes the other "
-            "runs' folders under data/runs, their models under data/models and in Redis, and any feature-store "
-            "version of theirs. `dry_run: true` only says what would go. Needs the API token."
-        ),
-        payload=(CleanRunsRequest, "how many runs to keep; `{}` keeps as many as the setting says"),
-        responses={
-            200: (CleanRunsResult, "what was removed (or would be) and what was kept, and why"),
-            400: (ErrorResponse, "invalid request: `fields` names the bad field"),
-            409: (ErrorResponse, "another change is under way"),
-            503: (ErrorResponse, "Redis is unavailable"),
-        },
-    )
+__api__ = endpoint_api(
+    summary="Remove old runs and models (retention)",
+    description=(
+        "Keeps the newest `keep_runs` runs (default: the `retention.keep_runs` setting), the live and the "
+        "previous run with their models and features, and every run still in progress; removes the other "
+        "runs' folders under data/runs, their models under data/models and in Redis, and any feature-store "
+        "version of theirs. `dry_run: true` only says what would go. Needs the API token."
+    ),
+    payload=(CleanRunsRequest, "how many runs to keep; `{}` keeps as many as the setting says"),
+    responses={
+        200: (CleanRunsResult, "what was removed (or would be) and what was kept, and why"),
+        400: BAD_FIELD,
+        409: (ErrorResponse, "another change is under way"),
+        503: REDIS_DOWN,
+    },
 )
 
 logger, extra = app_extra_logger()

@@ -9,7 +9,6 @@ __all__ = ['logger', 'extra', 'list_registered']
 import asyncio
 
 import redis
-from hopeit.app.api import event_api
 from hopeit.app.context import EventContext, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 from hopeit.dataobjects.payload import Payload
@@ -17,28 +16,26 @@ from hopeit.dataobjects.payload import Payload
 from ..live_models import model_summaries
 from ..payloads import ModelList
 from ..redis_store import Keys, sync_redis
-from ..request_errors import with_request_errors
 from ..service_payloads import ErrorResponse, unavailable, unknown_query
 from ..settings import RedisSettings, StorageSettings
-from ..event_kit import answer, refused
+from ..event_kit import REDIS_DOWN, UNKNOWN_QUERY, answer, endpoint_api, refused
 
 # %% ../../nbs/62_list_models.ipynb #93fa3377
 __steps__ = ["list_registered"]
 
-__api__ = with_request_errors(
-    event_api(
-        summary="Registered models, newest first, and which one is live",
-        description=(
-            "Every model in the registry (`data/models/`) with its holdout metrics and sizes, whether it is live, "
-            "whether it is the previous one (what rollback goes back to), whether its features are loaded in "
-            "Redis or can be loaded from its run's files, and whether promote-model can make it live."
-        ),
-        responses={
-            200: (ModelList, "the live and previous pointers and the registered models"),
-            400: (ErrorResponse, "unknown query parameter"),
-            503: (ErrorResponse, "Redis is unavailable"),
-        },
-    )
+__api__ = endpoint_api(
+    token=None,
+    summary="Registered models, newest first, and which one is live",
+    description=(
+        "Every model in the registry (`data/models/`) with its holdout metrics and sizes, whether it is live, "
+        "whether it is the previous one (what rollback goes back to), whether its features are loaded in "
+        "Redis or can be loaded from its run's files, and whether promote-model can make it live."
+    ),
+    responses={
+        200: (ModelList, "the live and previous pointers and the registered models"),
+        400: UNKNOWN_QUERY,
+        503: REDIS_DOWN,
+    },
 )
 
 logger, extra = app_extra_logger()

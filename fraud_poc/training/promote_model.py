@@ -13,13 +13,11 @@ from hopeit.app.context import EventContext
 from hopeit.app.logger import app_extra_logger
 from hopeit.dataobjects.payload import Payload
 
-from ..auth import secured_api
 from ..dask_client import dask_client_async
 from ..live_models import promote_registered
 from ..payloads import LiveChange, PromoteRequest
-from ..request_errors import with_request_errors
 from ..service_payloads import ErrorResponse
-from ..event_kit import answer, body_preprocess, registry_refusal
+from ..event_kit import BAD_FIELD, REDIS_DOWN, answer, body_preprocess, endpoint_api, registry_refusal
 from ..step_runner import holding_step_lock
 from fraud_poc.settings import (
     DaskSettings,
@@ -33,29 +31,27 @@ __steps__ = ["promote_chosen"]
 
 __preprocess__ = body_preprocess(PromoteRequest)  # the token, then the body (nbs/49)
 
-__api__ = with_request_errors(
-    secured_api(
-        summary="Make a registered model live, with the features it was trained with",
-        description=(
-            "Makes the model live together with its run's feature-store version, in one switch; the model "
-            "it replaces becomes the previous one (see rollback). The version is loaded from the run's files "
-            "first if it is no longer in Redis. The promotion gate does not apply: this is the operator's "
-            "choice. Refused (409) for a model trained on another feature set, or whose run's features were "
-            "removed (clean-runs), or while another change is under way, or when the event log no longer holds every "
-            "order and label logged after the model's data cut-off (the message says how many and from when; "
-            "`accept_loss: true` promotes anyway, and the answer's `events_lost` says what was lost). Orders and "
-            "labels logged after the cut-off are replayed into the version (`carried_orders`, `carried_labels`). "
-            "Needs the API token."
-        ),
-        payload=(PromoteRequest, "the model id (from list-models)"),
-        responses={
-            200: (LiveChange, "what is live now and what it replaced"),
-            400: (ErrorResponse, "invalid request: `fields` names the bad field"),
-            404: (ErrorResponse, "no such model in the registry"),
-            409: (ErrorResponse, "the model cannot go live (the message says why)"),
-            503: (ErrorResponse, "Redis is unavailable"),
-        },
-    )
+__api__ = endpoint_api(
+    summary="Make a registered model live, with the features it was trained with",
+    description=(
+        "Makes the model live together with its run's feature-store version, in one switch; the model "
+        "it replaces becomes the previous one (see rollback). The version is loaded from the run's files "
+        "first if it is no longer in Redis. The promotion gate does not apply: this is the operator's "
+        "choice. Refused (409) for a model trained on another feature set, or whose run's features were "
+        "removed (clean-runs), or while another change is under way, or when the event log no longer holds every "
+        "order and label logged after the model's data cut-off (the message says how many and from when; "
+        "`accept_loss: true` promotes anyway, and the answer's `events_lost` says what was lost). Orders and "
+        "labels logged after the cut-off are replayed into the version (`carried_orders`, `carried_labels`). "
+        "Needs the API token."
+    ),
+    payload=(PromoteRequest, "the model id (from list-models)"),
+    responses={
+        200: (LiveChange, "what is live now and what it replaced"),
+        400: BAD_FIELD,
+        404: (ErrorResponse, "no such model in the registry"),
+        409: (ErrorResponse, "the model cannot go live (the message says why)"),
+        503: REDIS_DOWN,
+    },
 )
 
 logger, extra = app_extra_logger()

@@ -12,36 +12,32 @@ from hopeit.app.context import EventContext
 from hopeit.app.logger import app_extra_logger
 from hopeit.dataobjects.payload import Payload
 
-from ..auth import secured_api
 from ..live_models import rollback_live
 from ..payloads import LiveChange, RollbackRequest
-from ..request_errors import with_request_errors
 from ..service_payloads import ErrorResponse
 from ..settings import RedisSettings, StorageSettings
-from ..event_kit import answer, body_preprocess, registry_refusal
+from ..event_kit import REDIS_DOWN, answer, body_preprocess, endpoint_api, registry_refusal
 
 # %% ../../nbs/64_rollback.ipynb #0b4cff42
 __steps__ = ["roll_back"]
 
 __preprocess__ = body_preprocess(RollbackRequest, empty=RollbackRequest())  # the token, then the body
 
-__api__ = with_request_errors(
-    secured_api(
-        summary="Go back to the previous live model and its features",
-        description=(
-            "Switches the live pointer back to the model and feature-store version that were live before the "
-            "last switch, in one step (both are kept after every switch). A second rollback undoes the first. "
-            "Orders scored since the last switch were added to the replaced version's serving state, not to "
-            "the one rolled back to. 409 if there is no previous model or another change is under way. "
-            "Needs the API token. Takes no body (or `{}`)."
-        ),
-        responses={
-            200: (LiveChange, "what is live now and what it replaced"),
-            400: (ErrorResponse, "a body that is not empty or {}"),
-            409: (ErrorResponse, "nothing to roll back to, or another change is under way"),
-            503: (ErrorResponse, "Redis is unavailable"),
-        },
-    )
+__api__ = endpoint_api(
+    summary="Go back to the previous live model and its features",
+    description=(
+        "Switches the live pointer back to the model and feature-store version that were live before the "
+        "last switch, in one step (both are kept after every switch). A second rollback undoes the first. "
+        "Orders scored since the last switch were added to the replaced version's serving state, not to "
+        "the one rolled back to. 409 if there is no previous model or another change is under way. "
+        "Needs the API token. Takes no body (or `{}`)."
+    ),
+    responses={
+        200: (LiveChange, "what is live now and what it replaced"),
+        400: (ErrorResponse, "a body that is not empty or {}"),
+        409: (ErrorResponse, "nothing to roll back to, or another change is under way"),
+        503: REDIS_DOWN,
+    },
 )
 
 logger, extra = app_extra_logger()

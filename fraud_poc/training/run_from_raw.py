@@ -22,8 +22,6 @@ from fraud_poc.datasets import (
 from ..steps.training_data import check_periods
 from ..validation import PeriodsTooShort
 from ..payloads import PipelineJob, RawDataRequest, RunStarted
-from ..auth import secured_api
-from ..request_errors import with_request_errors
 from ..service_payloads import ErrorResponse, FieldError, bad_request
 from fraud_poc.settings import (
     InputLimitsSettings,
@@ -31,37 +29,35 @@ from fraud_poc.settings import (
     StorageSettings,
     TrainingDataSettings,
 )
-from ..event_kit import RequestChecks, parsed_request, refused
+from ..event_kit import TOO_MANY_RUNS, RequestChecks, endpoint_api, parsed_request, refused
 from ..pipeline_events import register_run, run_started
 
 # %% ../../nbs/51_run_from_raw.ipynb #f91efc6c
 __steps__ = ["start_run"]
 
-__api__ = with_request_errors(
-    secured_api(
-        summary="Run steps 2-6 on your own orders (parquet or CSV) under the data root",
-        description=(
-            "Runs steps 2-6 on your labelled orders (docs/data.md) in a file or folder under the data root; "
-            "answers at once with the run id. The model goes live only if it passes the promotion gate, and "
-            "never with `train_only: true`. An unknown field is a 400, and so is a path that cannot be read as orders: "
-            "outside the data root or the data root itself, missing, not a regular .parquet/.csv file, empty, larger "
-            "than `input_limits.max_file_mb` (default 512 MB) per file, or without a column of the schema "
-            "(docs/data.md); nothing starts then. So is a `history_run_id` without orders, and dates (those of "
-            "`history_run_id` included) that cannot fill warm-up, tuning and holdout (`training_data` settings: "
-            "more than 75 days by default): the 400 gives the numbers. With `history_run_id`, that run's orders "
-            "are trained on too, `path`'s winning on an order in both: an export of export-orders with the live "
-            "run's id closes the loop."
+__api__ = endpoint_api(
+    summary="Run steps 2-6 on your own orders (parquet or CSV) under the data root",
+    description=(
+        "Runs steps 2-6 on your labelled orders (docs/data.md) in a file or folder under the data root; "
+        "answers at once with the run id. The model goes live only if it passes the promotion gate, and "
+        "never with `train_only: true`. An unknown field is a 400, and so is a path that cannot be read as orders: "
+        "outside the data root or the data root itself, missing, not a regular .parquet/.csv file, empty, larger "
+        "than `input_limits.max_file_mb` (default 512 MB) per file, or without a column of the schema "
+        "(docs/data.md); nothing starts then. So is a `history_run_id` without orders, and dates (those of "
+        "`history_run_id` included) that cannot fill warm-up, tuning and holdout (`training_data` settings: "
+        "more than 75 days by default): the 400 gives the numbers. With `history_run_id`, that run's orders "
+        "are trained on too, `path`'s winning on an order in both: an export of export-orders with the live "
+        "run's id closes the loop."
+    ),
+    payload=(RawDataRequest, "path of a file or folder, relative to the data root, and train_only"),
+    responses={
+        200: (RunStarted, "the new run's id"),
+        400: (
+            ErrorResponse,
+            "invalid request, or a path or file that cannot be read as orders: `fields` names it",
         ),
-        payload=(RawDataRequest, "path of a file or folder, relative to the data root, and train_only"),
-        responses={
-            200: (RunStarted, "the new run's id"),
-            400: (
-                ErrorResponse,
-                "invalid request, or a path or file that cannot be read as orders: `fields` names it",
-            ),
-            429: (ErrorResponse, "too many runs wait already (`runs.max_queued`): nothing was started"),
-        },
-    )
+        429: TOO_MANY_RUNS,
+    },
 )
 
 logger, extra = app_extra_logger()

@@ -15,38 +15,34 @@ from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 
 from ..payloads import PipelineJob, RunPipelineRequest, RunStarted
-from ..auth import secured_api
-from ..request_errors import with_request_errors
 from ..generator import month_specs, sample_start_date
 from ..service_payloads import ErrorResponse, FieldError, bad_request
 from ..settings import SecuritySettings, TrainingDataSettings
 from ..steps.training_data import check_periods
 from ..validation import PeriodsTooShort
-from ..event_kit import RequestChecks, parsed_request, refused
+from ..event_kit import TOO_MANY_RUNS, RequestChecks, endpoint_api, parsed_request, refused
 from ..pipeline_events import register_run, run_started, with_chain_check
 
 # %% ../../nbs/50_run_pipeline.ipynb #82f35f04
 __steps__ = ["start_run"]
 
 __api__ = with_chain_check(  # the config's stream chain checked at start (nbs/49a)
-    with_request_errors(
-        secured_api(
-            summary="Run the whole pipeline (steps 1-6) on generated sample data",
-            description=(
-                "Generates orders (SPEC 1.2) and runs steps 1-6 on them; answers at once with the run id. "
-                "The model goes live with its features only if it passes the promotion gate, and never with "
-                "`train_only: true` (then promote it later with promote-model). Every field is optional; "
-                "an unknown field is a 400. Without `start_date` the orders cover the last `months` months up to "
-                "00:00 UTC today. `months` too few to fill warm-up, tuning and holdout (`training_data` settings: "
-                "75 days by default) is a 400 with the numbers, and nothing starts."
-            ),
-            payload=(RunPipelineRequest, "sample-data generator parameters, and train_only"),
-            responses={
-                200: (RunStarted, "the new run's id; poll pipeline-status with it"),
-                400: (ErrorResponse, "invalid request: the message and `fields` name each bad field"),
-                429: (ErrorResponse, "too many runs wait already (`runs.max_queued`): nothing was started"),
-            },
-        )
+    endpoint_api(
+        summary="Run the whole pipeline (steps 1-6) on generated sample data",
+        description=(
+            "Generates orders (SPEC 1.2) and runs steps 1-6 on them; answers at once with the run id. "
+            "The model goes live with its features only if it passes the promotion gate, and never with "
+            "`train_only: true` (then promote it later with promote-model). Every field is optional; "
+            "an unknown field is a 400. Without `start_date` the orders cover the last `months` months up to "
+            "00:00 UTC today. `months` too few to fill warm-up, tuning and holdout (`training_data` settings: "
+            "75 days by default) is a 400 with the numbers, and nothing starts."
+        ),
+        payload=(RunPipelineRequest, "sample-data generator parameters, and train_only"),
+        responses={
+            200: (RunStarted, "the new run's id; poll pipeline-status with it"),
+            400: (ErrorResponse, "invalid request: the message and `fields` name each bad field"),
+            429: TOO_MANY_RUNS,
+        },
     )
 )
 
