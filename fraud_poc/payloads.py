@@ -30,7 +30,9 @@ PIPELINE_STEPS: tuple[str, ...] = (
 
 # `json_schema_extra={"example": ...}`: OpenAPI 3.0 schemas take `example` (pydantic's `examples` is refused),
 # and the docs' "Fill example" uses it
-STRICT = ConfigDict(extra="forbid")  # API requests: an unknown field (a typo) is a 400, never ignored
+STRICT = ConfigDict(
+    extra="forbid"
+)  # both services' requests: an unknown field (a typo, a label sent to predict) is a 400
 DATE_LIMITS = (date(2000, 1, 1), date(2100, 1, 1))
 TRAIN_ONLY = (
     "true: train, evaluate and register the model, and leave the live model and feature store as they are "

@@ -7,7 +7,9 @@ from hopeit.app.config import EventType
 from hopeit.testing.apps import config
 
 from fraud_poc.payloads import PIPELINE_STEPS
+from fraud_poc.pipeline_events import ChainMismatch, chain_problems, check_chain
 from fraud_poc.settings import DeliverySettings
+from fraud_poc.training import run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +26,23 @@ def training_app():
 
 
 def test_steps_are_chained_through_streams_in_pipeline_order(training_app):
+    assert chain_problems(training_app) == []  # the check the service makes at start (nbs/49a)
     events = training_app.events
-    chain = ["run-pipeline", *PIPELINE_STEPS]
-    for writer, reader in zip(chain, chain[1:], strict=False):
-        assert events[reader].type == EventType.STREAM
-        assert events[reader].read_stream.name == events[writer].write_stream.name, (writer, reader)
+    assert [events[step].type for step in PIPELINE_STEPS] == [EventType.STREAM] * len(PIPELINE_STEPS)
     assert events["prepare-db"].write_stream is None
     assert events["run-from-raw"].write_stream.name == events["preprocess"].read_stream.name
+
+
+def test_a_config_that_chains_the_steps_otherwise_stops_the_start(training_app, monkeypatch):
+    """hopeit builds the spec (and so calls run-pipeline's `__api__`) at start with `--api-file`."""
+    events = training_app.events
+    monkeypatch.setattr(events["train-model"], "read_stream", events["feature-calc"].read_stream)
+    with pytest.raises(
+        ChainMismatch, match="step 'train-model' must be a STREAM event reading what 'training-data'"
+    ):
+        run_pipeline.__api__(run_pipeline, training_app, "run-pipeline", None)
+    with pytest.raises(ChainMismatch, match="which no step reads"):
+        check_chain(training_app)
 
 
 def test_stream_steps_run_one_message_at_a_time_with_long_timeouts_and_bounded_streams(training_app):

@@ -2,8 +2,9 @@
 
 Layers, lowest first: pure logic (pandas, numpy, Dask, XGBoost: no hopeit, Redis, aiohttp or settings);
 contracts (settings and payloads); stores and steps (Redis, Dask, files: no hopeit app or server);
-event support (the events' shared request handling); events (`fraud_poc.training`, `fraud_poc.service`);
-the launcher, which runs the services.
+event support (the events' shared request handling, answers and pipeline chain); events (`fraud_poc.training`,
+`fraud_poc.service`); the launcher, which runs the services. Within the events' layer, an event module (one that
+declares `__steps__`) imports no other event module: what two events share goes down to event support.
 """
 
 import ast
@@ -52,7 +53,15 @@ LAYERS = {
         "health_log",
         "metrics",  # the metrics themselves (prometheus_client only)
     },
-    EVENT_SUPPORT: {"auth", "request_errors", "overload", "http_metrics"},
+    EVENT_SUPPORT: {
+        "auth",
+        "request_errors",
+        "overload",
+        "http_metrics",
+        "event_kit",  # both services' __preprocess__/__postprocess__ and the registry's refusals
+        "pipeline_events",  # the training chain checked against the config, steps run, runs registered
+        "event_trial",  # an event run through hopeit's test harness on an example (the event notebooks)
+    },
     EVENTS: {
         "training",
         "service",
@@ -88,11 +97,28 @@ def package_modules() -> list[str]:
     return modules
 
 
+def source_of(module: str) -> Path:
+    """The file of a module given as a dotted name (a package's `__init__.py`)."""
+    path = PACKAGE.parent / Path(*module.split("."))
+    return (path / "__init__.py") if path.is_dir() else path.with_suffix(".py")
+
+
+def is_event(module: str) -> bool:
+    """Whether a module of an event package is an event: hopeit runs it, so it declares `__steps__`."""
+    source = source_of(module)
+    if module.split(".")[1] not in LAYERS[EVENTS] or not source.is_file():
+        return False
+    for node in ast.parse(source.read_text()).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        if any(isinstance(t, ast.Name) and t.id == "__steps__" for t in targets):
+            return True
+    return False
+
+
 def imports(module: str) -> set[str]:
     """Absolute names of everything `module` imports; `from . import x` and `from .. import x` resolved."""
-    path = PACKAGE.parent / Path(*module.split("."))
-    is_package = path.is_dir()
-    source = (path / "__init__.py") if is_package else path.with_suffix(".py")
+    source = source_of(module)
+    is_package = source.name == "__init__.py"
     package = module.split(".") if is_package else module.split(".")[:-1]
     names = set()
     for node in ast.walk(ast.parse(source.read_text())):
@@ -117,6 +143,10 @@ def violations(module: str) -> list[str]:
         elif name.startswith("fraud_poc."):
             if layer_of(name) > own:
                 found.append(f"{name} (layer {layer_of(name)} above {own})")
+            elif own == EVENTS and is_event(module) and is_event(name):
+                found.append(
+                    f"{name} (an event importing another event: move what they share to event support)"
+                )
         elif any(name == f or name.startswith(f + ".") for f in FORBIDDEN.get(own, ())):
             found.append(f"{name} (not allowed in layer {own})")
     return found
@@ -148,3 +178,24 @@ def test_violations_are_detected(tmp_path, monkeypatch):
         "fraud_poc.step_runner (layer 2 above 0)",
         "redis (not allowed in layer 0)",
     ]
+
+
+def test_an_event_importing_another_event_is_detected(tmp_path, monkeypatch):
+    fake = tmp_path / "fraud_poc"
+    (fake / "training").mkdir(parents=True)
+    (fake / "training" / "__init__.py").write_text("")
+    (fake / "training" / "clean_runs.py").write_text('__steps__ = ["clean"]\n')
+    (fake / "training" / "helpers.py").write_text("HELP = 1\n")  # a module of the package, not an event
+    (fake / "training" / "train_model.py").write_text(
+        'from .clean_runs import clean\nfrom . import helpers\nfrom ..event_kit import answer\n__steps__ = ["train"]\n'
+    )
+    (fake / "training" / "not_an_event.py").write_text("from .clean_runs import clean\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
+    assert violations("fraud_poc.training.train_model") == [
+        "fraud_poc.training.clean_runs (an event importing another event: move what they share to event support)"
+    ]
+    assert violations("fraud_poc.training.not_an_event") == []
+    assert (is_event("fraud_poc.training.clean_runs"), is_event("fraud_poc.training.helpers")) == (
+        True,
+        False,
+    )

@@ -8,7 +8,7 @@ __all__ = ['logger', 'extra', 'scorer', 'max_find_items', 'security', 'prefix_er
 # %% ../../nbs/42_find_orders.ipynb #1fe7b458
 from typing import Optional
 
-from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
+from hopeit.app.context import EventContext, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 
 from ..scorer import Scorer, ServiceUnavailable
@@ -24,14 +24,14 @@ from fraud_poc.service_payloads import (
     unknown_query,
 )
 from ..schema import MAX_TEXT_LENGTH
-from ..auth import check_token, secured_api, switched_off
+from ..auth import check_token, switched_off
 from ..settings import SecuritySettings, ServiceSettings
-from ..request_errors import with_request_errors
+from ..event_kit import NO_MODEL_OR_REDIS_DOWN, answer, endpoint_api, refused
 
 # %% ../../nbs/42_find_orders.ipynb #61af8b74
 __steps__ = ["find"]
 
-__api__ = secured_api(
+__api__ = endpoint_api(
     summary="Find orders: known combinations to try",
     description=(
         "Known customer_id / email / ip_addr combinations (from the latest order of each matching value) whose "
@@ -51,10 +51,9 @@ __api__ = secured_api(
         200: (FoundOrders, "known combinations, at most `num_items`"),
         400: (ErrorResponse, "invalid query: the message names the parameter"),
         404: (ErrorResponse, "find-orders is off on this service"),
-        503: (ErrorResponse, "no model is live yet, or Redis is unavailable"),
+        503: NO_MODEL_OR_REDIS_DOWN,
     },
 )
-__api__ = with_request_errors(__api__)  # the error schema for every refusal (nbs/29)
 
 logger, extra = app_extra_logger()
 scorer: Scorer | None = None
@@ -89,8 +88,7 @@ async def __preprocess__(
         or query_int(query_args, "num_items", 10, 1, max_find_items)
     )
     if isinstance(result, ErrorResponse):
-        request.set_status(result.status)
-        return result
+        return refused(request, result)
     return FindOrdersQuery(prefix=query_args.get("prefix", ""), num_items=result)
 
 # %% ../../nbs/42_find_orders.ipynb #b3fd44c7
@@ -106,9 +104,4 @@ async def find(
         return unavailable(str(e))
 
 
-async def __postprocess__(
-    payload: FoundOrders | ErrorResponse, context: EventContext, response: PostprocessHook
-) -> FoundOrders | ErrorResponse:
-    if isinstance(payload, ErrorResponse):
-        response.set_status(payload.status)
-    return payload
+__postprocess__ = answer  # the step's result; a refusal with its status (nbs/49)

@@ -6,29 +6,28 @@
 __all__ = ['logger', 'extra', 'scorer', 'describe_live_model']
 
 # %% ../../nbs/43_model_info.ipynb #bca8039c
-from hopeit.app.api import event_api
-from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
+from hopeit.app.context import EventContext, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 
 from ..scorer import Scorer, ServiceUnavailable
 from .common import event_scorer
 from ..service_payloads import ErrorResponse, ModelInfo, unavailable, unknown_query
 
-from ..request_errors import with_request_errors
+from ..event_kit import NO_MODEL_OR_REDIS_DOWN, UNKNOWN_QUERY, answer, endpoint_api, refused
 
 # %% ../../nbs/43_model_info.ipynb #0a9dde34
 __steps__ = ["describe_live_model"]
 
-__api__ = event_api(
+__api__ = endpoint_api(
+    token=None,
     summary="Model info: the live model",
     description="The live model's id, feature-store version, threshold, feature list, metadata and metrics.",
     responses={
         200: (ModelInfo, "the model that scores requests now"),
-        400: (ErrorResponse, "unknown query parameter"),
-        503: (ErrorResponse, "no model is live yet, or Redis is unavailable"),
+        400: UNKNOWN_QUERY,
+        503: NO_MODEL_OR_REDIS_DOWN,
     },
 )
-__api__ = with_request_errors(__api__)  # the error schema for every refusal (nbs/29)
 
 logger, extra = app_extra_logger()
 scorer: Scorer | None = None
@@ -43,10 +42,7 @@ async def __preprocess__(
     payload: None, context: EventContext, request: PreprocessHook, **query_args: str
 ) -> ErrorResponse | None:
     """Nothing to parse; a 400 for unknown query parameters."""
-    error = unknown_query(query_args)
-    if error is not None:
-        request.set_status(error.status)
-    return error
+    return refused(request, unknown_query(query_args))
 
 # %% ../../nbs/43_model_info.ipynb #8b23de56
 async def describe_live_model(
@@ -61,9 +57,4 @@ async def describe_live_model(
         return unavailable(str(e))
 
 
-async def __postprocess__(
-    payload: ModelInfo | ErrorResponse, context: EventContext, response: PostprocessHook
-) -> ModelInfo | ErrorResponse:
-    if isinstance(payload, ErrorResponse):
-        response.set_status(payload.status)
-    return payload
+__postprocess__ = answer  # the step's result; a refusal with its status (nbs/49)

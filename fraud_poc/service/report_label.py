@@ -8,10 +8,9 @@ __all__ = ['logger', 'extra', 'scorer', 'security', 'max_days_back', 'label_date
 # %% ../../nbs/45_report_label.ipynb #72225a18
 from datetime import UTC, datetime
 
-from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
+from hopeit.app.context import EventContext, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 
-from ..auth import check_token, secured_api
 from ..scorer import Scorer, ServiceUnavailable, UnknownOrder
 from .common import event_scorer
 from fraud_poc.service_payloads import (
@@ -21,17 +20,22 @@ from fraud_poc.service_payloads import (
     LabelRecorded,
     LabelReport,
     bad_request,
-    parse_body,
     unavailable,
-    unknown_query,
 )
 from ..settings import SecuritySettings, ServiceSettings
-from ..request_errors import with_request_errors
+from fraud_poc.event_kit import (
+    NO_MODEL_OR_REDIS_DOWN,
+    RequestChecks,
+    answer,
+    endpoint_api,
+    parsed_request,
+    refused,
+)
 
 # %% ../../nbs/45_report_label.ipynb #d6e77221
 __steps__ = ["record_label"]
 
-__api__ = secured_api(
+__api__ = endpoint_api(
     summary="Report label: a confirmed label for a known order",
     description=(
         "Records that a known order was fraud (`is_fraud: true`, e.g. a chargeback) or legitimate (a "
@@ -49,10 +53,9 @@ __api__ = secured_api(
         ),
         400: (ErrorResponse, "invalid label: the message and `fields` name each bad field"),
         404: (ErrorResponse, "the live feature store does not know this order_id"),
-        503: (ErrorResponse, "no model is live yet, or Redis is unavailable"),
+        503: NO_MODEL_OR_REDIS_DOWN,
     },
 )
-__api__ = with_request_errors(__api__)  # the error schema for every refusal (nbs/29)
 
 logger, extra = app_extra_logger()
 scorer: Scorer | None = None
@@ -80,16 +83,10 @@ async def __preprocess__(
     payload: None, context: EventContext, request: PreprocessHook, **query_args: str
 ) -> LabelReport | ErrorResponse:
     """The label from the raw body; a 401 without the API token, a 400 naming the bad fields."""
-    result = (
-        check_token(request, security)
-        or unknown_query(query_args)
-        or parse_body(request.payload_raw, LabelReport, "label")
-    )
-    if isinstance(result, LabelReport):
-        result = label_date_error(result.label_date, datetime.now(UTC), max_days_back) or result
+    result = parsed_request(request, query_args, LabelReport, "label", checks=RequestChecks(security))
     if isinstance(result, ErrorResponse):
-        request.set_status(result.status)
-    return result
+        return result
+    return refused(request, label_date_error(result.label_date, datetime.now(UTC), max_days_back) or result)
 
 # %% ../../nbs/45_report_label.ipynb #98381848
 async def record_label(
@@ -109,9 +106,4 @@ async def record_label(
         return unavailable(str(e))
 
 
-async def __postprocess__(
-    payload: LabelRecorded | ErrorResponse, context: EventContext, response: PostprocessHook
-) -> LabelRecorded | ErrorResponse:
-    if isinstance(payload, ErrorResponse):
-        response.set_status(payload.status)
-    return payload
+__postprocess__ = answer  # the step's result; a refusal with its status (nbs/49)

@@ -10,18 +10,18 @@ import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 
-from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
+from hopeit.app.context import EventContext, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 from hopeit.dataobjects import dataclass, dataobject
 
-from ..auth import check_token, secured_api
+from ..auth import check_token
 from ..carry_over import export_for_training
 from ..live_models import remove_old_exports
 from ..payloads import RawDataRequest
 from ..redis_store import Keys, sync_redis
 from ..service_payloads import ErrorResponse
 from ..settings import RedisSettings, RetentionSettings, SecuritySettings, StorageSettings
-from ..request_errors import with_request_errors
+from ..event_kit import answer, endpoint_api, refused
 
 # %% ../../nbs/66_export_orders.ipynb #17d3d5c5
 @dataobject
@@ -43,7 +43,7 @@ class ExportedOrders:
 
 __steps__ = ["export_orders"]
 
-__api__ = secured_api(
+__api__ = endpoint_api(
     summary="Export scored orders with their labels, for the next run-from-raw",
     description=(
         "Writes every order in the prediction service's event log, with its latest reported label, as raw "
@@ -57,7 +57,6 @@ __api__ = secured_api(
         400: (ErrorResponse, "nothing to export yet"),
     },
 )
-__api__ = with_request_errors(__api__)  # the error schema for every refusal (nbs/29)
 
 logger, extra = app_extra_logger()
 
@@ -66,10 +65,7 @@ async def __preprocess__(
     payload: None, context: EventContext, request: PreprocessHook, **query_args: str
 ) -> None | ErrorResponse:
     """Nothing to parse; a 401 without the API token."""
-    refused = check_token(request, context.settings(key="security", datatype=SecuritySettings))
-    if refused is not None:
-        request.set_status(refused.status)
-    return refused
+    return refused(request, check_token(request, context.settings(key="security", datatype=SecuritySettings)))
 
 
 async def export_orders(
@@ -111,9 +107,4 @@ async def export_orders(
     )
 
 
-async def __postprocess__(
-    payload: ExportedOrders | ErrorResponse, context: EventContext, response: PostprocessHook
-) -> ExportedOrders | ErrorResponse:
-    if isinstance(payload, ErrorResponse):
-        response.set_status(payload.status)
-    return payload
+__postprocess__ = answer  # the step's result; a refusal with its status (nbs/49)

@@ -6,16 +6,13 @@
 __all__ = ['calculate']
 
 # %% ../../nbs/56_feature_calc.ipynb #42085ea2
-from functools import partial
-
 from hopeit.app.context import EventContext
 
-from ..dask_client import dask_client_async
 from ..steps.feature_calc import calc_features
 from ..payloads import PipelineJob
 from ..schema import FeatureSpec
-from ..settings import DaskSettings, FeatureStoreSettings, RedisSettings, StorageSettings, RunLimits
-from ..step_runner import run_pipeline_step
+from ..settings import FeatureStoreSettings
+from ..pipeline_events import run_chain_step
 
 # %% ../../nbs/56_feature_calc.ipynb #9a9a00fa
 __steps__ = ["calculate"]
@@ -23,22 +20,7 @@ __steps__ = ["calculate"]
 
 async def calculate(payload: PipelineJob, context: EventContext) -> PipelineJob:
     """Run step `feature-calc` for the job's run, then pass the job on to the next step."""
-    storage = context.settings(key="storage", datatype=StorageSettings)
     feature_store = context.settings(key="feature_store", datatype=FeatureStoreSettings)
-    client = await dask_client_async(context.settings(key="dask", datatype=DaskSettings))
-    work = partial(
-        calc_features,
-        client,
-        storage.data_root,
-        payload.run_id,
-        spec=FeatureSpec(window=feature_store.window, label_delay_days=feature_store.label_delay_days),
-    )
-    await run_pipeline_step(
-        context.settings(key="redis", datatype=RedisSettings),
-        payload.run_id,
-        "feature-calc",
-        work,
-        client,
-        context.settings(key="runs", datatype=RunLimits),
-    )
+    spec = FeatureSpec(window=feature_store.window, label_delay_days=feature_store.label_delay_days)
+    await run_chain_step(context, payload, calc_features, spec=spec)
     return payload

@@ -9,35 +9,33 @@ __all__ = ['logger', 'extra', 'list_registered']
 import asyncio
 
 import redis
-from hopeit.app.api import event_api
-from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
+from hopeit.app.context import EventContext, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 from hopeit.dataobjects.payload import Payload
 
 from ..live_models import model_summaries
 from ..payloads import ModelList
 from ..redis_store import Keys, sync_redis
-from ..request_errors import with_request_errors
 from ..service_payloads import ErrorResponse, unavailable, unknown_query
 from ..settings import RedisSettings, StorageSettings
+from ..event_kit import REDIS_DOWN, UNKNOWN_QUERY, answer, endpoint_api, refused
 
 # %% ../../nbs/62_list_models.ipynb #93fa3377
 __steps__ = ["list_registered"]
 
-__api__ = with_request_errors(
-    event_api(
-        summary="Registered models, newest first, and which one is live",
-        description=(
-            "Every model in the registry (`data/models/`) with its holdout metrics and sizes, whether it is live, "
-            "whether it is the previous one (what rollback goes back to), whether its features are loaded in "
-            "Redis or can be loaded from its run's files, and whether promote-model can make it live."
-        ),
-        responses={
-            200: (ModelList, "the live and previous pointers and the registered models"),
-            400: (ErrorResponse, "unknown query parameter"),
-            503: (ErrorResponse, "Redis is unavailable"),
-        },
-    )
+__api__ = endpoint_api(
+    token=None,
+    summary="Registered models, newest first, and which one is live",
+    description=(
+        "Every model in the registry (`data/models/`) with its holdout metrics and sizes, whether it is live, "
+        "whether it is the previous one (what rollback goes back to), whether its features are loaded in "
+        "Redis or can be loaded from its run's files, and whether promote-model can make it live."
+    ),
+    responses={
+        200: (ModelList, "the live and previous pointers and the registered models"),
+        400: UNKNOWN_QUERY,
+        503: REDIS_DOWN,
+    },
 )
 
 logger, extra = app_extra_logger()
@@ -47,10 +45,7 @@ async def __preprocess__(
     payload: None, context: EventContext, request: PreprocessHook, **query_args: str
 ) -> ErrorResponse | None:
     """Nothing to parse; a 400 for unknown query parameters."""
-    error = unknown_query(query_args)
-    if error is not None:
-        request.set_status(error.status)
-    return error
+    return refused(request, unknown_query(query_args))
 
 
 async def list_registered(
@@ -69,9 +64,4 @@ async def list_registered(
     return Payload.from_obj(found, ModelList)
 
 
-async def __postprocess__(
-    payload: ModelList | ErrorResponse, context: EventContext, response: PostprocessHook
-) -> ModelList | ErrorResponse:
-    if isinstance(payload, ErrorResponse):
-        response.set_status(payload.status)
-    return payload
+__postprocess__ = answer  # the step's result; a refusal with its status (nbs/49)

@@ -6,15 +6,14 @@
 __all__ = ['MAX_RUNS', 'load_runs']
 
 # %% ../../nbs/53_list_runs.ipynb #ec03fb53
-from hopeit.app.api import event_api
-from hopeit.app.context import EventContext, PostprocessHook
+from hopeit.app.context import EventContext
 
 from ..payloads import RecentRuns
 from ..redis_store import Keys, async_redis
-from ..request_errors import with_request_errors
 from ..run_status import list_runs
 from ..service_payloads import ErrorResponse, query_int, unknown_query
 from ..settings import RedisSettings
+from ..event_kit import answer, endpoint_api
 
 # %% ../../nbs/53_list_runs.ipynb #968541c2
 __steps__ = ["load_runs"]
@@ -22,12 +21,11 @@ __steps__ = ["load_runs"]
 MAX_RUNS = 100
 
 
-__api__ = with_request_errors(
-    event_api(
-        summary="Recent pipeline runs, newest first",
-        query_args=[("limit", str | None, f"how many runs (1-{MAX_RUNS}, default 10)")],
-        responses={200: (RecentRuns, "recent runs"), 400: (ErrorResponse, "bad limit: `fields` names it")},
-    )
+__api__ = endpoint_api(
+    token=None,
+    summary="Recent pipeline runs, newest first",
+    query_args=[("limit", str | None, f"how many runs (1-{MAX_RUNS}, default 10)")],
+    responses={200: (RecentRuns, "recent runs"), 400: (ErrorResponse, "bad limit: `fields` names it")},
 )
 
 
@@ -44,9 +42,4 @@ async def load_runs(
     return RecentRuns(runs=await list_runs(async_redis(settings.url), Keys(settings.key_prefix), count))
 
 
-async def __postprocess__(
-    payload: RecentRuns | ErrorResponse, context: EventContext, response: PostprocessHook
-) -> RecentRuns | ErrorResponse:
-    if isinstance(payload, ErrorResponse):
-        response.status = payload.status
-    return payload
+__postprocess__ = answer  # the step's result; a refusal with its status (nbs/49)

@@ -11,19 +11,19 @@ import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 
-from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
+from hopeit.app.context import EventContext, PreprocessHook
 from hopeit.app.logger import app_extra_logger
 from hopeit.dataobjects import dataclass, dataobject, field
 from hopeit.dataobjects.payload import Payload
 
-from ..auth import check_token, secured_api
+from ..auth import check_token
 from ..feature_store import live_pointer
 from ..health_log import compute_health, in_nice_thread, write_health_plot
 from ..redis_store import Keys, sync_redis
 from ..registry import check_id, model_exists
-from ..request_errors import with_request_errors
 from ..service_payloads import ErrorResponse, FieldError, bad_request, query_int, unknown_query
 from ..settings import HealthSettings, RedisSettings, SecuritySettings, StorageSettings
+from ..event_kit import answer, endpoint_api, refused
 
 # %% ../../nbs/68_model_health.ipynb #d41492b8
 @dataobject
@@ -123,28 +123,26 @@ class ModelHealth:
 # %% ../../nbs/68_model_health.ipynb #baaa802b
 __steps__ = ["model_health"]
 
-__api__ = with_request_errors(
-    secured_api(
-        summary="Live quality and drift of a model, with a verdict",
-        description=(
-            "From the orders the prediction service scored (its score log) and the labels reported since "
-            "(report-label): per model and UTC day, for orders older than the model's label delay, alerts at its "
-            "threshold, confirmed fraud, precision, recall and average precision beside the holdout's (an order "
-            "without a fraud report counts as legitimate once matured); the drift (PSI) of the score and every "
-            "feature of the recent orders against the model's holdout; a verdict (healthy, drifting, degraded) "
-            "with its reasons. Writes the plot to the model's `report/health.png`."
-        ),
-        query_args=[
-            ("model_id", str | None, "a registered model (default: the live one)"),
-            ("window_days", str | None, "days of scored orders to judge (1-365, default health.window_days)"),
-        ],
-        responses={
-            200: (ModelHealth, "the verdict and figures"),
-            400: (ErrorResponse, "bad query: `fields` names it"),
-            404: (ErrorResponse, "no such model, or no model live"),
-            429: (ErrorResponse, "a health computation is running: try again"),
-        },
-    )
+__api__ = endpoint_api(
+    summary="Live quality and drift of a model, with a verdict",
+    description=(
+        "From the orders the prediction service scored (its score log) and the labels reported since "
+        "(report-label): per model and UTC day, for orders older than the model's label delay, alerts at its "
+        "threshold, confirmed fraud, precision, recall and average precision beside the holdout's (an order "
+        "without a fraud report counts as legitimate once matured); the drift (PSI) of the score and every "
+        "feature of the recent orders against the model's holdout; a verdict (healthy, drifting, degraded) "
+        "with its reasons. Writes the plot to the model's `report/health.png`."
+    ),
+    query_args=[
+        ("model_id", str | None, "a registered model (default: the live one)"),
+        ("window_days", str | None, "days of scored orders to judge (1-365, default health.window_days)"),
+    ],
+    responses={
+        200: (ModelHealth, "the verdict and figures"),
+        400: (ErrorResponse, "bad query: `fields` names it"),
+        404: (ErrorResponse, "no such model, or no model live"),
+        429: (ErrorResponse, "a health computation is running: try again"),
+    },
 )
 
 logger, extra = app_extra_logger()
@@ -155,10 +153,7 @@ async def __preprocess__(
     payload: None, context: EventContext, request: PreprocessHook, **query_args: str
 ) -> None | ErrorResponse:
     """A 401 without the API token."""
-    refused = check_token(request, context.settings(key="security", datatype=SecuritySettings))
-    if refused is not None:
-        request.set_status(refused.status)
-    return refused
+    return refused(request, check_token(request, context.settings(key="security", datatype=SecuritySettings)))
 
 
 def _model_to_judge(r, keys: Keys, root: Path, model_id: str | None) -> str | ErrorResponse:
@@ -215,9 +210,4 @@ async def model_health(
     return Payload.from_obj(report, ModelHealth)
 
 
-async def __postprocess__(
-    payload: ModelHealth | ErrorResponse, context: EventContext, response: PostprocessHook
-) -> ModelHealth | ErrorResponse:
-    if isinstance(payload, ErrorResponse):
-        response.set_status(payload.status)
-    return payload
+__postprocess__ = answer  # the step's result; a refusal with its status (nbs/49)

@@ -6,37 +6,35 @@
 __all__ = ['MAX_RUN_ID', 'load_status']
 
 # %% ../../nbs/52_pipeline_status.ipynb #25d379c4
-from hopeit.app.api import event_api
-from hopeit.app.context import EventContext, PostprocessHook
+from hopeit.app.context import EventContext
 
 from ..payloads import RunStatus
 from ..redis_store import Keys, async_redis
-from ..request_errors import with_request_errors
 from ..run_status import get_run
 from ..service_payloads import ErrorResponse, FieldError, bad_request, unknown_query
 from ..settings import RedisSettings
+from ..event_kit import answer, endpoint_api
 
 # %% ../../nbs/52_pipeline_status.ipynb #f70f7ba5
 __steps__ = ["load_status"]
 
 MAX_RUN_ID = 140  # run ids are about 22 characters; a longer one cannot exist
 
-__api__ = with_request_errors(
-    event_api(
-        summary="Status of one pipeline run",
-        query_args=[
-            (
-                "run_id",
-                str,
-                f"run id returned by run-pipeline or run-from-raw (at most {MAX_RUN_ID} characters)",
-            )
-        ],
-        responses={
-            200: (RunStatus, "the run's status"),
-            400: (ErrorResponse, "run_id missing or too long"),
-            404: (ErrorResponse, "unknown run id"),
-        },
-    )
+__api__ = endpoint_api(
+    token=None,
+    summary="Status of one pipeline run",
+    query_args=[
+        (
+            "run_id",
+            str,
+            f"run id returned by run-pipeline or run-from-raw (at most {MAX_RUN_ID} characters)",
+        )
+    ],
+    responses={
+        200: (RunStatus, "the run's status"),
+        400: (ErrorResponse, "run_id missing or too long"),
+        404: (ErrorResponse, "unknown run id"),
+    },
 )
 
 
@@ -55,9 +53,4 @@ async def load_status(
     return status if status is not None else ErrorResponse(status=404, error=f"unknown run_id: {run_id}")
 
 
-async def __postprocess__(
-    payload: RunStatus | ErrorResponse, context: EventContext, response: PostprocessHook
-) -> RunStatus | ErrorResponse:
-    if isinstance(payload, ErrorResponse):
-        response.status = payload.status
-    return payload
+__postprocess__ = answer  # the step's result; a refusal with its status (nbs/49)

@@ -6,21 +6,17 @@
 __all__ = ['logger', 'extra', 'prepare_db']
 
 # %% ../../nbs/59_prepare_db.ipynb #cad3218c
-from functools import partial
-
 from hopeit.app.context import EventContext
 from hopeit.app.logger import app_extra_logger
 
-from ..dask_client import dask_client_async
 from ..datasets import data_cutoff
 from ..feature_store import ANY_LIVE
 from ..payloads import PipelineJob, StepState
 from ..redis_store import Keys, async_redis
 from ..run_status import update_run
-from ..settings import DaskSettings, FeatureStoreSettings, RedisSettings, StorageSettings, RunLimits
-from ..step_runner import run_pipeline_step
+from ..settings import FeatureStoreSettings, RedisSettings, StorageSettings
 from ..steps.prepare_db import prepare_db_step
-from .clean_runs import clean_after_run
+from ..pipeline_events import clean_after_run, run_chain_step
 
 # %% ../../nbs/59_prepare_db.ipynb #f266fd46
 __steps__ = ["prepare_db"]
@@ -33,29 +29,19 @@ async def prepare_db(payload: PipelineJob, context: EventContext) -> None:
     redis_settings = context.settings(key="redis", datatype=RedisSettings)
     storage = context.settings(key="storage", datatype=StorageSettings)
     feature_store = context.settings(key="feature_store", datatype=FeatureStoreSettings)
-    client = await dask_client_async(context.settings(key="dask", datatype=DaskSettings))
     redis, keys = async_redis(redis_settings.url), Keys(redis_settings.key_prefix)
     # the run's data cut-off (feature-calc recorded it): what the service learned after it is carried over
     cutoff = data_cutoff(storage.data_root, payload.run_id) or payload.submitted
-    work = partial(
+    result = await run_chain_step(
+        context,
+        payload,
         prepare_db_step,
-        client,
-        storage.data_root,
-        payload.run_id,
         payload.model_id,
         redis_url=redis_settings.url,
         key_prefix=redis_settings.key_prefix,
         chunk_size=feature_store.chunk_size,
         carry_since=cutoff,
         expected_live=ANY_LIVE if payload.gated_against is None else payload.gated_against,
-    )
-    result = await run_pipeline_step(
-        redis_settings,
-        payload.run_id,
-        "prepare-db",
-        work,
-        client,
-        context.settings(key="runs", datatype=RunLimits),
     )
     if result.refused is not None:  # another model went live after the gate, or the log lost events it needs:
         # this one stays registered only, the run says why (pipeline-status: promotion_reason, prepare-db's details)

@@ -7,23 +7,17 @@ __all__ = ['preprocess']
 
 # %% ../../nbs/55_preprocess.ipynb #c6fd5590
 from pathlib import Path
-from functools import partial
 
 from hopeit.app.context import EventContext
 
-from ..dask_client import dask_client_async
 from ..steps.preprocess import preprocess_orders
 from ..datasets import input_limits
 from ..payloads import PipelineJob
 from fraud_poc.settings import (
-    DaskSettings,
     InputLimitsSettings,
     PreprocessSettings,
-    RedisSettings,
-    RunLimits,
-    StorageSettings,
 )
-from ..step_runner import run_pipeline_step
+from ..pipeline_events import run_chain_step
 
 # %% ../../nbs/55_preprocess.ipynb #3a073e24
 __steps__ = ["preprocess"]
@@ -31,26 +25,15 @@ __steps__ = ["preprocess"]
 
 async def preprocess(payload: PipelineJob, context: EventContext) -> PipelineJob:
     """Run step `preprocess` for the job's run, then pass the job on to the next step."""
-    storage = context.settings(key="storage", datatype=StorageSettings)
     max_file_bytes, limits = input_limits(context.settings(key="input_limits", datatype=InputLimitsSettings))
-    client = await dask_client_async(context.settings(key="dask", datatype=DaskSettings))
-    work = partial(
+    await run_chain_step(
+        context,
+        payload,
         preprocess_orders,
-        client,
-        storage.data_root,
-        payload.run_id,
         Path(payload.raw_path) if payload.raw_path else None,
         rows_per_partition=context.settings(key="preprocess", datatype=PreprocessSettings).rows_per_partition,
         max_file_bytes=max_file_bytes,
         limits=limits,
         history=Path(payload.history_path) if payload.history_path else None,
-    )
-    await run_pipeline_step(
-        context.settings(key="redis", datatype=RedisSettings),
-        payload.run_id,
-        "preprocess",
-        work,
-        client,
-        context.settings(key="runs", datatype=RunLimits),
     )
     return payload

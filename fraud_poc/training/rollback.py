@@ -8,55 +8,39 @@ __all__ = ['logger', 'extra', 'roll_back']
 # %% ../../nbs/64_rollback.ipynb #3c0d6964
 import asyncio
 
-from hopeit.app.context import EventContext, PostprocessHook, PreprocessHook
+from hopeit.app.context import EventContext
 from hopeit.app.logger import app_extra_logger
 from hopeit.dataobjects.payload import Payload
 
-from ..auth import check_token, secured_api
 from ..live_models import rollback_live
 from ..payloads import LiveChange, RollbackRequest
-from ..request_errors import parse_request, with_request_errors
-from ..service_payloads import ErrorResponse, unknown_query
-from ..settings import RedisSettings, SecuritySettings, StorageSettings
-from .promote_model import registry_refusal
+from ..service_payloads import ErrorResponse
+from ..settings import RedisSettings, StorageSettings
+from ..event_kit import REDIS_DOWN, answer, body_preprocess, endpoint_api, registry_refusal
 
 # %% ../../nbs/64_rollback.ipynb #0b4cff42
 __steps__ = ["roll_back"]
 
-__api__ = with_request_errors(
-    secured_api(
-        summary="Go back to the previous live model and its features",
-        description=(
-            "Switches the live pointer back to the model and feature-store version that were live before the "
-            "last switch, in one step (both are kept after every switch). A second rollback undoes the first. "
-            "Orders scored since the last switch were added to the replaced version's serving state, not to "
-            "the one rolled back to. 409 if there is no previous model or another change is under way. "
-            "Needs the API token. Takes no body (or `{}`)."
-        ),
-        responses={
-            200: (LiveChange, "what is live now and what it replaced"),
-            400: (ErrorResponse, "a body that is not empty or {}"),
-            409: (ErrorResponse, "nothing to roll back to, or another change is under way"),
-            503: (ErrorResponse, "Redis is unavailable"),
-        },
-    )
+__preprocess__ = body_preprocess(RollbackRequest, empty=RollbackRequest())  # the token, then the body
+
+__api__ = endpoint_api(
+    summary="Go back to the previous live model and its features",
+    description=(
+        "Switches the live pointer back to the model and feature-store version that were live before the "
+        "last switch, in one step (both are kept after every switch). A second rollback undoes the first. "
+        "Orders scored since the last switch were added to the replaced version's serving state, not to "
+        "the one rolled back to. 409 if there is no previous model or another change is under way. "
+        "Needs the API token. Takes no body (or `{}`)."
+    ),
+    responses={
+        200: (LiveChange, "what is live now and what it replaced"),
+        400: (ErrorResponse, "a body that is not empty or {}"),
+        409: (ErrorResponse, "nothing to roll back to, or another change is under way"),
+        503: REDIS_DOWN,
+    },
 )
 
 logger, extra = app_extra_logger()
-
-
-async def __preprocess__(
-    payload: None, context: EventContext, request: PreprocessHook, **query_args: str
-) -> RollbackRequest | ErrorResponse:
-    """An empty request, a 401 without the API token or a 400 for any field."""
-    result = (
-        check_token(request, context.settings(key="security", datatype=SecuritySettings))
-        or unknown_query(query_args)
-        or parse_request(request.payload_raw, RollbackRequest, "request", empty=RollbackRequest())
-    )
-    if isinstance(result, ErrorResponse):
-        request.set_status(result.status)
-    return result
 
 
 async def roll_back(payload: RollbackRequest, context: EventContext) -> LiveChange | ErrorResponse:
@@ -75,9 +59,4 @@ async def roll_back(payload: RollbackRequest, context: EventContext) -> LiveChan
     return Payload.from_obj(change, LiveChange)
 
 
-async def __postprocess__(
-    payload: LiveChange | ErrorResponse, context: EventContext, response: PostprocessHook
-) -> LiveChange | ErrorResponse:
-    if isinstance(payload, ErrorResponse):
-        response.set_status(payload.status)
-    return payload
+__postprocess__ = answer  # the step's result; a refusal with its status (nbs/49)

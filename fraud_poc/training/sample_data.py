@@ -7,16 +7,13 @@ __all__ = ['write_sample']
 
 # %% ../../nbs/54_sample_data.ipynb #dc15bee8
 from dataclasses import asdict
-from functools import partial
 
 from hopeit.app.context import EventContext
 
-from ..dask_client import dask_client_async
 from ..generator import sample_start_date
 from ..steps.sample_data import write_sample_data
 from ..payloads import PipelineJob
-from ..settings import DaskSettings, RedisSettings, StorageSettings, RunLimits
-from ..step_runner import run_pipeline_step
+from ..pipeline_events import run_chain_step
 
 # %% ../../nbs/54_sample_data.ipynb #f7fcc6e6
 __steps__ = ["write_sample"]
@@ -24,20 +21,10 @@ __steps__ = ["write_sample"]
 
 async def write_sample(payload: PipelineJob, context: EventContext) -> PipelineJob:
     """Run step `sample-data` for the job's run, then pass the job on to the next step."""
-    storage = context.settings(key="storage", datatype=StorageSettings)
-    client = await dask_client_async(context.settings(key="dask", datatype=DaskSettings))
     sample = asdict(payload.sample)
     # run-pipeline dates every request; a job without a date ends its sample on the day it was submitted
     sample["start_date"] = sample["start_date"] or sample_start_date(
         sample["months"], payload.submitted.date()
     )
-    work = partial(write_sample_data, client, storage.data_root, payload.run_id, **sample)
-    await run_pipeline_step(
-        context.settings(key="redis", datatype=RedisSettings),
-        payload.run_id,
-        "sample-data",
-        work,
-        client,
-        context.settings(key="runs", datatype=RunLimits),
-    )
+    await run_chain_step(context, payload, write_sample_data, **sample)
     return payload

@@ -6,25 +6,18 @@
 __all__ = ['logger', 'extra', 'train']
 
 # %% ../../nbs/58_train_model.ipynb #fa28336f
-from functools import partial
-
 from hopeit.app.context import EventContext
 from hopeit.app.logger import app_extra_logger
 
-from ..dask_client import dask_client_async
 from ..payloads import PipelineJob, StepState
 from ..redis_store import Keys, async_redis
 from ..run_status import update_run, update_step
 from fraud_poc.settings import (
-    DaskSettings,
     RedisSettings,
-    StorageSettings,
     TrainModelSettings,
-    RunLimits,
 )
-from ..step_runner import run_pipeline_step
 from ..steps.train_model import train_model_step
-from .clean_runs import clean_after_run
+from ..pipeline_events import clean_after_run, run_chain_step
 
 # %% ../../nbs/58_train_model.ipynb #f8bb98c6
 __steps__ = ["train"]
@@ -35,24 +28,14 @@ logger, extra = app_extra_logger()
 async def train(payload: PipelineJob, context: EventContext) -> PipelineJob | None:
     """Train and gate; pass the job (with the model id) to prepare-db only if the model may be promoted."""
     redis_settings = context.settings(key="redis", datatype=RedisSettings)
-    storage = context.settings(key="storage", datatype=StorageSettings)
-    client = await dask_client_async(context.settings(key="dask", datatype=DaskSettings))
-    work = partial(
+    settings = context.settings(key="train_model", datatype=TrainModelSettings)
+    result = await run_chain_step(
+        context,
+        payload,
         train_model_step,
-        client,
-        storage.data_root,
-        payload.run_id,
         redis_url=redis_settings.url,
         key_prefix=redis_settings.key_prefix,
-        settings=context.settings(key="train_model", datatype=TrainModelSettings),
-    )
-    result = await run_pipeline_step(
-        redis_settings,
-        payload.run_id,
-        "train-model",
-        work,
-        client,
-        context.settings(key="runs", datatype=RunLimits),
+        settings=settings,
     )
     redis, keys = async_redis(redis_settings.url), Keys(redis_settings.key_prefix)
     await update_run(

@@ -6,15 +6,12 @@
 __all__ = ['split_data']
 
 # %% ../../nbs/57_training_data.ipynb #e050aa42
-from functools import partial
-
 from hopeit.app.context import EventContext
 
-from ..dask_client import dask_client_async
 from ..steps.training_data import make_training_data
 from ..payloads import PipelineJob
-from ..settings import DaskSettings, RedisSettings, StorageSettings, TrainingDataSettings, RunLimits
-from ..step_runner import run_pipeline_step
+from ..settings import TrainingDataSettings
+from ..pipeline_events import run_chain_step
 
 # %% ../../nbs/57_training_data.ipynb #779e9a33
 __steps__ = ["split_data"]
@@ -22,22 +19,6 @@ __steps__ = ["split_data"]
 
 async def split_data(payload: PipelineJob, context: EventContext) -> PipelineJob:
     """Run step `training-data` for the job's run, then pass the job on to the next step."""
-    storage = context.settings(key="storage", datatype=StorageSettings)
-    training_data = context.settings(key="training_data", datatype=TrainingDataSettings)
-    client = await dask_client_async(context.settings(key="dask", datatype=DaskSettings))
-    work = partial(
-        make_training_data,
-        client,
-        storage.data_root,
-        payload.run_id,
-        training_data,
-    )
-    await run_pipeline_step(
-        context.settings(key="redis", datatype=RedisSettings),
-        payload.run_id,
-        "training-data",
-        work,
-        client,
-        context.settings(key="runs", datatype=RunLimits),
-    )
+    periods = context.settings(key="training_data", datatype=TrainingDataSettings)
+    await run_chain_step(context, payload, make_training_data, periods)
     return payload
