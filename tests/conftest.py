@@ -125,7 +125,8 @@ class Service:
         env = own_control_socket(env, name, self.port)  # not gunicorn's one socket per user (~/.gunicorn)
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        """Until the API spec answers: a start can take a minute or more when parallel tests share 2 cores."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

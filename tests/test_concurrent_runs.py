@@ -58,7 +58,7 @@ class TrainingService(Service):
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self.wait_ready(timeout=90)
+        self.wait_ready()
 
     def kill(self) -> None:
         """kill -9 of the service and its Dask workers: nothing gets to clean up."""

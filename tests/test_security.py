@@ -103,7 +103,7 @@ def start(name: str, folder: Path, redis_url: str, data_root: Path, **env: str) 
     return Running(proc, f"http://127.0.0.1:{port}", folder)
 
 
-def wait_ready(service: Running, timeout: float = 60.0) -> None:
+def wait_ready(service: Running, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if service.proc.poll() is not None:

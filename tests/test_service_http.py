@@ -159,7 +159,7 @@ def start_service(redis_url: str, prefix: str, workdir: Path) -> Service:
     return Service(proc, f"http://127.0.0.1:{port}{API}", Keys(prefix), redis_url, log)
 
 
-def wait_ready(service: Service, timeout: float = 60.0) -> None:
+def wait_ready(service: Service, timeout: float = 180.0) -> None:
     """Poll the service's API spec until it answers."""
     docs = service.base.split("/api/")[0] + "/api/docs/swagger.json"
     deadline = time.monotonic() + timeout
