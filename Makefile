@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# pytest-xdist workers of `make pytest` and `make pytest-fast` (the service tests mostly wait: more than the cores).
+PYTEST_WORKERS ?= 3
+PYTEST := $(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+NBTEST := $(BIN)/nbdev_test --flags "redis dask slow" --n_workers 1
 # Ports of `make run`, `make up`, `make training-service`, `make prediction-service` and `make lab` (e.g. `make lab LAB_PORT=8899`).
 TRAINING_PORT   ?= 8020
 PREDICTION_PORT ?= 8021
@@ -17,7 +21,7 @@ CHECK_PORTS := $(BIN)/python -m fraud_poc.launcher --check-ports
 # Jupyter refuses to run as root without --allow-root (containers, CI machines).
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: install readme test check-sync nbtest pytest lint openapi-check run up training-service prediction-service bench lab clean-nbs
+.PHONY: install readme test test-fast check-sync nbtest pytest pytest-fast lint openapi-check run up training-service prediction-service bench lab clean-nbs
 
 install: $(STAMP)
 
@@ -29,6 +33,11 @@ $(STAMP): settings.ini setup.py
 
 ## Everything CI runs: notebooks/library in sync, lint, notebook tests, pytest (unit, integration, end to end).
 test: install check-sync lint openapi-check nbtest pytest
+
+## The fast tier: lint, then the notebook tests and pytest without the system tier (no service in a subprocess,
+## no make) side by side, on one Redis.
+test-fast: install lint
+	. config/env.sh && $(WITH_REDIS) bash -c '$(NBTEST) & nb=$$!; $(PYTEST) -m "not system" tests; py=$$?; wait $$nb && exit $$py'
 
 check-sync: install
 	$(BIN)/nbdev_clean
@@ -52,10 +61,14 @@ lint: install
 	$(BIN)/ruff format --check nbs tests bench
 
 nbtest: install
-	. config/env.sh && $(BIN)/python -m fraud_poc.redis_server -- $(BIN)/nbdev_test --flags "redis dask slow" --n_workers 1
+	. config/env.sh && $(WITH_REDIS) $(NBTEST)
 
+## In parallel (pytest-xdist), a test file per worker at a time: module fixtures (services) start once.
 pytest: install
-	. config/env.sh && $(BIN)/python -m fraud_poc.redis_server -- $(BIN)/pytest -q tests
+	. config/env.sh && $(WITH_REDIS) $(PYTEST) tests
+
+pytest-fast: install
+	. config/env.sh && $(WITH_REDIS) $(PYTEST) -m "not system" tests
 
 openapi-check: install
 	BIN=$(BIN) install/openapi.sh check

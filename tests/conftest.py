@@ -1,9 +1,10 @@
-"""Shared fixtures: real Redis on this machine under a per-session key prefix, and hopeit services in subprocesses."""
+"""Shared fixtures: real Redis on this machine under a per-session key prefix (in a database of the pytest-xdist
+worker's own, `isolation.REDIS_URL`), and hopeit services in subprocesses (on ports of the worker's own range,
+`isolation.free_port`)."""
 
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import pytest
 import redis
 import requests
 from distributed import Client, LocalCluster
+from isolation import REDIS_URL, free_port
 from step_runs import FEATURE_SPEC, ROWS_PER_PARTITION, SAMPLE, SPLIT, StepsRun, make_runs
 
 from fraud_poc.dask_client import LOCAL_CLUSTER_CONFIG
@@ -26,15 +28,8 @@ from fraud_poc.steps.sample_data import write_sample_data
 from fraud_poc.steps.training_data import make_training_data
 
 ROOT = Path(__file__).resolve().parents[1]
-REDIS_URL = os.environ.get("FRAUD_TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
 API_TOKEN = secrets.token_urlsafe(32)  # the services under test take this session's token
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -130,7 +125,8 @@ class Service:
         env = own_control_socket(env, name, self.port)  # not gunicorn's one socket per user (~/.gunicorn)
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        """Until the API spec answers: a start can take a minute or more when parallel tests share 2 cores."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import redis
-from conftest import REDIS_URL, ROOT, Service, service_env
+from conftest import REDIS_URL, ROOT, Service, free_port, service_env
 from test_service_http import go_live, load_version, metadata_for, train_booster
 
 from fraud_poc.features import compute_features
@@ -25,7 +25,7 @@ FS_VERSION = "v-bounds"
 
 
 class ServiceOnPort(Service):
-    """`conftest.Service` on a given port (these tests keep to their own port range, 18200-18299)."""
+    """`conftest.Service` on a given port (one `conftest.free_port` gave)."""
 
     def __init__(self, name: str, port: int, env: dict, log: Path):
         self.port, self.base, self.log = port, f"http://127.0.0.1:{port}", log
@@ -65,9 +65,8 @@ def make_model_live(r: redis.Redis, keys: Keys, orders: int = 2_000) -> pd.DataF
     return history
 
 
-def live_services(key_prefix: str, workdir: Path, ports: tuple[int, int]) -> Iterator[LiveServices]:
-    """Both services (ready) on `ports` (training, prediction), the model live; every key under `key_prefix`
-    removed after."""
+def live_services(key_prefix: str, workdir: Path) -> Iterator[LiveServices]:
+    """Both services (ready) on free ports, the model live; every key under `key_prefix` removed after."""
     data_root = workdir / "data"
     (data_root / "user").mkdir(parents=True)
     r = redis.Redis.from_url(REDIS_URL)
@@ -77,7 +76,7 @@ def live_services(key_prefix: str, workdir: Path, ports: tuple[int, int]) -> Ite
     names = ("training", "prediction")
     started = [
         ServiceOnPort(name, port, env, workdir / f"{name}.log")
-        for name, port in zip(names, ports, strict=True)
+        for name, port in zip(names, (free_port(), free_port()), strict=True)
     ]
     try:
         for service in started:

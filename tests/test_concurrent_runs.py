@@ -6,7 +6,6 @@ and every accepted run completes: none hangs, no step is retried, no slot or que
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,26 +16,16 @@ from uuid import uuid4
 
 import pytest
 import requests
-from conftest import AUTH, ROOT, Service, service_env
+from conftest import AUTH, ROOT, Service, free_port, service_env
 
 from fraud_poc.launcher import SERVICES
 from fraud_poc.redis_store import Keys
 from fraud_poc.run_status import queued_key, running_key
 
+pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
+
 API = "/api/training-pipeline/0x2"
 RUN = {"num_orders": 12_000, "num_customers": 300, "months": 3, "fraud_rate": 0.03, "train_only": True}
-PORTS = range(18300, 18400)  # this worktree's range for services started by tests
-
-
-def port_in_range() -> int:
-    for port in PORTS:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {PORTS}")
 
 
 class TrainingService(Service):
@@ -53,7 +42,7 @@ class TrainingService(Service):
         self.start()
 
     def start(self) -> None:
-        self.port = port_in_range()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         args = [
             arg.replace("config/training-pipeline.json", str(self.config))
@@ -69,7 +58,7 @@ class TrainingService(Service):
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self.wait_ready(timeout=90)
+        self.wait_ready()
 
     def kill(self) -> None:
         """kill -9 of the service and its Dask workers: nothing gets to clean up."""

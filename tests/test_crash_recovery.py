@@ -14,6 +14,8 @@ from test_concurrent_runs import API, TrainingService, own_prefix
 from fraud_poc.redis_store import Keys
 from fraud_poc.run_status import get_run
 
+pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
+
 RUN = {"num_orders": 40_000, "num_customers": 800, "months": 3, "fraud_rate": 0.03, "seed": 11}
 OWNER_TTL = 4.0
 prefix = pytest.fixture(own_prefix, name="prefix")

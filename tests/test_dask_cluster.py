@@ -11,6 +11,8 @@ from conftest import Service, free_port, service_env
 from distributed import Client
 from test_end_to_end import SMALL, finished, start, wait_for
 
+pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
+
 DASK = str(Path(sys.executable).parent / "dask")
 
 

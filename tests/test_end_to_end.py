@@ -18,6 +18,8 @@ from fraud_poc.generator import generate_orders
 from fraud_poc.redis_store import Keys
 from fraud_poc.serving_state import decode_state, decode_tile
 
+pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
+
 API = "/api/training-pipeline/0x2"
 SERVICE_API = "/api/fraud-service/0x2"
 SMALL = {"num_orders": 30_000, "num_customers": 600, "months": 3, "fraud_rate": 0.02, "seed": 7}

@@ -19,12 +19,12 @@ from fraud_poc.carry_over import marks_key
 from fraud_poc.health_log import scores_key
 from fraud_poc.schema import WINDOW
 
-PORTS = (18220, 18221)  # training, prediction
+pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
 
 
 @pytest.fixture(scope="module")
 def live(key_prefix, tmp_path_factory):
-    yield from live_services(f"{key_prefix}bounds:", tmp_path_factory.mktemp("bounds"), PORTS)
+    yield from live_services(f"{key_prefix}bounds:", tmp_path_factory.mktemp("bounds"))
 
 
 def snapshot(live: LiveServices) -> dict[bytes, str]:
@@ -416,7 +416,7 @@ def test_each_service_has_a_gunicorn_control_socket_of_its_own(live: LiveService
     the second service took over from the first; each service now has its own, under `<data root>/run/`."""
     folders = [
         live.data_root.resolve() / "run" / f"{name}-{port}"
-        for name, port in zip(("training", "prediction"), PORTS, strict=True)
+        for name, port in (("training", live.training.port), ("prediction", live.prediction.port))
     ]
     for folder in folders:
         path = folder / "gunicorn.ctl"

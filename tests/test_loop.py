@@ -18,6 +18,8 @@ from test_end_to_end import finished, live, running, start, wait_for
 from fraud_poc.schema import FEATURE_COLUMNS, LABEL, LABEL_DATE
 from fraud_poc.train import monotone_constraints
 
+pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
+
 API = "/api/training-pipeline/0x2"
 SERVICE_API = "/api/fraud-service/0x2"
 # no start_date: the orders end as today begins; 4 months fill warm-up, training, tuning and holdout

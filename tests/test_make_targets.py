@@ -21,6 +21,8 @@ from conftest import AUTH, free_port, service_env
 
 from fraud_poc.redis_server import redis_answers
 
+pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -117,21 +119,6 @@ def test_lab_ensures_redis_and_runs_as_root(no_redis, tmp_path):
         stop_group(proc, url)
 
 
-def ports_in_test_range(count: int) -> list[int]:
-    """`count` ports of 18100-18199 where nothing listens now (the range this project's tests use)."""
-    found = []
-    for port in range(18100, 18200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        found.append(port)
-        if len(found) == count:
-            return found
-    raise RuntimeError("no free ports in 18100-18199")
-
-
 def test_make_run_summary_and_no_demo_order_left(tmp_path):
     """`make run` on a small sample: a line per finished step, then the model, its recall per scenario (as in its
     metadata), paths that exist, the docs and `make up`; the example orders were scored but nothing of them stays in
@@ -139,7 +126,7 @@ def test_make_run_summary_and_no_demo_order_left(tmp_path):
     prefix = f"fraudtest:run:{uuid4().hex[:8]}:"
     env = service_env(prefix, tmp_path / "data")
     env.pop("FRAUD_FIND_ORDERS_ENABLED")  # `make run` turns it on for its examples by itself
-    training, prediction, demo = ports_in_test_range(3)
+    training, prediction, demo = free_port(), free_port(), free_port()
     sample = "--num-orders 30000 --num-customers 600 --months 4"
     done = subprocess.run(
         ["make", "--no-print-directory", "run", f"TRAINING_PORT={training}", f"PREDICTION_PORT={prediction}"]
@@ -218,7 +205,7 @@ def test_make_up_serves_until_ctrl_c(no_redis, tmp_path, interrupt_after):
     (SIGINT to the whole group, as a terminal sends it), which stops everything without a traceback, also when it
     comes while the services are still starting."""
     url, env = no_redis
-    training, prediction = ports_in_test_range(2)
+    training, prediction = free_port(), free_port()
     log = tmp_path / "up.log"
     proc = start_make("up", env, log, f"TRAINING_PORT={training}", f"PREDICTION_PORT={prediction}")
     try:

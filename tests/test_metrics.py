@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import redis
 import requests
-from conftest import AUTH, REDIS_URL, ROOT, service_env
+from conftest import AUTH, REDIS_URL, ROOT, free_port, service_env
 from live_services import (
     SERVICE_API,
     TRAINING_API,
@@ -29,8 +29,6 @@ from fraud_poc.launcher import SERVICES, own_control_socket
 from fraud_poc.payloads import PIPELINE_STEPS
 from fraud_poc.redis_store import Keys
 
-PORTS = (18224, 18225)  # training, prediction
-WORKERS_PORT = 18226  # the prediction service with two workers
 RUN = {
     "num_orders": 6_000,
     "num_customers": 200,
@@ -44,7 +42,7 @@ Samples = dict[tuple[str, tuple], float]
 
 @pytest.fixture(scope="module")
 def live(key_prefix, tmp_path_factory):
-    yield from live_services(f"{key_prefix}metrics:", tmp_path_factory.mktemp("metrics"), PORTS)
+    yield from live_services(f"{key_prefix}metrics:", tmp_path_factory.mktemp("metrics"))
 
 
 def scrape(base: str) -> tuple[Samples, str]:
@@ -78,6 +76,7 @@ def order(tag: str, n: int) -> dict:
     }
 
 
+@pytest.mark.system
 def test_prediction_metrics_move_with_traffic(live: LiveServices):
     base, api = live.prediction.base, f"{live.prediction.base}{SERVICE_API}"
     before, _ = scrape(base)
@@ -120,7 +119,7 @@ def test_prediction_metrics_move_with_traffic(live: LiveServices):
     assert moved(before, after, "fraud_predictions_flagged_total", event="predict") == flagged
     assert ("fraud_overload_refusals_total", ()) in after
     # two workers (fraud_poc.launcher): their metrics summed from their files, without one worker's process_*
-    assert "--workers=2" in SERVICES["prediction"].args(PORTS[1])
+    assert "--workers=2" in SERVICES["prediction"].args(live.prediction.port)
     assert ("process_cpu_seconds_total", ()) not in after
     # nothing of a customer, and no raw path, in any label
     assert "example.com" not in text and "metrics-a" not in text and "no/such" not in text
@@ -146,6 +145,7 @@ def wait_finished(base: str, run_id: str, timeout: float = 300.0) -> dict:
     raise TimeoutError(f"run {run_id} not finished: {status.text}")
 
 
+@pytest.mark.system
 def test_training_step_durations_and_outcomes(live: LiveServices):
     base = live.training.base
     before, _ = scrape(base)
@@ -227,6 +227,7 @@ class TwoWorkers(ServiceOnPort):
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
+@pytest.mark.system
 def test_two_workers_in_multiprocess_mode_count_together(key_prefix, tmp_path):
     """With `--workers 2` and `PROMETHEUS_MULTIPROC_DIR` given, each worker writes its own file there and every
     scrape shows both workers' requests, so the counters do not jump between workers' values."""
@@ -236,7 +237,7 @@ def test_two_workers_in_multiprocess_mode_count_together(key_prefix, tmp_path):
     folder = tmp_path / "prometheus"
     folder.mkdir()
     env = {**service_env(prefix, tmp_path / "data"), "PROMETHEUS_MULTIPROC_DIR": str(folder)}
-    service = TwoWorkers(WORKERS_PORT, env, tmp_path / "prediction.log")
+    service = TwoWorkers(free_port(), env, tmp_path / "prediction.log")
     try:
         service.wait_ready()
         sent = 40

@@ -19,6 +19,8 @@ from fraud_poc.datasets import data_cutoff
 from fraud_poc.generator import generate_orders
 from fraud_poc.redis_store import Keys
 
+pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
+
 API = "/api/training-pipeline/0x2"
 RUN = {"num_orders": 12_000, "num_customers": 300, "months": 3, "fraud_rate": 0.03, "seed": 7}
 

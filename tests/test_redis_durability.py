@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 import redis
 import requests
-from conftest import AUTH, service_env
+from conftest import AUTH, free_port, service_env
 from live_services import FS_VERSION, SERVICE_API, ServiceOnPort, make_model_live
 
 from fraud_poc.redis_server import start_embedded_redis, stop_embedded_redis
 from fraud_poc.redis_store import Keys
 from fraud_poc.serving_state import decode_state
 
-REDIS_PORT, PREDICTION_PORT = 18420, 18421
+pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
+
 RATE, THREADS = 100.0, 4  # orders per second, over this many client threads
 LOAD_SECONDS = 5.0  # scored before the kill
 MARGIN = 1.0  # everysec: what may be lost at most, in seconds before the kill
@@ -27,14 +28,14 @@ MARGIN = 1.0  # everysec: what may be lost at most, in seconds before the kill
 @pytest.fixture(scope="module")
 def stack(key_prefix, tmp_path_factory):
     folder = tmp_path_factory.mktemp("durable")
-    url = f"redis://127.0.0.1:{REDIS_PORT}/0"
+    url = f"redis://127.0.0.1:{free_port()}/0"
     server = {"proc": start_embedded_redis(url, folder / "redis")}
     client = redis.Redis.from_url(url)
     keys = Keys(key_prefix)
     make_model_live(client, keys, orders=1_000)
     env = service_env(key_prefix, folder / "data", redis_url=url)
     (folder / "data").mkdir()
-    prediction = ServiceOnPort("prediction", PREDICTION_PORT, env, folder / "prediction.log")
+    prediction = ServiceOnPort("prediction", free_port(), env, folder / "prediction.log")
     try:
         prediction.wait_ready()
         yield server, url, folder / "redis", client, keys, prediction

@@ -19,16 +19,17 @@ from pathlib import Path
 import pytest
 import redis
 import requests
-from conftest import AUTH, Service, service_env
+from conftest import AUTH, Service, free_port, service_env
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from fraud_poc.redis_store import Keys
 
+pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
+
 API = "/api/training-pipeline/0x2"
 SERVICE_API = "/api/fraud-service/0x2"
 SMALL = {"num_orders": 30_000, "num_customers": 600, "months": 3, "fraud_rate": 0.02, "seed": 7}
-REDIS_PORT, TRAINING_PORT, PREDICTION_PORT = 18410, 18411, 18412
 BALLAST_KEYS = 3_000_000  # about 125 MB of RDB: 4-5 s of LOADING on this machine
 STEP_GROUPS = [
     "sample_data",
@@ -127,7 +128,7 @@ class Prober:
 
 @pytest.fixture(scope="module")
 def private_redis(tmp_path_factory):
-    server = PrivateRedis(REDIS_PORT, tmp_path_factory.mktemp("redis"))
+    server = PrivateRedis(free_port(), tmp_path_factory.mktemp("redis"))
     server.start()
     yield server
     server.stop()
@@ -139,8 +140,8 @@ def services(private_redis, key_prefix, tmp_path_factory):
     env = service_env(key_prefix, data_root, redis_url=private_redis.url)
     started = {}
     try:
-        for name, port in (("training", TRAINING_PORT), ("prediction", PREDICTION_PORT)):
-            started[name] = Service(name, env, logs / f"{name}.log", port=port)
+        for name in ("training", "prediction"):
+            started[name] = Service(name, env, logs / f"{name}.log")
         for service in started.values():
             service.wait_ready()
         yield started["training"], started["prediction"]

@@ -15,7 +15,8 @@ import pytest
 from conftest import AUTH, ROOT
 from live_services import LiveServices, live_services
 
-PORTS = (18222, 18223)  # training, prediction
+pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
+
 CHECKS = ",".join(
     [
         "not_a_server_error",
@@ -30,7 +31,7 @@ MAX_EXAMPLES = 40  # per operation and phase: the three runs take about a minute
 
 @pytest.fixture(scope="module")
 def live(key_prefix, tmp_path_factory):
-    yield from live_services(f"{key_prefix}fuzz:", tmp_path_factory.mktemp("fuzz"), PORTS)
+    yield from live_services(f"{key_prefix}fuzz:", tmp_path_factory.mktemp("fuzz"))
 
 
 def schemathesis(spec: str, base: str, out: Path, *args: str) -> tuple[int, str]:

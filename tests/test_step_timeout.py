@@ -3,7 +3,6 @@ attempt stops (its Dask work cancelled, its thread ended) before the timeout pro
 overlap it; and steps of one process never do their Dask work at the same time."""
 
 import asyncio
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -12,13 +11,12 @@ from uuid import uuid4
 import pytest
 import redis
 import redis.asyncio as aioredis
+from isolation import REDIS_URL
 
 from fraud_poc.payloads import StepState
 from fraud_poc.redis_store import Keys
 from fraud_poc.run_status import create_run, get_run
 from fraud_poc.step_runner import cancel_dask_work, holding_step_lock, run_step
-
-REDIS_URL = os.environ.get("FRAUD_TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
 
 
 @dataclass

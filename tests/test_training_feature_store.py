@@ -1,6 +1,5 @@
 """fraud_poc.feature_store on a real Redis and a real LocalCluster: load, promote, read back, clean up, failures."""
 
-import os
 import threading
 from uuid import uuid4
 
@@ -10,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import redis
+from isolation import REDIS_URL
 from store_reads import find_values, read_live_states
 
 from fraud_poc.feature_store import (
@@ -34,7 +34,6 @@ from fraud_poc.serving_state import (
     encoded_states,
 )
 
-REDIS_URL = os.environ.get("FRAUD_TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
 SPEC = FeatureSpec(window=4)  # W = 4, the default δ
 
 

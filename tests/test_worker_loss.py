@@ -27,6 +27,8 @@ from fraud_poc.dask_client import LOCAL_CLUSTER_CONFIG
 from fraud_poc.schema import LABEL
 from fraud_poc.train import WorkerLost, failing_on_worker_loss, predict_scores, roc_auc, train_booster
 
+pytestmark = pytest.mark.system  # kills a Dask worker process (the system tier)
+
 PARAMS = {"max_depth": 6, "learning_rate": 0.05, "seed": 11}
 ROUNDS = 300  # a few seconds of training: time to kill a worker while it runs
 
