@@ -32,6 +32,8 @@ class _Tee:
         read, write = os.pipe()
         os.dup2(write, 1)
         os.close(write)
+        # this process's prints go to file descriptor 1 too, whatever sys.stdout was (a test's capture, say)
+        self.stdout, sys.stdout = sys.stdout, open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
         self.read, self.chunks = read, []
         self.thread = threading.Thread(target=self._pump, daemon=True)
         self.thread.start()
@@ -44,6 +46,8 @@ class _Tee:
     def close(self) -> str:
         """Puts file descriptor 1 back and returns what went through it."""
         sys.stdout.flush()
+        sys.stdout.close()
+        sys.stdout = self.stdout
         os.dup2(self.saved, 1)  # the pipe's last writer here is gone: the pump reads to its end
         self.thread.join(timeout=10)
         os.close(self.saved)
