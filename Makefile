@@ -21,7 +21,7 @@ CHECK_PORTS := $(BIN)/python -m fraud_poc.launcher --check-ports
 # Jupyter refuses to run as root without --allow-root (containers, CI machines).
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: install readme test test-fast check-sync nbtest pytest pytest-fast lint openapi-check run up training-service prediction-service bench lab clean-nbs
+.PHONY: install readme docs test test-fast check-sync nbtest pytest pytest-fast lint openapi-check run up training-service prediction-service bench lab clean-nbs
 
 install: $(STAMP)
 
@@ -50,6 +50,11 @@ check-sync: install
 clean-nbs: install
 	$(BIN)/nbdev_clean
 	$(BIN)/nbdev_export
+
+## The docs site, offline, into _docs/ (open _docs/index.html): the notebooks and docs/*.md (install/docs.py), and a
+## check that every name of every module's __all__ is in it.
+docs: install
+	. config/env.sh && $(BIN)/python install/docs.py --check
 
 ## README.md from nbs/index.ipynb (its source): edit the notebook, then run this.
 readme: install

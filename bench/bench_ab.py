@@ -27,6 +27,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_service as bs  # noqa: E402
+from report import recorded
 
 from fraud_poc.launcher import SERVICES, own_control_socket  # noqa: E402
 
@@ -149,4 +150,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("bench_ab"):
+        main()

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import redis
+from report import recorded
 
 from fraud_poc.redis_server import start_embedded_redis, stop_embedded_redis
 from fraud_poc.redis_store import Keys
@@ -117,4 +118,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("bench_aof"):
+        main()

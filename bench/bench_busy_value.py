@@ -47,6 +47,8 @@ import xgboost as xgb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from report import recorded
+
 from fraud_poc.features import timestamp_us  # noqa: E402
 from fraud_poc.redis_pipe import RedisPipe  # noqa: E402
 from fraud_poc.redis_store import Keys  # noqa: E402
@@ -404,4 +406,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("bench_busy_value"):
+        main()

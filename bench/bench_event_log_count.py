@@ -12,6 +12,7 @@ Redis CPU (`INFO cpu`, user + sys) per call for each round and the median.
 import argparse
 
 import redis
+from report import recorded
 
 from fraud_poc.redis_store import Keys, redis_url_from_env
 from fraud_poc.schema import FeatureSpec
@@ -65,4 +66,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("bench_event_log_count"):
+        main()

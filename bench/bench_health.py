@@ -18,6 +18,7 @@ from pathlib import Path
 from uuid import uuid4
 
 import numpy as np
+from report import recorded
 
 from fraud_poc.health import DAY_US, drift_reference
 from fraud_poc.health_log import scores_key
@@ -175,4 +176,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("bench_health"):
+        main()

@@ -36,6 +36,7 @@ import dask
 import psutil
 import redis
 from distributed import Client, LocalCluster
+from report import recorded
 
 from fraud_poc.dask_client import LOCAL_CLUSTER_CONFIG, WORKER_MALLOC, CompileKernels, release_worker_memory
 from fraud_poc.redis_store import glob_escape, unlink_matching
@@ -399,4 +400,5 @@ def run_all(client: Client, args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("bench_pipeline"):
+        main()

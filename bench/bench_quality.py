@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 import pandas as pd
+from report import recorded
 
 from fraud_poc.generator import SCENARIOS, generate_orders
 from fraud_poc.quality import holdout_quality, labelled_features
@@ -132,4 +133,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("bench_quality"):
+        main()

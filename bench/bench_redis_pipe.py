@@ -34,6 +34,8 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from report import recorded
+
 from fraud_poc.redis_pipe import RedisPipe  # noqa: E402
 
 SCRIPT = "local v = redis.call('GET', KEYS[1]); redis.call('SET', KEYS[1], v); return v"
@@ -153,4 +155,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20_000, help="requests per round at concurrency 32")
     parser.add_argument("--rounds", type=int, default=5)
-    uvloop.run(main(parser.parse_args()))
+    args = parser.parse_args()
+    with recorded("bench_redis_pipe"):
+        uvloop.run(main(args))

@@ -54,6 +54,8 @@ import xgboost as xgb
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from report import recorded  # noqa: E402
+
 from fraud_poc.feature_store import switch_live, upload_model, write_entity_states  # noqa: E402
 from fraud_poc.features import compute_features, serving_features, serving_states  # noqa: E402
 from fraud_poc.generator import generate_orders  # noqa: E402
@@ -966,4 +968,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("bench_service"):
+        main()

@@ -46,6 +46,8 @@ from bench_service import (
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from report import recorded  # noqa: E402
+
 from fraud_poc.launcher import SERVICE_API, SERVICES, TRAINING_API  # noqa: E402
 
 
@@ -273,4 +275,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("bench_soak"):
+        main()

@@ -53,7 +53,7 @@ class Keys:
         return f"{self.prefix}fs:{version}:"
 
     def fs_state(self, version: str, entity: str, value: str) -> str:
-        """msgpack list of the last W orders of one entity value."""
+        """msgpack list of one entity value's last W orders (`STATE_FIELDS` records); its hourly tiles are `fs_tiles`."""
         return f"{self.fs_prefix(version)}{entity}:{value}"
 
     def fs_tiles(self, version: str, entity: str, value: str) -> str:

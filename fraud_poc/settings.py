@@ -117,7 +117,7 @@ class ServiceSettings:
         default=1.0, ge=0
     )  # order dates at most this long after now (labels: never)
     # requests one process works on at once; more are answered 503 with Retry-After at once (nbs/38_overload)
-    max_in_flight: int = field(default=32, ge=1, le=100_000)  # README, Performance: overload
+    max_in_flight: int = field(default=32, ge=1, le=100_000)  # docs/benchmarks.md: overload
 
 
 @dataobject
@@ -198,7 +198,7 @@ class HealthSettings:
         default=500, ge=100, le=100_000
     )  # log entries per XRANGE page (500: Redis busy ~0.3 ms a page)
     # after each page, wait this many times the page's time (0.5: at most 2/3 of a core), and run at nice 10: the
-    # computation yields to scoring on a shared machine (README, Model health: measured)
+    # computation yields to scoring on a shared machine (docs/learning.md, Model health: measured)
     pause_ratio: float = field(default=0.5, ge=0, le=10)
     # retraining on its own: checked every `check_interval_seconds` by the health-watch service
     retrain_on_degraded: bool = False  # a degraded live model starts a run on history + export
