@@ -162,7 +162,8 @@ def page(title: str, description: str, body: str, nav: str) -> str:
 
 
 def _docs_eval(cell) -> bool | None:
-    """Which cells the docs run (nbdev's `_do_eval`, stricter): exports, cells of imports only, `show_doc` cells.
+    """Which cells the docs run (nbdev's `_do_eval`, stricter): exports, and cells of nothing but imports and
+    `show_doc` calls.
 
     nbdev also runs any cell that imports something besides other code; here that would run tests (servers, Redis,
     Dask) while building the docs, so such a cell is shown, not run."""
@@ -178,16 +179,17 @@ def _docs_eval(cell) -> bool | None:
         body = ast.parse(cell.source).body
     except SyntaxError:
         return None
-    if body and all(isinstance(t, (ast.Import, ast.ImportFrom)) for t in body):
-        return True
-    calls = [t for t in body if isinstance(t, ast.Expr) and isinstance(t.value, ast.Call)]
-    if (
-        body
-        and len(calls) == len(body)
-        and all(getattr(t.value.func, "id", None) == "show_doc" for t in calls)
-    ):
-        return True
-    return None
+
+    def harmless(t) -> bool:  # an import, or a call of show_doc
+        if isinstance(t, (ast.Import, ast.ImportFrom)):
+            return True
+        return (
+            isinstance(t, ast.Expr)
+            and isinstance(t.value, ast.Call)
+            and getattr(t.value.func, "id", None) == "show_doc"
+        )
+
+    return True if body and all(harmless(t) for t in body) else None
 
 
 def build(out: Path) -> list[Path]:
