@@ -465,6 +465,7 @@ class _SortedOrders:
     groups: np.ndarray  # integer code of each row's value
     order: np.ndarray  # row positions grouped by value, each group in (ts_us, order_id) order
     after: np.ndarray  # per position of `order`: rows of its group after it
+    time_order: np.ndarray  # row positions in (ts_us, order_id) order
 
 
 def _entity_matrix(
@@ -480,14 +481,15 @@ def _entity_matrix(
     amount = orders["order_amount"].to_numpy(np.float64)
     cents = cents_of(amount)
     by_codes = _codes(orders[by])
-    order, position, after = _group_rows(_time_order(ts_us, orders["order_id"]), by_codes)
+    time_order = _time_order(ts_us, orders["order_id"])
+    order, position, after = _group_rows(time_order, by_codes)
     features = np.empty((len(columns), len(orders)), dtype)
     width = len(entity_feature_columns(by))
     _write_entity_features(
         order, position, ts_us, amount, [_codes(orders[col]) for col in others], window, features[:width]
     )
     _write_time_features(order, by_codes, ts_us, cents, fraud_ts, label_delay_days, features[width:])
-    return features, _SortedOrders(orders, ts_us, cents, fraud_ts, by_codes, order, after)
+    return features, _SortedOrders(orders, ts_us, cents, fraud_ts, by_codes, order, after, time_order)
 
 
 def _entity_features(
@@ -677,16 +679,17 @@ def entity_matrix_and_state(
     as_of_us: int,
     *,
     dtype: type = np.float64,
-) -> tuple[np.ndarray, np.ndarray, EntityStates]:
+) -> tuple[np.ndarray, np.ndarray, EntityStates, np.ndarray]:
     """`entity_features_and_state` without the frame (what step 3 writes out column by column): the positions in
     `orders` of its rows grouped by value, each group in time order; their features in `dtype`, shape
-    (n_features, n), rows in `entity_feature_columns(by) + time_feature_columns(by)` order; and the states."""
+    (n_features, n), rows in `entity_feature_columns(by) + time_feature_columns(by)` order; the states; and the
+    positions of the rows in (`order_date`, `order_id`) order."""
     window = check_window(window)
     features, sorted_orders = _entity_matrix(
         orders, by, window, label_delay_days, "entity_matrix_and_state", dtype
     )
     states = _entity_states(sorted_orders, by, window, label_delay_days, as_of_us)
-    return sorted_orders.order, features, states
+    return sorted_orders.order, features, states, sorted_orders.time_order
 
 
 def state_of(states: EntityStates, by: str, value: object) -> tuple[list[tuple], list[tuple]]:

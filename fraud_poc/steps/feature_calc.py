@@ -61,14 +61,21 @@ def _entity_columns(by: str) -> list[str]:
 
 def _features_and_state(
     orders: pd.DataFrame, by: str, spec: FeatureSpec, as_of_us: int
-) -> tuple[np.ndarray, list[pa.Array], pd.DataFrame]:
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, np.ndarray]:
     """The positions in `orders` of its rows grouped by value; entity `by`'s features of those rows in
-    `FEATURE_DTYPE`, one Arrow array per column of `_entity_columns(by)`; and the encoded state of each value
-    (labels known by `as_of_us`)."""
-    rows, matrix, states = features.entity_matrix_and_state(
+    `FEATURE_DTYPE`, a row per column of `_entity_columns(by)`; the encoded state of each value (labels known by
+    `as_of_us`); and the positions in `orders` of its rows in (`order_date`, `order_id`) order."""
+    rows, matrix, states, in_time = features.entity_matrix_and_state(
         orders, by, spec.window, spec.label_delay_days, as_of_us, dtype=FEATURE_DTYPE
     )
-    return rows, [pa.array(column) for column in matrix], encoded_states(states, by)
+    return rows, matrix, encoded_states(states, by), in_time
+
+
+def _inverse(positions: np.ndarray) -> np.ndarray:
+    """The inverse of a permutation: where each of 0..n-1 is in `positions`."""
+    inverse = np.empty(len(positions), np.int64)
+    inverse[positions] = np.arange(len(positions))
+    return inverse
 
 
 def _column(orders: pd.DataFrame, name: str, rows: np.ndarray) -> pa.Array | pa.ChunkedArray:
@@ -76,14 +83,31 @@ def _column(orders: pd.DataFrame, name: str, rows: np.ndarray) -> pa.Array | pa.
     return pa.array(orders[name].array).take(rows)
 
 
-def align_rows(ids: pa.Array | pa.ChunkedArray, other: pa.Table) -> pa.Table:
-    """The rows of `other` (the same orders, with an `order_id` column) in the order of `ids`, without `order_id`."""
-    position = pc.index_in(
-        ids, value_set=other["order_id"].combine_chunks()
-    )  # Arrow's hash lookup: 3x pandas'
-    if other.num_rows != len(ids) or position.null_count:
+def align_rows(ids: pa.Array | pa.ChunkedArray, by_time: np.ndarray, other: pa.Table) -> pa.Table:
+    """The rows of `other` in the order of `ids`, without its `order_id` and `ts_us` columns.
+
+    `other` holds the same orders as `ids` in runs (chunks), each in (`ts_us`, `order_id`) order; `by_time` holds
+    the positions in `ids` in that order. Merging the runs by time (by `order_id` at equal instants) puts `other`'s
+    rows in that order too: no lookup of the ids, which are then compared once, so a row that is not where it
+    should be fails loudly."""
+    if other.num_rows != len(ids):
         raise RuntimeError(f"feature partitions are not aligned: {len(ids)} orders vs {other.num_rows}")
-    return other.drop_columns("order_id").take(position)
+    if not len(ids):
+        return other.drop_columns(["order_id", "ts_us"])
+    ts_us = other["ts_us"].to_numpy()
+    merged = np.argsort(ts_us, kind="stable")  # timsort: a merge of the sorted runs
+    ts_us = ts_us[merged]
+    tied = np.flatnonzero(ts_us[1:] == ts_us[:-1])
+    if len(tied):  # equal instants in different runs: by order_id
+        at = np.unique(np.r_[tied, tied + 1])
+        ties = pa.table({"ts_us": ts_us[at], "order_id": other["order_id"].take(merged[at])})
+        keys = [("ts_us", "ascending"), ("order_id", "ascending")]
+        merged[at] = merged[at][pc.sort_indices(ties, sort_keys=keys).to_numpy()]
+    rows = np.empty(len(ids), np.int64)
+    rows[by_time] = merged
+    if not pc.all(pc.equal(other["order_id"].take(rows), ids)).as_py():
+        raise RuntimeError("feature partitions are not aligned: different orders")
+    return other.drop_columns(["order_id", "ts_us"]).take(rows)
 
 # %% ../../nbs/34_feature_calc.ipynb #82f9548d
 def customer_partitions(customer_ids: pd.Series, npartitions: int) -> np.ndarray:
@@ -93,8 +117,10 @@ def customer_partitions(customer_ids: pd.Series, npartitions: int) -> np.ndarray
 
 
 def _sent_schema(by: str) -> pa.Schema:
-    """What an email or IP partition sends to the customer partitions: `order_id` and entity `by`'s features."""
-    return pa.schema([("order_id", pa.large_string()), *((col, pa.float32()) for col in _entity_columns(by))])
+    """What an email or IP partition sends to the customer partitions: `order_id`, its instant and entity `by`'s
+    features."""
+    features = ((col, pa.float32()) for col in _entity_columns(by))
+    return pa.schema([("order_id", pa.large_string()), ("ts_us", pa.int64()), *features])
 
 
 def _read_orders(path: str, columns: list[str]) -> pd.DataFrame:
@@ -113,13 +139,19 @@ def _features_sent(
     states_folder: Path,
 ) -> int:
     """Entity `by`'s features of the partition in `path`, written to the customer partitions that hold their
-    orders (one Arrow file each), and the partition's encoded states to `states_folder`; returns its rows."""
+    orders (one Arrow file each, its rows in (`order_date`, `order_id`) order), and the partition's encoded states
+    to `states_folder`; returns its rows."""
     orders = _read_orders(path, _INPUTS)
-    rows, columns, states = _features_and_state(orders, by, spec, as_of_us)
-    table = pa.Table.from_arrays([_column(orders, "order_id", rows), *columns], schema=_sent_schema(by))
-    send_rows(
-        table, customer_partitions(orders[ENTITIES[0]], npartitions)[rows], npartitions, folder / by, source
-    )
+    rows, matrix, states, in_time = _features_and_state(orders, by, spec, as_of_us)
+    targets = customer_partitions(orders[ENTITIES[0]], npartitions)
+    sent = in_time[np.argsort(targets[in_time], kind="stable")]  # by target, each target's rows in time order
+    columns = [
+        _column(orders, "order_id", sent),
+        pa.array(features.timestamps_us(orders["order_date"])[sent]),
+        *map(pa.array, np.take(matrix, _inverse(rows)[sent], axis=1)),
+    ]
+    table = pa.Table.from_arrays(columns, schema=_sent_schema(by))
+    send_rows(table, targets[sent], npartitions, folder / by, source)
     write_arrow_part(states, states_folder, source)
     return len(orders)
 
@@ -139,13 +171,15 @@ def _customer_partition(
     features_folder, states_folder, schema = output
     first, *others = ENTITIES
     orders = _read_orders(path, [*_INPUTS, SCENARIO])
-    rows, own, states = _features_and_state(orders, first, spec, as_of_us)
+    rows, matrix, states, in_time = _features_and_state(orders, first, spec, as_of_us)
     columns = {name: _column(orders, name, rows) for name in _CARRIED}
     columns["order_amount"] = pa.array(orders["order_amount"].to_numpy(FEATURE_DTYPE)[rows])
-    columns.update(zip(_entity_columns(first), own, strict=True))
+    columns.update(zip(_entity_columns(first), map(pa.array, matrix), strict=True))
+    by_time = _inverse(rows)[in_time]  # the output rows in time order
     for by in others:
-        received = align_rows(columns["order_id"], received_rows(folder / by, target, _sent_schema(by)))
-        columns.update(zip(received.column_names, received.columns, strict=True))
+        received = received_rows(folder / by, target, _sent_schema(by))
+        aligned = align_rows(columns["order_id"], by_time, received)
+        columns.update(zip(aligned.column_names, aligned.columns, strict=True))
     table = pa.Table.from_arrays([columns[name] for name in FEATURES_OUTPUT_COLUMNS], schema=schema)
     options = parquet_write_options(FEATURES_OUTPUT_COLUMNS)
     del options["write_index"]
