@@ -7,8 +7,9 @@ __all__ = ['DAY_US', 'HOUR_US', 'FEATURE_INPUT_COLUMNS', 'Tile', 'window_feature
            'recent_first_hour', 'matured_hours', 'state_horizon_hours', 'time_window_features', 'other_entities',
            'check_window', 'timestamps_us', 'timestamp_us', 'compile_kernels', 'fraud_timestamps', 'entity_features',
            'distinct_orders', 'compute_features', 'EntityStates', 'serving_states', 'entity_features_and_state',
-           'state_of', 'preceding_records', 'usable_history', 'window_edges', 'running_sums', 'EntityView',
-           'entity_view', 'serving_time_features', 'serving_window_features', 'serving_features', 'known_entities']
+           'entity_matrix_and_state', 'state_of', 'preceding_records', 'usable_history', 'window_edges', 'running_sums',
+           'EntityView', 'entity_view', 'serving_time_features', 'serving_window_features', 'serving_features',
+           'known_entities']
 
 # %% ../nbs/10_features.ipynb #6274fab9
 import bisect
@@ -464,13 +465,14 @@ class _SortedOrders:
     groups: np.ndarray  # integer code of each row's value
     order: np.ndarray  # row positions grouped by value, each group in (ts_us, order_id) order
     after: np.ndarray  # per position of `order`: rows of its group after it
+    time_order: np.ndarray  # row positions in (ts_us, order_id) order
 
 
-def _entity_features(
+def _entity_matrix(
     orders: pd.DataFrame, by: str, window: int, label_delay_days: int, caller: str, dtype: type = np.float64
-) -> tuple[pd.DataFrame, _SortedOrders]:
-    """`order_id` and entity `by`'s features in `dtype`, rows grouped by value and in time order within each, indexed
-    by their positions in `orders`; and the sorted orders the serving state is built from."""
+) -> tuple[np.ndarray, _SortedOrders]:
+    """Entity `by`'s features in `dtype`, shape (n_features, n), column j for row `order[j]` of the sorted orders
+    (grouped by value, in time order within each); and those sorted orders, which the serving state is built from."""
     others, window = other_entities(by), check_window(window)
     _check_columns(orders, FEATURE_INPUT_COLUMNS, caller)
     columns = entity_feature_columns(by) + time_feature_columns(by)
@@ -479,16 +481,27 @@ def _entity_features(
     amount = orders["order_amount"].to_numpy(np.float64)
     cents = cents_of(amount)
     by_codes = _codes(orders[by])
-    order, position, after = _group_rows(_time_order(ts_us, orders["order_id"]), by_codes)
+    time_order = _time_order(ts_us, orders["order_id"])
+    order, position, after = _group_rows(time_order, by_codes)
     features = np.empty((len(columns), len(orders)), dtype)
     width = len(entity_feature_columns(by))
     _write_entity_features(
         order, position, ts_us, amount, [_codes(orders[col]) for col in others], window, features[:width]
     )
     _write_time_features(order, by_codes, ts_us, cents, fraud_ts, label_delay_days, features[width:])
-    result = pd.DataFrame(features.T, columns=columns, index=order, copy=False)
-    result.insert(0, "order_id", orders["order_id"].iloc[order].array)
-    return result, _SortedOrders(orders, ts_us, cents, fraud_ts, by_codes, order, after)
+    return features, _SortedOrders(orders, ts_us, cents, fraud_ts, by_codes, order, after, time_order)
+
+
+def _entity_features(
+    orders: pd.DataFrame, by: str, window: int, label_delay_days: int, caller: str, dtype: type = np.float64
+) -> tuple[pd.DataFrame, _SortedOrders]:
+    """`order_id` and entity `by`'s features in `dtype`, rows grouped by value and in time order within each, indexed
+    by their positions in `orders`; and the sorted orders the serving state is built from."""
+    features, s = _entity_matrix(orders, by, window, label_delay_days, caller, dtype)
+    columns = entity_feature_columns(by) + time_feature_columns(by)
+    result = pd.DataFrame(features.T, columns=columns, index=s.order, copy=False)
+    result.insert(0, "order_id", orders["order_id"].iloc[s.order].array)
+    return result, s
 
 
 def _write_time_features(
@@ -656,6 +669,27 @@ def entity_features_and_state(
         orders, by, window, label_delay_days, "entity_features_and_state", dtype
     )
     return features, _entity_states(sorted_orders, by, window, label_delay_days, as_of_us)
+
+
+def entity_matrix_and_state(
+    orders: pd.DataFrame,
+    by: str,
+    window: int,
+    label_delay_days: int,
+    as_of_us: int,
+    *,
+    dtype: type = np.float64,
+) -> tuple[np.ndarray, np.ndarray, EntityStates, np.ndarray]:
+    """`entity_features_and_state` without the frame (what step 3 writes out column by column): the positions in
+    `orders` of its rows grouped by value, each group in time order; their features in `dtype`, shape
+    (n_features, n), rows in `entity_feature_columns(by) + time_feature_columns(by)` order; the states; and the
+    positions of the rows in (`order_date`, `order_id`) order."""
+    window = check_window(window)
+    features, sorted_orders = _entity_matrix(
+        orders, by, window, label_delay_days, "entity_matrix_and_state", dtype
+    )
+    states = _entity_states(sorted_orders, by, window, label_delay_days, as_of_us)
+    return sorted_orders.order, features, states, sorted_orders.time_order
 
 
 def state_of(states: EntityStates, by: str, value: object) -> tuple[list[tuple], list[tuple]]:

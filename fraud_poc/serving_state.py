@@ -166,11 +166,16 @@ ENCODED_COLUMNS = ["value", "state", "tiles", "tile_hours", "order_ids", "orders
 def _group_starts(frame: pd.DataFrame, key: str) -> tuple[list, np.ndarray]:
     """The value and first row of each run of equal `key` values; ValueError if a value comes back after another
     one (its rows are not together)."""
-    values = frame[key].to_numpy(dtype=object)
-    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]]) if len(values) else np.zeros(0, np.int64)
-    if len(starts) != len(pd.unique(values)):
+    values = pa.array(frame[key], from_pandas=True)  # compared in Arrow: no Python strings
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if values.null_count:
+        raise ValueError(f"a missing {key} value cannot be stored")
+    changed = pc.not_equal(values[1:], values[:-1]).to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.r_[True, changed]) if len(values) else np.zeros(0, np.int64)
+    if len(starts) != pc.count_distinct(values).as_py():
         raise ValueError(f"the rows of each {key} value must be together")
-    return values[starts].tolist(), starts
+    return values.take(starts).to_pylist(), starts
 
 
 def pack_rows(columns: Sequence[pd.Series | np.ndarray]) -> pa.Array:
