@@ -15,7 +15,7 @@ LAB_ARGS        ?=
 # More launcher options for `make run`, e.g. RUN_ARGS="--num-orders 100000 --num-customers 2000 --months 6".
 RUN_ARGS        ?=
 # Runs a command with Redis ensured at $FRAUD_REDIS_URL: the one there, or the embedded one for the command's life.
-WITH_REDIS := $(BIN)/python -m fraud_poc.redis_server --
+WITH_REDIS := $(BIN)/python -m fraud_poc.store.redis_server --
 # Fails at once, naming what holds them, if these services' ports are taken (another `make up`, say).
 CHECK_PORTS := $(BIN)/python -m fraud_poc.launcher --check-ports
 # Jupyter refuses to run as root without --allow-root (containers, CI machines).

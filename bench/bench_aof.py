@@ -1,7 +1,7 @@
 """What the embedded Redis's append-only file costs (issue 22): `appendfsync everysec` (the default) against `always`.
 
-For each mode it starts the embedded Redis as `fraud_poc.redis_server` does (a fresh data folder, the append-only
-file on), on a port of its own, and sends the append script (`fraud_poc.store_scripts.APPEND_SCRIPT`, one call per
+For each mode it starts the embedded Redis as `fraud_poc.store.redis_server` does (a fresh data folder, the append-only
+file on), on a port of its own, and sends the append script (`fraud_poc.store.store_scripts.APPEND_SCRIPT`, one call per
 new order of a new customer, email and IP, as `predict` does), then prints:
 
 - one call at a time (a request alone): each EVALSHA's round trip, p50 / p99 / longest;
@@ -24,10 +24,10 @@ from pathlib import Path
 import redis
 from report import recorded
 
-from fraud_poc.redis_server import start_embedded_redis, stop_embedded_redis
-from fraud_poc.redis_store import Keys
-from fraud_poc.schema import FeatureSpec
-from fraud_poc.store_scripts import APPEND_SCRIPT, APPEND_SCRIPT_SHA, script_args, script_keys
+from fraud_poc.core.schema import FeatureSpec
+from fraud_poc.store.redis_server import start_embedded_redis, stop_embedded_redis
+from fraud_poc.store.redis_store import Keys
+from fraud_poc.store.store_scripts import APPEND_SCRIPT, APPEND_SCRIPT_SHA, script_args, script_keys
 
 KEYS = Keys("bench-aof:")
 

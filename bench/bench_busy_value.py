@@ -2,7 +2,7 @@
 
 Against the Redis at $FRAUD_REDIS_URL (or `--redis-url`), under a key prefix of its own (removed after), it sends
 `--orders` orders through one IP, evenly over `--days` days (many customers and emails), with the append script
-(`fraud_poc.store_scripts.APPEND_SCRIPT`, live-pointer check on), 500 EVALSHA per pipeline. After 200, 2,000 and
+(`fraud_poc.store.store_scripts.APPEND_SCRIPT`, live-pointer check on), 500 EVALSHA per pipeline. After 200, 2,000 and
 `--orders` of them it times `--samples` script calls through the busy IP and as many through new IPs (one new IP
 per call), taking turns in blocks of 20 (the timed orders go into the state too: "after 200" ends at 300):
 
@@ -49,13 +49,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from report import recorded
 
-from fraud_poc.features import timestamp_us  # noqa: E402
-from fraud_poc.redis_pipe import RedisPipe  # noqa: E402
-from fraud_poc.redis_store import Keys  # noqa: E402
-from fraud_poc.schema import FEATURE_COLUMNS, LABEL_DELAY_DAYS, WINDOW, FeatureSpec  # noqa: E402
-from fraud_poc.scorer import Scorer  # noqa: E402
-from fraud_poc.service_payloads import Order  # noqa: E402
-from fraud_poc.store_scripts import APPEND_SCRIPT, APPEND_SCRIPT_SHA, script_args, script_keys  # noqa: E402
+from fraud_poc.core.schema import FEATURE_COLUMNS, LABEL_DELAY_DAYS, WINDOW, FeatureSpec  # noqa: E402
+from fraud_poc.core.service_payloads import Order  # noqa: E402
+from fraud_poc.features.definitions import timestamp_us  # noqa: E402
+from fraud_poc.serving.scorer import Scorer  # noqa: E402
+from fraud_poc.store.redis_pipe import RedisPipe  # noqa: E402
+from fraud_poc.store.redis_store import Keys  # noqa: E402
+from fraud_poc.store.store_scripts import APPEND_SCRIPT, APPEND_SCRIPT_SHA, script_args, script_keys  # noqa: E402
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 VERSION = "busy"

@@ -14,9 +14,9 @@ import argparse
 import redis
 from report import recorded
 
-from fraud_poc.redis_store import Keys, redis_url_from_env
-from fraud_poc.schema import FeatureSpec
-from fraud_poc.store_scripts import APPEND_SCRIPT, script_args, script_keys
+from fraud_poc.core.schema import FeatureSpec
+from fraud_poc.store.redis_store import Keys, redis_url_from_env
+from fraud_poc.store.store_scripts import APPEND_SCRIPT, script_args, script_keys
 
 COUNT = "  redis.call('INCR', KEYS[12] .. ':added')"
 

@@ -2,7 +2,7 @@
 orders (the live model's 91 feature bins each), their order events and 2% fraud labels, then computes health in a
 fresh process and prints its time and peak memory (RSS) against the same process before the computation.
 
-    . config/env.sh && .venv/bin/python -m fraud_poc.redis_server -- .venv/bin/python bench/bench_health.py --orders 1000000
+    . config/env.sh && .venv/bin/python -m fraud_poc.store.redis_server -- .venv/bin/python bench/bench_health.py --orders 1000000
 """
 
 import argparse
@@ -20,10 +20,10 @@ from uuid import uuid4
 import numpy as np
 from report import recorded
 
-from fraud_poc.health import DAY_US, drift_reference
-from fraud_poc.health_log import scores_key
-from fraud_poc.redis_store import Keys, redis_url_from_env, sync_redis
-from fraud_poc.schema import FEATURE_COLUMNS
+from fraud_poc.core.schema import FEATURE_COLUMNS
+from fraud_poc.model.health import DAY_US, drift_reference
+from fraud_poc.store.health_log import scores_key
+from fraud_poc.store.redis_store import Keys, redis_url_from_env, sync_redis
 
 MODEL_ID = "xgb-bench"
 PAUSE_RATIO = float(os.environ.get("HEALTH_PAUSE_RATIO", "0.5"))
@@ -110,8 +110,8 @@ def measure(url: str, prefix: str, root: str) -> None:
     """Compute health once and print time and peak RSS (run in a fresh process)."""
     import asyncio
 
-    from fraud_poc.health_log import compute_health, in_nice_thread
-    from fraud_poc.settings import HealthSettings
+    from fraud_poc.core.settings import HealthSettings
+    from fraud_poc.store.health_log import compute_health, in_nice_thread
 
     r, keys = sync_redis(url), Keys(prefix)
     before = peak_mb()

@@ -38,22 +38,27 @@ import redis
 from distributed import Client, LocalCluster
 from report import recorded
 
-from fraud_poc.dask_client import LOCAL_CLUSTER_CONFIG, WORKER_MALLOC, CompileKernels, release_worker_memory
-from fraud_poc.redis_store import glob_escape, unlink_matching
-from fraud_poc.registry import model_id_for_run
-from fraud_poc.schema import FeatureSpec
-from fraud_poc.settings import (
+from fraud_poc.core.schema import FeatureSpec
+from fraud_poc.core.settings import (
     FeatureStoreSettings,
     PreprocessSettings,
     TrainingDataSettings,
     TrainModelSettings,
 )
-from fraud_poc.steps.feature_calc import calc_features
-from fraud_poc.steps.prepare_db import PrepareResult, prepare_db_step
-from fraud_poc.steps.preprocess import preprocess_orders
-from fraud_poc.steps.sample_data import write_sample_data
-from fraud_poc.steps.train_model import TrainResult, train_model_step
-from fraud_poc.steps.training_data import make_training_data
+from fraud_poc.pipeline.dask_client import (
+    LOCAL_CLUSTER_CONFIG,
+    WORKER_MALLOC,
+    CompileKernels,
+    release_worker_memory,
+)
+from fraud_poc.pipeline.steps.feature_calc import calc_features
+from fraud_poc.pipeline.steps.prepare_db import PrepareResult, prepare_db_step
+from fraud_poc.pipeline.steps.preprocess import preprocess_orders
+from fraud_poc.pipeline.steps.sample_data import write_sample_data
+from fraud_poc.pipeline.steps.train_model import TrainResult, train_model_step
+from fraud_poc.pipeline.steps.training_data import make_training_data
+from fraud_poc.store.redis_store import glob_escape, unlink_matching
+from fraud_poc.store.registry import model_id_for_run
 
 
 @dataclass
@@ -341,7 +346,7 @@ def cluster_client(args: argparse.Namespace) -> Iterator[Client]:
     if not args.external:
         with dask.config.set(
             LOCAL_CLUSTER_CONFIG
-        ):  # the services' local cluster settings (fraud_poc.dask_client)
+        ):  # the services' local cluster settings (fraud_poc.pipeline.dask_client)
             cluster = LocalCluster(
                 n_workers=args.workers,
                 threads_per_worker=args.threads,

@@ -3,13 +3,13 @@ tiles), without and with the monotone constraints on the confirmed-fraud feature
 (sets 1+3 monotone) with its training rows capped (`train_model.max_train_rows`, issue 20), over several seeds.
 
 For each seed: generate orders (SPEC 1.2, with compromised shared IPs and chargeback delays), compute every
-order's features with `fraud_poc.features.compute_features`, split them as step 4 does (warm-up days as history
+order's features with `fraud_poc.features.definitions.compute_features`, split them as step 4 does (warm-up days as history
 only, training rows with non-fraud subsampled, a tuning period for early stopping and the threshold, the most
 recent days as the holdout), train XGBoost with the pipeline's parameters on each feature set, and print the
 holdout's average precision, ROC AUC, precision and recall at the threshold, recall per fraud scenario and the
 trees kept by early stopping, and the mean holdout score over the holdout's fraud rate (1: calibrated; the
 scores are corrected for training's subsampling as train-model corrects them). A capped row keeps every fraud
-row of the training part and the legitimate ones at the rate that makes the cap (`fraud_poc.train`'s
+row of the training part and the legitimate ones at the rate that makes the cap (`fraud_poc.model.train`'s
 `negative_keep_rate` and `keep_negatives`, one partition). Single process (`xgboost.train`, the same parameters as `xgboost.dask` gets), so the
 figures are about the features, not the cluster.
 
@@ -26,14 +26,14 @@ import numpy as np
 import pandas as pd
 from report import recorded
 
-from fraud_poc.generator import SCENARIOS, generate_orders
-from fraud_poc.quality import holdout_quality, labelled_features
-from fraud_poc.report import recall_by_scenario_png
-from fraud_poc.schema import FEATURE_COLUMNS, FEATURE_SET_1, LABEL
-from fraud_poc.settings import TrainingDataSettings, TrainModelSettings
-from fraud_poc.steps.train_model import booster_params
-from fraud_poc.steps.training_data import holdout_rows, split_bounds, training_rows, tuning_rows
-from fraud_poc.train import keep_negatives, negative_keep_rate
+from fraud_poc.core.schema import FEATURE_COLUMNS, FEATURE_SET_1, LABEL
+from fraud_poc.core.settings import TrainingDataSettings, TrainModelSettings
+from fraud_poc.features.generator import SCENARIOS, generate_orders
+from fraud_poc.model.quality import holdout_quality, labelled_features
+from fraud_poc.model.report import recall_by_scenario_png
+from fraud_poc.model.train import keep_negatives, negative_keep_rate
+from fraud_poc.pipeline.steps.train_model import booster_params
+from fraud_poc.pipeline.steps.training_data import holdout_rows, split_bounds, training_rows, tuning_rows
 
 # name: (the model's input, monotone constraints on its confirmed-fraud features)
 VARIANTS = {

@@ -4,7 +4,7 @@ Each request is what `predict` sends per order: one batch of three EVALSHA calls
 rewriting a ~2 KB state, against the Redis at $FRAUD_REDIS_URL under a key prefix of its own (removed after).
 Three clients, on uvloop as in the service:
 
-- `pipe`: `fraud_poc.redis_pipe.RedisPipe`, one connection shared by every concurrent request; batches of
+- `pipe`: `fraud_poc.store.redis_pipe.RedisPipe`, one connection shared by every concurrent request; batches of
   concurrent requests go out in one write each and the replies are matched in order;
 - `dedicated`: one redis-py asyncio `Connection`, `send_packed_command(pack_commands(...))` then `read_response()`
   per command, under a lock (a connection carries one request's batch at a time);
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from report import recorded
 
-from fraud_poc.redis_pipe import RedisPipe  # noqa: E402
+from fraud_poc.store.redis_pipe import RedisPipe  # noqa: E402
 
 SCRIPT = "local v = redis.call('GET', KEYS[1]); redis.call('SET', KEYS[1], v); return v"
 STATE_BYTES = 2048

@@ -32,8 +32,8 @@ from aiohttp import web, web_protocol, web_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fraud_poc.overload as guard  # noqa: E402
-from fraud_poc.http_metrics import install_http_metrics  # noqa: E402
+import fraud_poc.web.overload as guard  # noqa: E402
+from fraud_poc.web.http_metrics import install_http_metrics  # noqa: E402
 
 PATH = "/api/fraud-service/0x2/predict"
 BODY = json.dumps(

@@ -56,15 +56,7 @@ sys.path.insert(0, str(REPO))
 
 from report import recorded  # noqa: E402
 
-from fraud_poc.feature_store import switch_live, upload_model, write_entity_states  # noqa: E402
-from fraud_poc.features import compute_features, serving_features, serving_states  # noqa: E402
-from fraud_poc.generator import generate_orders  # noqa: E402
-from fraud_poc.health import drift_reference  # noqa: E402
-from fraud_poc.launcher import SERVICES  # noqa: E402
-from fraud_poc.redis_pipe import RedisPipe  # noqa: E402
-from fraud_poc.redis_store import Keys, async_redis, glob_escape, unlink_matching  # noqa: E402
-from fraud_poc.registry import model_metadata  # noqa: E402
-from fraud_poc.schema import (  # noqa: E402
+from fraud_poc.core.schema import (  # noqa: E402
     ENTITIES,
     FEATURE_COLUMNS,
     LABEL,
@@ -72,14 +64,28 @@ from fraud_poc.schema import (  # noqa: E402
     WINDOW,
     FeatureSpec,
 )
-from fraud_poc.scorer import Scorer, entity_view_of  # noqa: E402
-from fraud_poc.service_payloads import Order  # noqa: E402
-from fraud_poc.serving_model import score_matrix  # noqa: E402
-from fraud_poc.serving_state import decode_state, encoded_states  # noqa: E402
-from fraud_poc.settings import TrainModelSettings  # noqa: E402
-from fraud_poc.steps.train_model import booster_params  # noqa: E402
-from fraud_poc.store_scripts import APPEND_SCRIPT, APPEND_SCRIPT_SHA, order_record, script_args, script_keys  # noqa: E402
-from fraud_poc.train import BASE_PARAMS, choose_threshold  # noqa: E402
+from fraud_poc.core.service_payloads import Order  # noqa: E402
+from fraud_poc.core.settings import TrainModelSettings  # noqa: E402
+from fraud_poc.features.definitions import compute_features, serving_features, serving_states  # noqa: E402
+from fraud_poc.features.generator import generate_orders  # noqa: E402
+from fraud_poc.features.serving_state import decode_state, encoded_states  # noqa: E402
+from fraud_poc.launcher import SERVICES  # noqa: E402
+from fraud_poc.model.health import drift_reference  # noqa: E402
+from fraud_poc.model.train import BASE_PARAMS, choose_threshold  # noqa: E402
+from fraud_poc.pipeline.steps.train_model import booster_params  # noqa: E402
+from fraud_poc.serving.scorer import Scorer, entity_view_of  # noqa: E402
+from fraud_poc.serving.serving_model import score_matrix  # noqa: E402
+from fraud_poc.store.feature_store import switch_live, upload_model, write_entity_states  # noqa: E402
+from fraud_poc.store.redis_pipe import RedisPipe  # noqa: E402
+from fraud_poc.store.redis_store import Keys, async_redis, glob_escape, unlink_matching  # noqa: E402
+from fraud_poc.store.registry import model_metadata  # noqa: E402
+from fraud_poc.store.store_scripts import (  # noqa: E402
+    APPEND_SCRIPT,
+    APPEND_SCRIPT_SHA,
+    order_record,
+    script_args,
+    script_keys,
+)
 
 API = "/api/fraud-service/0x2"
 

@@ -3,7 +3,7 @@
 Runs the notebook's cells as `nbdev_test` does (cells flagged with a flag of settings.ini's `tst_flags`, or with
 `eval: false`, are skipped), twice, each in a fresh process, and stores a cell's outputs only when both runs gave the
 same and they name no temporary path; images, widgets and stderr are left out, and every other cell is left without
-outputs. `python install/nb_outputs.py nbs/00_schema.ipynb ...`, then `make clean-nbs`.
+outputs. `python install/nb_outputs.py nbs/00_core_schema.ipynb ...`, then `make clean-nbs`.
 """
 
 import json

@@ -11,7 +11,7 @@ OUT=${OUT:-docs/docs-page.png}
 ANCHOR=${ANCHOR:-post-/api/fraud-service/0x2/predict}
 . config/env.sh
 LOG=$(mktemp)
-$BIN/python -m fraud_poc.redis_server -- $BIN/hopeit_server run \
+$BIN/python -m fraud_poc.store.redis_server -- $BIN/hopeit_server run \
   --config-files=config/server-prediction.json,config/redis-streams.json,config/fraud-service.json \
   --api-file=config/openapi-service.json --start-streams --port="$PORT" >"$LOG" 2>&1 &
 SERVICE=$!

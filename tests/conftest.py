@@ -19,13 +19,13 @@ from distributed import Client, LocalCluster
 from isolation import REDIS_URL, free_port
 from step_runs import FEATURE_SPEC, ROWS_PER_PARTITION, SAMPLE, SPLIT, StepsRun, make_runs
 
-from fraud_poc.dask_client import LOCAL_CLUSTER_CONFIG
-from fraud_poc.generator import generate_orders
+from fraud_poc.features.generator import generate_orders
 from fraud_poc.launcher import SERVICES, own_control_socket
-from fraud_poc.steps.feature_calc import calc_features
-from fraud_poc.steps.preprocess import preprocess_orders
-from fraud_poc.steps.sample_data import write_sample_data
-from fraud_poc.steps.training_data import make_training_data
+from fraud_poc.pipeline.dask_client import LOCAL_CLUSTER_CONFIG
+from fraud_poc.pipeline.steps.feature_calc import calc_features
+from fraud_poc.pipeline.steps.preprocess import preprocess_orders
+from fraud_poc.pipeline.steps.sample_data import write_sample_data
+from fraud_poc.pipeline.steps.training_data import make_training_data
 
 ROOT = Path(__file__).resolve().parents[1]
 API_TOKEN = secrets.token_urlsafe(32)  # the services under test take this session's token

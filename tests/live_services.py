@@ -13,11 +13,11 @@ import redis
 from conftest import REDIS_URL, ROOT, Service, free_port, service_env
 from test_service_http import go_live, load_version, metadata_for, train_booster
 
-from fraud_poc.features import compute_features
-from fraud_poc.generator import generate_orders
+from fraud_poc.core.schema import LABEL
+from fraud_poc.features.definitions import compute_features
+from fraud_poc.features.generator import generate_orders
 from fraud_poc.launcher import SERVICES, own_control_socket
-from fraud_poc.redis_store import Keys
-from fraud_poc.schema import LABEL
+from fraud_poc.store.redis_store import Keys
 
 TRAINING_API = "/api/training-pipeline/0x2"
 SERVICE_API = "/api/fraud-service/0x2"

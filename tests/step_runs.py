@@ -8,13 +8,13 @@ import pandas as pd
 from distributed import Client
 from isolation import REDIS_URL
 
-from fraud_poc.datasets import StepResult, raw_dir, run_dir
-from fraud_poc.schema import FeatureSpec
-from fraud_poc.settings import TrainingDataSettings, TrainModelSettings
-from fraud_poc.steps.feature_calc import calc_features
-from fraud_poc.steps.preprocess import preprocess_orders
-from fraud_poc.steps.sample_data import write_sample_data
-from fraud_poc.steps.training_data import make_training_data
+from fraud_poc.core.schema import FeatureSpec
+from fraud_poc.core.settings import TrainingDataSettings, TrainModelSettings
+from fraud_poc.pipeline.steps.feature_calc import calc_features
+from fraud_poc.pipeline.steps.preprocess import preprocess_orders
+from fraud_poc.pipeline.steps.sample_data import write_sample_data
+from fraud_poc.pipeline.steps.training_data import make_training_data
+from fraud_poc.store.datasets import StepResult, raw_dir, run_dir
 
 # The one sample of the step tests (tests/test_{sample_data,preprocess,feature_calc,training_data}.py): each step once
 # over the session, in order, and each test file starts from the step before its own.

@@ -1,7 +1,7 @@
 """Reference reads of the feature store for tests, written from the rules of docs/redis-layout.md.
 
-The prediction service reads states inside its append script (`fraud_poc.store_scripts`) and searches the index
-with `ZRANGE ... BYLEX` (`fraud_poc.scorer.Scorer.find_orders`); these read the same keys another way, an
+The prediction service reads states inside its append script (`fraud_poc.store.store_scripts`) and searches the index
+with `ZRANGE ... BYLEX` (`fraud_poc.serving.scorer.Scorer.find_orders`); these read the same keys another way, an
 independent check of what a load wrote and of the pointer's atomic switch.
 
 A state (SPEC 2.3) is a value's records (its last W orders, `schema.STATE_FIELDS`) and its hourly tiles (a sorted
@@ -13,9 +13,9 @@ from typing import Any
 
 import redis
 
-from fraud_poc.feature_store import live_pointer
-from fraud_poc.redis_store import Keys
-from fraud_poc.serving_state import decode_state, decode_tile
+from fraud_poc.features.serving_state import decode_state, decode_tile
+from fraud_poc.store.feature_store import live_pointer
+from fraud_poc.store.redis_store import Keys
 
 
 def read_live_states(

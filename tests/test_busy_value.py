@@ -26,11 +26,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fraud_poc.features import compute_features, hours_of, serving_features, state_horizon_hours
-from fraud_poc.redis_store import Keys
-from fraud_poc.schema import ENTITIES, TILE_FIELDS, WINDOW, FeatureSpec, time_feature_columns
-from fraud_poc.scorer import entity_view_of
-from fraud_poc.store_scripts import APPEND_SCRIPT, APPEND_SCRIPT_SHA, script_args, script_keys
+from fraud_poc.core.schema import ENTITIES, TILE_FIELDS, WINDOW, FeatureSpec, time_feature_columns
+from fraud_poc.features.definitions import compute_features, hours_of, serving_features, state_horizon_hours
+from fraud_poc.serving.scorer import entity_view_of
+from fraud_poc.store.redis_store import Keys
+from fraud_poc.store.store_scripts import APPEND_SCRIPT, APPEND_SCRIPT_SHA, script_args, script_keys
 
 VERSION = "busy"
 POINTER = b'{"model_id": "busy-value-test", "fs_version": "busy"}'

@@ -19,8 +19,8 @@ import requests
 from conftest import AUTH, ROOT, Service, free_port, service_env
 
 from fraud_poc.launcher import SERVICES
-from fraud_poc.redis_store import Keys
-from fraud_poc.run_status import queued_key, running_key
+from fraud_poc.store.redis_store import Keys
+from fraud_poc.store.run_status import queued_key, running_key
 
 pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
 

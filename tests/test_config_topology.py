@@ -6,10 +6,10 @@ import pytest
 from hopeit.app.config import EventType
 from hopeit.testing.apps import config
 
-from fraud_poc.payloads import PIPELINE_STEPS
-from fraud_poc.pipeline_events import ChainMismatch, chain_problems, check_chain
-from fraud_poc.settings import DeliverySettings
+from fraud_poc.core.payloads import PIPELINE_STEPS
+from fraud_poc.core.settings import DeliverySettings
 from fraud_poc.training import run_pipeline
+from fraud_poc.web.pipeline_events import ChainMismatch, chain_problems, check_chain
 
 
 @pytest.fixture(scope="module")

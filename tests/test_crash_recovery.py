@@ -11,8 +11,8 @@ import requests
 from conftest import AUTH, REDIS_URL, service_env
 from test_concurrent_runs import API, TrainingService, own_prefix
 
-from fraud_poc.redis_store import Keys
-from fraud_poc.run_status import get_run
+from fraud_poc.store.redis_store import Keys
+from fraud_poc.store.run_status import get_run
 
 pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
 

@@ -6,8 +6,8 @@ import socket
 import psutil
 import pytest
 
-from fraud_poc.dask_client import close_dask_client, dask_client
-from fraud_poc.settings import DaskSettings
+from fraud_poc.core.settings import DaskSettings
+from fraud_poc.pipeline.dask_client import close_dask_client, dask_client
 
 
 def listening(processes: list[psutil.Process]) -> list[tuple[int, str, int]]:

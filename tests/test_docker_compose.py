@@ -102,15 +102,16 @@ PROMQL_WORDS = {"sum", "by", "rate", "increase", "histogram_quantile", "without"
 
 
 def exported_metrics() -> dict[str, set[str]]:
-    """Every series name the services' `/metrics` can show (`fraud_poc.metrics` and prometheus_client's process
+    """Every series name the services' `/metrics` can show (`fraud_poc.store.metrics` and prometheus_client's process
     collector), with its labels."""
-    import fraud_poc.metrics  # the project's metrics, in its own registry
+    import fraud_poc.store.metrics  # the project's metrics, in its own registry
 
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     names: dict[str, set[str]] = {}
-    for family in fraud_poc.metrics.METRICS.collect():
+    for family in fraud_poc.store.metrics.METRICS.collect():
         collector = next(
-            (c for c in vars(fraud_poc.metrics).values() if getattr(c, "_name", None) == family.name), None
+            (c for c in vars(fraud_poc.store.metrics).values() if getattr(c, "_name", None) == family.name),
+            None,
         )
         labels = set(getattr(collector, "_labelnames", ())) | (
             {"le"} if family.type == "histogram" else set()
@@ -148,7 +149,7 @@ def test_prometheus_and_grafana_mount_the_scrape_config_and_dashboard():
 
 
 def test_prometheus_scrapes_both_services_at_metrics():
-    from fraud_poc.http_metrics import METRICS_PATH
+    from fraud_poc.web.http_metrics import METRICS_PATH
 
     jobs = {
         j["job_name"]: j
@@ -180,7 +181,7 @@ def test_dashboard_queries_name_metrics_the_services_export():
             missing = {label.strip() for label in grouping.split(",")} - labels
             assert not missing, f"{expr}: no label {sorted(missing)}"
     families = {re.sub(r"_(total|bucket|sum|count)$", "", n) for n in used}
-    # every metric of fraud_poc.metrics is on the dashboard
+    # every metric of fraud_poc.store.metrics is on the dashboard
     assert {
         "fraud_http_requests",
         "fraud_http_request_duration_seconds",

@@ -37,5 +37,5 @@ def test_missing_names_are_reported(tmp_path):
 
     (tmp_path / "index.html").write_text("<html><body>nothing documented</body></html>")
     missing = docs.missing_names(tmp_path)
-    assert "fraud_poc.schema.validate_orders" not in missing  # validation's, not schema's
-    assert any(name.startswith("fraud_poc.schema.") for name in missing), missing[:5]
+    assert "fraud_poc.core.schema.validate_orders" not in missing  # validation's, not schema's
+    assert any(name.startswith("fraud_poc.core.schema.") for name in missing), missing[:5]

@@ -12,11 +12,11 @@ import pytest
 import requests
 from conftest import AUTH, Service, service_env
 
-from fraud_poc.datasets import read_orders_file
-from fraud_poc.features import compute_features, hours_of, timestamp_us
-from fraud_poc.generator import generate_orders
-from fraud_poc.redis_store import Keys
-from fraud_poc.serving_state import decode_state, decode_tile
+from fraud_poc.features.definitions import compute_features, hours_of, timestamp_us
+from fraud_poc.features.generator import generate_orders
+from fraud_poc.features.serving_state import decode_state, decode_tile
+from fraud_poc.store.datasets import read_orders_file
+from fraud_poc.store.redis_store import Keys
 
 pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
 

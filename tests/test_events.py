@@ -18,10 +18,7 @@ from conftest import API_TOKEN, REDIS_URL, ROOT
 from hopeit.testing.apps import config, execute_event
 from multidict import CIMultiDict
 
-from fraud_poc.carry_over import added_key, log_state
-from fraud_poc.dask_client import close_dask_client
-from fraud_poc.datasets import FEATURE_SPEC_FILE, FeatureSpecError, raw_dir, read_dataset, serving_state_dir
-from fraud_poc.payloads import (
+from fraud_poc.core.payloads import (
     CleanRunsRequest,
     DeliveryCheck,
     PipelineJob,
@@ -31,11 +28,20 @@ from fraud_poc.payloads import (
     RunPipelineRequest,
     StepState,
 )
-from fraud_poc.redis_store import Keys, async_redis
-from fraud_poc.registry import load_metadata
-from fraud_poc.run_status import create_run, now, update_step
-from fraud_poc.schema import FeatureSpec
-from fraud_poc.service_payloads import BatchRequest, ErrorResponse, LabelReport, Order, Prediction
+from fraud_poc.core.schema import FeatureSpec
+from fraud_poc.core.service_payloads import BatchRequest, ErrorResponse, LabelReport, Order, Prediction
+from fraud_poc.pipeline.dask_client import close_dask_client
+from fraud_poc.store.carry_over import added_key, log_state
+from fraud_poc.store.datasets import (
+    FEATURE_SPEC_FILE,
+    FeatureSpecError,
+    raw_dir,
+    read_dataset,
+    serving_state_dir,
+)
+from fraud_poc.store.redis_store import Keys, async_redis
+from fraud_poc.store.registry import load_metadata
+from fraud_poc.store.run_status import create_run, now, update_step
 
 # an explicit start date (the default ends the sample today): the steps' details below name its months
 SMALL = {

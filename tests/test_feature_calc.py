@@ -1,4 +1,4 @@
-"""fraud_poc.steps.feature_calc: step 3 on a real LocalCluster over step 2's datasets, under a data root of the
+"""fraud_poc.pipeline.steps.feature_calc: step 3 on a real LocalCluster over step 2's datasets, under a data root of the
 session's own; its output against the batch definition computed in pandas (`features.compute_features`)."""
 
 import json
@@ -11,8 +11,11 @@ import pandas as pd
 import pytest
 from step_runs import FEATURE_SPEC, SAMPLE
 
-from fraud_poc import features
-from fraud_poc.datasets import (
+from fraud_poc.core.schema import ENTITIES, FEATURE_COLUMNS, LABEL, SCENARIO, FeatureSpec
+from fraud_poc.features import definitions as features
+from fraud_poc.features.serving_state import ENCODED_COLUMNS, decode_state, encoded_states
+from fraud_poc.pipeline.steps.feature_calc import FEATURE_DTYPE, FEATURES_OUTPUT_COLUMNS, calc_features
+from fraud_poc.store.datasets import (
     FEATURE_SPEC_FILE,
     FeatureSpecError,
     entity_dir,
@@ -20,9 +23,6 @@ from fraud_poc.datasets import (
     features_dir,
     serving_state_dir,
 )
-from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, LABEL, SCENARIO, FeatureSpec
-from fraud_poc.serving_state import ENCODED_COLUMNS, decode_state, encoded_states
-from fraud_poc.steps.feature_calc import FEATURE_DTYPE, FEATURES_OUTPUT_COLUMNS, calc_features
 
 
 def read_outputs(data_root: Path, run_id: str) -> dict[str, pd.DataFrame]:

@@ -15,8 +15,8 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 from test_features_reference import random_orders
 
-from fraud_poc import features as F
-from fraud_poc.schema import ENTITIES, NO_FRAUD, TIME_STATS, TIME_WINDOWS_DAYS, entity_feature_columns
+from fraud_poc.core.schema import ENTITIES, NO_FRAUD, TIME_STATS, TIME_WINDOWS_DAYS, entity_feature_columns
+from fraud_poc.features import definitions as F
 
 
 def _lag_views(values: np.ndarray, window: int) -> np.ndarray:
@@ -147,7 +147,7 @@ def test_kernels_on_one_order_and_on_none():
 
 def test_serving_modules_do_not_load_numba():
     """The kernels compile at their first call: a process that only serves never loads numba (~100 MiB)."""
-    code = "import sys, fraud_poc.features, fraud_poc.serving_state; print('numba' in sys.modules)"
+    code = "import sys, fraud_poc.features.definitions, fraud_poc.features.serving_state; print('numba' in sys.modules)"
     assert (
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
         == "False\n"

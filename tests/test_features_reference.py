@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from test_features_tiles_oracle import TIME_COLUMNS, assert_same_features_v3, reference_features_v3
 
-from fraud_poc.features import (
+from fraud_poc.core.schema import ENTITIES, FEATURE_COLUMNS, FEATURE_SET_1, STATE_FIELDS, WINDOW
+from fraud_poc.features.definitions import (
     compute_features,
     entity_view,
     serving_features,
@@ -18,7 +19,6 @@ from fraud_poc.features import (
     state_of,
     timestamp_us,
 )
-from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, FEATURE_SET_1, STATE_FIELDS, WINDOW
 
 
 def random_orders(n: int, seed: int, days: int = 6) -> pd.DataFrame:

@@ -10,8 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fraud_poc.features import compute_features
-from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, FEATURE_SET_1, TIME_WINDOWS_DAYS, time_feature_columns
+from fraud_poc.core.schema import (
+    ENTITIES,
+    FEATURE_COLUMNS,
+    FEATURE_SET_1,
+    TIME_WINDOWS_DAYS,
+    time_feature_columns,
+)
+from fraud_poc.features.definitions import compute_features
 
 EPOCH = pd.Timestamp(0, tz="UTC")
 HOUR = pd.Timedelta(hours=1)

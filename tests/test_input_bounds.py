@@ -15,9 +15,9 @@ import requests
 from conftest import AUTH
 from live_services import FS_VERSION, SERVICE_API, TRAINING_API, LiveServices, live_services
 
-from fraud_poc.carry_over import marks_key
-from fraud_poc.health_log import scores_key
-from fraud_poc.schema import WINDOW
+from fraud_poc.core.schema import WINDOW
+from fraud_poc.store.carry_over import marks_key
+from fraud_poc.store.health_log import scores_key
 
 pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
 

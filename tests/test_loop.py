@@ -15,8 +15,8 @@ import requests
 from conftest import AUTH, REDIS_URL, Service
 from test_end_to_end import finished, live, running, start, wait_for
 
-from fraud_poc.schema import FEATURE_COLUMNS, LABEL, LABEL_DATE
-from fraud_poc.train import monotone_constraints
+from fraud_poc.core.schema import FEATURE_COLUMNS, LABEL, LABEL_DATE
+from fraud_poc.model.train import monotone_constraints
 
 pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
 

@@ -19,7 +19,7 @@ import redis
 import requests
 from conftest import AUTH, free_port, service_env
 
-from fraud_poc.redis_server import redis_answers
+from fraud_poc.store.redis_server import redis_answers
 
 pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
 

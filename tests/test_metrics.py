@@ -24,10 +24,10 @@ from live_services import (
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from fraud_poc.generator import generate_orders
+from fraud_poc.core.payloads import PIPELINE_STEPS
+from fraud_poc.features.generator import generate_orders
 from fraud_poc.launcher import SERVICES, own_control_socket
-from fraud_poc.payloads import PIPELINE_STEPS
-from fraud_poc.redis_store import Keys
+from fraud_poc.store.redis_store import Keys
 
 RUN = {
     "num_orders": 6_000,
@@ -182,7 +182,7 @@ def test_training_step_durations_and_outcomes(live: LiveServices):
 
 MULTIPROCESS_WORKER = """
 import sys
-from fraud_poc.metrics import observe_step, exposition
+from fraud_poc.store.metrics import observe_step, exposition
 observe_step("preprocess", "done", float(sys.argv[1]))
 """
 
@@ -196,7 +196,7 @@ def test_multiprocess_mode_sums_the_workers(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys; from fraud_poc.metrics import exposition; sys.stdout.buffer.write(exposition())",
+            "import sys; from fraud_poc.store.metrics import exposition; sys.stdout.buffer.write(exposition())",
         ],
         env=env,
         cwd=ROOT,

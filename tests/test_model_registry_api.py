@@ -14,10 +14,10 @@ import requests
 from conftest import AUTH, Service, service_env
 from test_end_to_end import finished, live, start, wait_for, write_orders
 
-from fraud_poc.carry_over import added_key, marks_key
-from fraud_poc.datasets import data_cutoff
-from fraud_poc.generator import generate_orders
-from fraud_poc.redis_store import Keys
+from fraud_poc.features.generator import generate_orders
+from fraud_poc.store.carry_over import added_key, marks_key
+from fraud_poc.store.datasets import data_cutoff
+from fraud_poc.store.redis_store import Keys
 
 pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
 

@@ -1,4 +1,4 @@
-"""fraud_poc.steps.prepare_db: step 6 on runs made by the real steps 1-4 and trained by step 5; real Redis, real
+"""fraud_poc.pipeline.steps.prepare_db: step 6 on runs made by the real steps 1-4 and trained by step 5; real Redis, real
 LocalCluster."""
 
 import shutil
@@ -9,7 +9,11 @@ import pytest
 import redis
 from step_runs import REDIS_URL, SETTINGS, prepare_args
 
-from fraud_poc.carry_over import (
+from fraud_poc.core.schema import FeatureSpec
+from fraud_poc.core.settings import TrainModelSettings
+from fraud_poc.pipeline.steps.prepare_db import prepare_db_step
+from fraud_poc.pipeline.steps.train_model import train_model_step
+from fraud_poc.store.carry_over import (
     CARRY_MARGIN,
     added_key,
     carried_since,
@@ -17,14 +21,10 @@ from fraud_poc.carry_over import (
     run_started,
     stream_id_at,
 )
-from fraud_poc.datasets import data_cutoff, serving_state_dir
-from fraud_poc.feature_store import live_pointer
-from fraud_poc.redis_store import Keys
-from fraud_poc.registry import list_models
-from fraud_poc.schema import FeatureSpec
-from fraud_poc.settings import TrainModelSettings
-from fraud_poc.steps.prepare_db import prepare_db_step
-from fraud_poc.steps.train_model import train_model_step
+from fraud_poc.store.datasets import data_cutoff, serving_state_dir
+from fraud_poc.store.feature_store import live_pointer
+from fraud_poc.store.redis_store import Keys
+from fraud_poc.store.registry import list_models
 
 
 def test_prepare_db_failing_midway_leaves_live_untouched(client, runs):

@@ -1,4 +1,4 @@
-"""fraud_poc.steps.preprocess: step 2 on a real LocalCluster, over step 1's files and over a user's own files (as
+"""fraud_poc.pipeline.steps.preprocess: step 2 on a real LocalCluster, over step 1's files and over a user's own files (as
 `run-from-raw` gives them), under a data root of the session's own."""
 
 import json
@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from step_runs import ROWS_PER_PARTITION, SAMPLE
 
-from fraud_poc.datasets import entity_dir, raw_dir
-from fraud_poc.schema import ENTITIES, LABEL, LABEL_DATE, RAW_COLUMNS, SCENARIO
-from fraud_poc.steps.preprocess import preprocess_orders, read_by_entity
-from fraud_poc.validation import InvalidOrdersError
+from fraud_poc.core.schema import ENTITIES, LABEL, LABEL_DATE, RAW_COLUMNS, SCENARIO
+from fraud_poc.features.validation import InvalidOrdersError
+from fraud_poc.pipeline.steps.preprocess import preprocess_orders, read_by_entity
+from fraud_poc.store.datasets import entity_dir, raw_dir
 
 UPLOADS = Path("uploads/batch1")
 

@@ -8,12 +8,12 @@ against 0.01 over 233 such orders in the holdout; seed 2 gives 0.64 / 0.60 and 0
 
 import pytest
 
-from fraud_poc.generator import generate_orders
-from fraud_poc.quality import holdout_quality, labelled_features
-from fraud_poc.schema import FEATURE_COLUMNS, FEATURE_SET_1
-from fraud_poc.settings import TrainingDataSettings, TrainModelSettings
-from fraud_poc.steps.train_model import booster_params
-from fraud_poc.steps.training_data import holdout_rows, split_bounds, training_rows, tuning_rows
+from fraud_poc.core.schema import FEATURE_COLUMNS, FEATURE_SET_1
+from fraud_poc.core.settings import TrainingDataSettings, TrainModelSettings
+from fraud_poc.features.generator import generate_orders
+from fraud_poc.model.quality import holdout_quality, labelled_features
+from fraud_poc.pipeline.steps.train_model import booster_params
+from fraud_poc.pipeline.steps.training_data import holdout_rows, split_bounds, training_rows, tuning_rows
 
 SAMPLE = {
     "num_orders": 200_000,

@@ -1,5 +1,5 @@
 """kill -9 of Redis under load loses at most about a second of acknowledged writes (issue 22): the prediction service
-scores ~100 orders/s against the embedded Redis as `fraud_poc.redis_server` starts it (append-only file,
+scores ~100 orders/s against the embedded Redis as `fraud_poc.store.redis_server` starts it (append-only file,
 `appendfsync everysec`), on a port and data folder of this test's own; Redis is killed with SIGKILL, started again
 on the same folder, and every order answered 200 more than a second before the kill is in the order index and in
 its customer's state."""
@@ -14,9 +14,9 @@ import requests
 from conftest import AUTH, free_port, service_env
 from live_services import FS_VERSION, SERVICE_API, ServiceOnPort, make_model_live
 
-from fraud_poc.redis_server import start_embedded_redis, stop_embedded_redis
-from fraud_poc.redis_store import Keys
-from fraud_poc.serving_state import decode_state
+from fraud_poc.features.serving_state import decode_state
+from fraud_poc.store.redis_server import start_embedded_redis, stop_embedded_redis
+from fraud_poc.store.redis_store import Keys
 
 pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
 

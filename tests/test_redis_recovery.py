@@ -23,7 +23,7 @@ from conftest import AUTH, Service, free_port, service_env
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from fraud_poc.redis_store import Keys
+from fraud_poc.store.redis_store import Keys
 
 pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
 

@@ -15,12 +15,12 @@ import pytest_asyncio
 from hopeit.testing.apps import create_test_context, execute_event
 from test_events import SMALL, STEPS, app_configs, call, orders_like, run_chain, status
 
-from fraud_poc.datasets import history_dir, raw_dir, read_dataset
-from fraud_poc.payloads import PipelineJob, RunPipelineRequest
-from fraud_poc.registry import load_booster, load_metadata
-from fraud_poc.schema import FEATURE_COLUMNS
-from fraud_poc.service_payloads import BatchRequest, LabelReport, Order, Prediction
-from fraud_poc.train import average_precision
+from fraud_poc.core.payloads import PipelineJob, RunPipelineRequest
+from fraud_poc.core.schema import FEATURE_COLUMNS
+from fraud_poc.core.service_payloads import BatchRequest, LabelReport, Order, Prediction
+from fraud_poc.model.train import average_precision
+from fraud_poc.store.datasets import history_dir, raw_dir, read_dataset
+from fraud_poc.store.registry import load_booster, load_metadata
 from fraud_poc.training.health_watch import RetrainRequest, watch_pass
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -7,7 +7,7 @@ import pytest
 import xgboost as xgb
 from xgboost.core import XGBoostError
 
-from fraud_poc.row_predictor import RowPredictor, _check, _library, c_api_supported
+from fraud_poc.model.row_predictor import RowPredictor, _check, _library, c_api_supported
 
 
 @pytest.fixture(scope="module")

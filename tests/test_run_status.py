@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 import pytest
 from conftest import REDIS_URL
 
-from fraud_poc.payloads import StepState
-from fraud_poc.redis_store import Keys, async_redis
-from fraud_poc.run_status import beat, create_run, get_run, update_run, update_step
+from fraud_poc.core.payloads import StepState
+from fraud_poc.store.redis_store import Keys, async_redis
+from fraud_poc.store.run_status import beat, create_run, get_run, update_run, update_step
 
 STEP_CHANGES = [
     {"rows_in": 7},

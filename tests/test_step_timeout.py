@@ -1,4 +1,4 @@
-"""fraud_poc.step_runner under a stream timeout, with real Redis and a real local Dask cluster: a timed-out
+"""fraud_poc.pipeline.step_runner under a stream timeout, with real Redis and a real local Dask cluster: a timed-out
 attempt stops (its Dask work cancelled, its thread ended) before the timeout propagates, so its retry cannot
 overlap it; and steps of one process never do their Dask work at the same time."""
 
@@ -13,10 +13,10 @@ import redis
 import redis.asyncio as aioredis
 from isolation import REDIS_URL
 
-from fraud_poc.payloads import StepState
-from fraud_poc.redis_store import Keys
-from fraud_poc.run_status import create_run, get_run
-from fraud_poc.step_runner import cancel_dask_work, holding_step_lock, run_step
+from fraud_poc.core.payloads import StepState
+from fraud_poc.pipeline.step_runner import cancel_dask_work, holding_step_lock, run_step
+from fraud_poc.store.redis_store import Keys
+from fraud_poc.store.run_status import create_run, get_run
 
 
 @dataclass

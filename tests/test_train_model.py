@@ -1,4 +1,4 @@
-"""fraud_poc.steps.train_model: step 5 on runs made by the real steps 1-4, with prepare-db where the gate needs a
+"""fraud_poc.pipeline.steps.train_model: step 5 on runs made by the real steps 1-4, with prepare-db where the gate needs a
 live champion; real Redis, real LocalCluster."""
 
 import json
@@ -13,7 +13,15 @@ import pytest
 import redis
 from step_runs import REDIS_URL, RUN_SPLIT, SETTINGS, prepare_args, run_steps_3_and_4
 
-from fraud_poc.datasets import (
+from fraud_poc.core.schema import ENTITIES, FEATURE_COLUMNS, LABEL, SCENARIO, FeatureSpec
+from fraud_poc.core.settings import TrainModelSettings
+from fraud_poc.features.definitions import serving_states, state_of, timestamp_us
+from fraud_poc.features.serving_state import decode_state, decode_tile
+from fraud_poc.model.health import bin_counts
+from fraud_poc.model.train import average_precision, cap_training_rows, negative_keep_rate, prior_correction
+from fraud_poc.pipeline.steps.prepare_db import prepare_db_step
+from fraud_poc.pipeline.steps.train_model import train_model_step
+from fraud_poc.store.datasets import (
     FEATURE_SPEC_FILE,
     FeatureSpecError,
     read_dataset,
@@ -22,17 +30,9 @@ from fraud_poc.datasets import (
     training_paths,
     write_feature_spec,
 )
-from fraud_poc.feature_store import live_pointer, version_meta
-from fraud_poc.features import serving_states, state_of, timestamp_us
-from fraud_poc.health import bin_counts
-from fraud_poc.redis_store import Keys
-from fraud_poc.registry import list_models, load_booster, load_metadata
-from fraud_poc.schema import ENTITIES, FEATURE_COLUMNS, LABEL, SCENARIO, FeatureSpec
-from fraud_poc.serving_state import decode_state, decode_tile
-from fraud_poc.settings import TrainModelSettings
-from fraud_poc.steps.prepare_db import prepare_db_step
-from fraud_poc.steps.train_model import train_model_step
-from fraud_poc.train import average_precision, cap_training_rows, negative_keep_rate, prior_correction
+from fraud_poc.store.feature_store import live_pointer, version_meta
+from fraud_poc.store.redis_store import Keys
+from fraud_poc.store.registry import list_models, load_booster, load_metadata
 
 DEFAULT_SPEC = FeatureSpec()  # the spec make_runs' runs are computed with
 

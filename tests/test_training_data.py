@@ -1,4 +1,4 @@
-"""fraud_poc.steps.training_data: step 4 on a real LocalCluster over step 3's features, under a data root of the
+"""fraud_poc.pipeline.steps.training_data: step 4 on a real LocalCluster over step 3's features, under a data root of the
 session's own; the split partition by partition against the split of the whole frame in pandas."""
 
 import json
@@ -10,10 +10,9 @@ import pandas as pd
 import pytest
 from step_runs import SAMPLE, SPLIT
 
-from fraud_poc.datasets import features_dir, training_paths
-from fraud_poc.schema import LABEL
-from fraud_poc.settings import TrainingDataSettings
-from fraud_poc.steps.training_data import (
+from fraud_poc.core.schema import LABEL
+from fraud_poc.core.settings import TrainingDataSettings
+from fraud_poc.pipeline.steps.training_data import (
     SPLIT_PARTS,
     holdout_rows,
     make_training_data,
@@ -21,6 +20,7 @@ from fraud_poc.steps.training_data import (
     training_rows,
     tuning_rows,
 )
+from fraud_poc.store.datasets import features_dir, training_paths
 
 
 def read_parts(data_root: Path, run_id: str) -> dict[str, pd.DataFrame]:

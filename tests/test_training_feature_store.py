@@ -1,4 +1,4 @@
-"""fraud_poc.feature_store on a real Redis and a real LocalCluster: load, promote, read back, clean up, failures."""
+"""fraud_poc.store.feature_store on a real Redis and a real LocalCluster: load, promote, read back, clean up, failures."""
 
 import threading
 from uuid import uuid4
@@ -12,7 +12,17 @@ import redis
 from isolation import REDIS_URL
 from store_reads import find_values, read_live_states
 
-from fraud_poc.feature_store import (
+from fraud_poc.core.schema import ENTITIES, FeatureSpec
+from fraud_poc.features.definitions import EntityStates, serving_states, state_of
+from fraud_poc.features.serving_state import (
+    ENCODED_COLUMNS,
+    decode_state,
+    decode_tile,
+    encode_state,
+    encode_tile,
+    encoded_states,
+)
+from fraud_poc.store.feature_store import (
     NotPromotable,
     live_pointer,
     loaded_versions,
@@ -22,17 +32,7 @@ from fraud_poc.feature_store import (
     version_meta,
     write_feature_version,
 )
-from fraud_poc.features import EntityStates, serving_states, state_of
-from fraud_poc.redis_store import Keys
-from fraud_poc.schema import ENTITIES, FeatureSpec
-from fraud_poc.serving_state import (
-    ENCODED_COLUMNS,
-    decode_state,
-    decode_tile,
-    encode_state,
-    encode_tile,
-    encoded_states,
-)
+from fraud_poc.store.redis_store import Keys
 
 SPEC = FeatureSpec(window=4)  # W = 4, the default δ
 

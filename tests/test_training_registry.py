@@ -1,4 +1,4 @@
-"""fraud_poc.registry and fraud_poc.report: model round trip, atomic writes, report PNGs, the promotion gate."""
+"""fraud_poc.store.registry and fraud_poc.model.report: model round trip, atomic writes, report PNGs, the promotion gate."""
 
 import io
 import json
@@ -10,7 +10,10 @@ import pytest
 import xgboost as xgb
 from matplotlib.image import imread
 
-from fraud_poc.registry import (
+from fraud_poc.core.schema import FEATURE_COLUMNS, FEATURE_SET_VERSION, FeatureSpec, feature_set_fingerprint
+from fraud_poc.model.report import PNG_SIGNATURE, report_pngs
+from fraud_poc.model.train import evaluate, importance_gain
+from fraud_poc.store.registry import (
     MODEL_FILE,
     list_models,
     load_booster,
@@ -22,9 +25,6 @@ from fraud_poc.registry import (
     promotion_gate,
     save_model,
 )
-from fraud_poc.report import PNG_SIGNATURE, report_pngs
-from fraud_poc.schema import FEATURE_COLUMNS, FEATURE_SET_VERSION, FeatureSpec, feature_set_fingerprint
-from fraud_poc.train import evaluate, importance_gain
 
 SPEC = FeatureSpec(window=6, label_delay_days=3)  # not the defaults: the metadata must say these
 

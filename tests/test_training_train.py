@@ -1,12 +1,12 @@
-"""fraud_poc.train: metrics against brute-force definitions, threshold choice, distributed training on a real LocalCluster."""
+"""fraud_poc.model.train: metrics against brute-force definitions, threshold choice, distributed training on a real LocalCluster."""
 
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
 
-from fraud_poc.schema import FEATURE_COLUMNS, LABEL
-from fraud_poc.train import (
+from fraud_poc.core.schema import FEATURE_COLUMNS, LABEL
+from fraud_poc.model.train import (
     average_precision,
     choose_threshold,
     classification_metrics,

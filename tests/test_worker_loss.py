@@ -23,9 +23,9 @@ import pytest
 from distributed import Client, LocalCluster
 from test_training_train import synthetic
 
-from fraud_poc.dask_client import LOCAL_CLUSTER_CONFIG
-from fraud_poc.schema import LABEL
-from fraud_poc.train import WorkerLost, failing_on_worker_loss, predict_scores, roc_auc, train_booster
+from fraud_poc.core.schema import LABEL
+from fraud_poc.model.train import WorkerLost, failing_on_worker_loss, predict_scores, roc_auc, train_booster
+from fraud_poc.pipeline.dask_client import LOCAL_CLUSTER_CONFIG
 
 pytestmark = pytest.mark.system  # kills a Dask worker process (the system tier)
 

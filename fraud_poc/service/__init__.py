@@ -1,0 +1,1 @@
+"""The prediction service's events, one module per event: score one order or a batch, report a label, look up known orders, the live model's information. Events are thin: the scoring lives in `serving`, the request handling in `web`, and no event imports another."""

@@ -1,0 +1,1 @@
+"""The hopeit plugin event that sets up the pooled Redis connections of the stream manager."""

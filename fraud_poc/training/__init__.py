@@ -1,0 +1,1 @@
+"""The training service's events, one module per event: the six pipeline steps as STREAM events (each runs its step's work from `pipeline.steps` on Dask and writes the stream event that starts the next), the run, status and registry endpoints, and the background upkeep. Events are thin: their work lives in the packages below, and no event imports another."""

@@ -1,0 +1,1 @@
+"""The contracts every part shares: the order schema, the entities and the feature list, the settings of both services, the API and stream payloads, and the masking of logs. Imports nothing else of the project, and no Redis, Dask, aiohttp or hopeit app."""

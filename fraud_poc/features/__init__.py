@@ -1,0 +1,1 @@
+"""The orders and their features, pure pandas, numpy and numba: the order generator, the validation of raw orders, the feature definitions of SPEC 2 and 2.3 (one core shared by batch and serving) and the serving state's encoding. Imports `core` only; no Redis, hopeit or aiohttp."""

@@ -1,0 +1,1 @@
+"""Models and their quality, pure: distributed XGBoost training and its metrics, the report's plots, in-place scores of a few rows, model health (quality from confirmed labels, drift) and the frame of scored orders that the next run trains on. Imports `core` and `features`; no Redis, hopeit or aiohttp."""

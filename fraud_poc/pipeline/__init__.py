@@ -1,0 +1,1 @@
+"""The training pipeline's work without hopeit: the Dask client, rows exchanged between partitions, the six steps (one module each), the step runner, at-least-once delivery, and what is live (list, promote, roll back: a rollback reloads a version with step 6). Imports the packages below; no hopeit app or aiohttp."""

@@ -1,0 +1,1 @@
+"""The prediction service's work without hopeit: the live model as held in memory, the batchers that share Redis round trips and model calls between concurrent requests, and the scorer. Imports the packages below; no hopeit app or aiohttp."""

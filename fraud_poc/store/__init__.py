@@ -1,0 +1,1 @@
+"""Where state is kept: each run's files and the model registry on disk, and in Redis the key names and connections, the embedded server, bulk command encoding, the feature store's versions and Lua scripts, the carry-over of the event log, the score log, run status and the metrics registry. Imports the packages below; no hopeit app or aiohttp."""
