@@ -48,7 +48,7 @@ SERVICE_API = "/api/fraud-service/0x2"
 
 @dataclass(frozen=True)
 class ServiceCommand:
-    """How one of the two services is run (the README and the Makefile give the same command)."""
+    """How one of the two services is run (docs/running.md and the Makefile give the same command)."""
 
     config_files: tuple[str, ...]
     api_file: str
@@ -74,7 +74,7 @@ SERVICES = {
         "config/openapi-training.json",
         8020,
     ),
-    "prediction": ServiceCommand(  # request logs off (WARNING) and uvloop: see README, Performance
+    "prediction": ServiceCommand(  # request logs off (WARNING) and uvloop: see docs/benchmarks.md
         ("config/server-prediction.json", "config/redis-streams.json", "config/fraud-service.json"),
         "config/openapi-service.json",
         8021,

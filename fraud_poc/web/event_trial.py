@@ -24,7 +24,7 @@ from ..core.payloads import PIPELINE_STEPS
 from ..store.redis_store import redis_url_from_env, sync_redis
 
 # %% ../../nbs/47_web_event_trial.ipynb #5a819a41
-CONFIG = Path(inspect.getfile(sync_redis)).resolve().parents[1] / "config"  # the repository's config/
+CONFIG = Path(inspect.getfile(sync_redis)).resolve().parents[2] / "config"  # the repository's config/
 TRIAL_TOKEN = "trial-token-0123456789abcdef"  # the API token of every trial
 
 
