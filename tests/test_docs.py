@@ -22,8 +22,8 @@ def test_docs_site_builds_and_shows_every_public_name(tmp_path):
     assert "every name of every module's __all__ is in the site" in done.stdout
     pages = {p.name: p.read_text() for p in site.glob("*.html")}
     # the README's page, a library notebook with its show_doc, a guide written in docs/, the benchmarks
-    assert {"index.html", "schema.html", "running.html", "benchmarks.html"} <= set(pages), sorted(pages)
-    assert "validate_orders" in pages["validation.html"]
+    assert {"index.html", "core_schema.html", "running.html", "benchmarks.html"} <= set(pages), sorted(pages)
+    assert "validate_orders" in pages["features_validation.html"]
     assert 'href="running.html"' in pages["index.html"]  # docs/running.md became the site's page
     # no link leads to the placeholder host or to a Markdown/notebook file of the repository
     hrefs = {h for text in pages.values() for h in re.findall(r'href="([^"]+)"', text)}
