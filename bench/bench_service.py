@@ -437,6 +437,21 @@ def depth_of(live) -> int:
 # ---------------------------------------------------------------- load over HTTP
 
 
+def take_answer(buffer: bytearray) -> tuple[int, bool] | None:
+    """The status of the first whole HTTP answer in `buffer` and whether it carries Retry-After, removed from
+    it; None while the answer is incomplete."""
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = bytes(buffer[:end]).lower()
+    at = head.find(b"content-length:")
+    length = int(head[at + 15 :].split(b"\r\n", 1)[0]) if at >= 0 else 0
+    if len(buffer) < end + 4 + length:
+        return None
+    del buffer[: end + 4 + length]
+    return int(head[9:12]), b"\r\nretry-after:" in head
+
+
 class HttpConnection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection: sends a prepared request, reads the status and a Content-Length body.
 
@@ -454,19 +469,13 @@ class HttpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0:
+        answer = take_answer(self.buffer)
+        if answer is None:
             return
-        head = bytes(self.buffer[:end]).lower()
-        at = head.find(b"content-length:")
-        length = int(head[at + 15 :].split(b"\r\n", 1)[0]) if at >= 0 else 0
-        if len(self.buffer) < end + 4 + length:
-            return
-        del self.buffer[: end + 4 + length]
-        self.retry_after = b"\r\nretry-after:" in head
+        status, self.retry_after = answer
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():
-            waiter.set_result(int(head[9:12]))
+            waiter.set_result(status)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -685,18 +694,9 @@ class OverloadConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        while True:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head = bytes(self.buffer[:end]).lower()
-            at = head.find(b"content-length:")
-            length = int(head[at + 15 :].split(b"\r\n", 1)[0]) if at >= 0 else 0
-            if len(self.buffer) < end + 4 + length:
-                return
-            del self.buffer[: end + 4 + length]
-            status, scheduled, self.scheduled = int(head[9:12]), self.scheduled, None
-            self.run.answered(self, status, b"\r\nretry-after:" in head, scheduled)
+        while (answer := take_answer(self.buffer)) is not None:
+            scheduled, self.scheduled = self.scheduled, None
+            self.run.answered(self, *answer, scheduled)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
