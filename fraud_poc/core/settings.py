@@ -117,7 +117,9 @@ class ServiceSettings:
         default=1.0, ge=0
     )  # order dates at most this long after now (labels: never)
     # requests one process works on at once; more are answered 503 with Retry-After at once (nbs/38_overload)
-    max_in_flight: int = field(default=32, ge=1, le=100_000)  # docs/benchmarks.md: overload
+    max_in_flight: int = field(
+        default=32, ge=1, le=100_000
+    )  # per replica, its workers together (docs/operations.md)
 
 
 @dataobject
