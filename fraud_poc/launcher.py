@@ -524,12 +524,13 @@ def main(argv: list[str] | None = None) -> None:
     fsync = os.environ.get(
         "FRAUD_REDIS_APPENDFSYNC", "everysec"
     )  # as `python -m fraud_poc.store.redis_server` takes it
-    redis_proc = (
-        None if redis_answers(url) else start_embedded_redis(url, data_root / "redis", appendfsync=fsync)
-    )
-    print(f"Redis: {'embedded server started' if redis_proc else 'using the one'} at {mask_url(url)}")
-    services = {name: start_service(name, log_dir(), ports[name]) for name in SERVICES}
-    try:
+    redis_proc, services = None, {}
+    try:  # a Ctrl-C while Redis or the services start stops what has started, as later
+        if not redis_answers(url):
+            redis_proc = start_embedded_redis(url, data_root / "redis", appendfsync=fsync)
+        print(f"Redis: {'embedded server started' if redis_proc else 'using the one'} at {mask_url(url)}")
+        for name in SERVICES:
+            services[name] = start_service(name, log_dir(), ports[name])
         for name, proc in services.items():
             wait_ready(ports[name], proc)
         print(
