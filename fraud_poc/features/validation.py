@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from fraud_poc.core.schema import (
     DATE_RANGE,
@@ -198,34 +197,38 @@ def check_columns(columns: list[str], source: str, require_label: bool) -> None:
         raise InvalidOrdersError(source, LABEL, "missing: the fraud label is required for training")
 
 
-# every character Python's str.isspace() takes as whitespace (checked below), and the control characters
-_MAYBE_BLANK = (
-    r"^[\t-\r\x1c-\x20\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]*$"
-)
-_CONTROL = r"[\x00-\x1f\x{7f}-\x{9f}]"
-
-
 def _id_suspects(values: pd.Series, limit: int) -> np.ndarray | None:
-    """Positions of the values that may break the id rule, found by Arrow's compute functions: a superset of the
-    ones `id_problem` refuses (blank or only whitespace, longer than `limit`, a control character; a lone surrogate
-    cannot be in Arrow's UTF-8). None if Arrow cannot take the values (then every value is checked in Python)."""
+    """Positions of the values that may break the id rule, from their UTF-8 bytes: a superset of the ones
+    `id_problem` refuses. A value is a suspect if it is null, empty, longer than `limit` bytes (a UTF-8 character
+    is at least one), or has a byte that is not printable ASCII (a space, a control character, any non-ASCII
+    character: every whitespace character of `str.isspace` is one of these); a lone surrogate cannot be in Arrow's
+    UTF-8. None if Arrow cannot take the values (then every value is checked in Python)."""
     try:
         text = pa.array(values, from_pandas=True)  # pandas' own Arrow strings as they are
+        if isinstance(text, pa.ChunkedArray):
+            text = text.combine_chunks()
         if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
             return None
     except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeEncodeError):
         return None
-    suspect = pc.or_kleene(
-        pc.greater(pc.utf8_length(text), limit),
-        pc.or_kleene(pc.match_substring_regex(text, _MAYBE_BLANK), pc.match_substring_regex(text, _CONTROL)),
-    )
-    return np.flatnonzero(pc.fill_null(suspect, True).to_numpy(zero_copy_only=False))
+    _, offsets, data = text.buffers()
+    width = np.int64 if pa.types.is_large_string(text.type) else np.int32
+    offsets = np.frombuffer(offsets, dtype=width)[text.offset : text.offset + len(text) + 1].astype(np.int64)
+    data = np.zeros(0, np.uint8) if data is None else np.frombuffer(data, dtype=np.uint8)
+    sizes = np.diff(offsets)
+    suspect = (sizes == 0) | (sizes > limit)
+    # bytes below "!" or from DEL on: (b - 0x21) mod 256 >= 0x5e
+    odd = np.flatnonzero((data[offsets[0] : offsets[-1]] - np.uint8(0x21)) >= 0x5E) + offsets[0]
+    suspect[np.searchsorted(offsets, odd, side="right") - 1] = True
+    if text.null_count:
+        suspect |= ~np.asarray(text.is_valid())
+    return np.flatnonzero(suspect)
 
 
 def _check_ids(values: pd.Series, source: str, column: str, limit: int) -> None:
     """Raise if any value breaks the rule for ids (`fraud_poc.core.schema.id_problem`, the one `predict` applies):
-    blank, longer than `limit` characters, or with a control character. Arrow picks the suspects; `id_problem`
-    decides on them alone (about 0.02 s per million values instead of 0.3 s for all in Python)."""
+    blank, longer than `limit` characters, or with a control character. `_id_suspects` picks the suspects from
+    the values' bytes; `id_problem` decides on them alone."""
     suspects = _id_suspects(values, limit)
     positions = range(len(values)) if suspects is None else suspects
     problems = {int(i): p for i in positions if (p := id_problem(values.iat[i], limit)) is not None}
