@@ -4,12 +4,12 @@
 
 # %% auto #0
 __all__ = ['DAY_US', 'HOUR_US', 'FEATURE_INPUT_COLUMNS', 'Tile', 'window_features', 'check_label_delay', 'hours_of', 'cents_of',
-           'recent_first_hour', 'matured_hours', 'state_horizon_hours', 'time_window_features', 'other_entities',
-           'check_window', 'timestamps_us', 'timestamp_us', 'compile_kernels', 'fraud_timestamps', 'entity_features',
-           'distinct_orders', 'compute_features', 'EntityStates', 'serving_states', 'entity_features_and_state',
-           'entity_matrix_and_state', 'state_of', 'preceding_records', 'usable_history', 'window_edges', 'running_sums',
-           'EntityView', 'entity_view', 'serving_time_features', 'serving_window_features', 'serving_features',
-           'known_entities']
+           'recent_first_hour', 'matured_hours', 'state_horizon_hours', 'compiled', 'time_window_features',
+           'other_entities', 'check_window', 'timestamps_us', 'timestamp_us', 'compile_kernels', 'fraud_timestamps',
+           'entity_features', 'distinct_orders', 'compute_features', 'EntityStates', 'serving_states',
+           'entity_features_and_state', 'entity_matrix_and_state', 'state_of', 'preceding_records', 'usable_history',
+           'window_edges', 'running_sums', 'EntityView', 'entity_view', 'serving_time_features',
+           'serving_window_features', 'serving_features', 'known_entities']
 
 # %% ../../nbs/05_features_definitions.ipynb #6274fab9
 import bisect
@@ -161,7 +161,7 @@ def _run_starts(*keys: np.ndarray) -> np.ndarray:
     return np.flatnonzero(changed)
 
 
-def _compiled(kernel: Callable) -> Callable:
+def compiled(kernel: Callable) -> Callable:
     """`kernel` compiled by numba (cached on disk) at its first call: serving, which never calls a kernel, never
     loads numba (~100 MiB per process). `call.dispatcher` is numba's dispatcher once compiled."""
 
@@ -177,7 +177,7 @@ def _compiled(kernel: Callable) -> Callable:
     return call
 
 
-@_compiled
+@compiled
 def _time_window_kernel(
     starts: np.ndarray,
     ts_us: np.ndarray,
@@ -330,7 +330,7 @@ def _group_rows(time_order: np.ndarray, by_codes: np.ndarray) -> tuple[np.ndarra
     return order, position, np.repeat(sizes, sizes) - 1 - position
 
 
-@_compiled
+@compiled
 def _window_kernel(
     starts: np.ndarray,
     amount: np.ndarray,

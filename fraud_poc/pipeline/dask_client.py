@@ -16,6 +16,7 @@ import dask
 from distributed import Client, LocalCluster, WorkerPlugin
 
 from ..features.definitions import compile_kernels
+from .exchange import string_hashes
 from ..core.masking import install_log_masking, mask_console
 from ..core.settings import DaskSettings
 
@@ -43,13 +44,14 @@ class MaskWorkerLogs(WorkerPlugin):
 
 
 class CompileKernels(WorkerPlugin):
-    """Workers load feature-calc's compiled kernels as they start (~0.4 s from numba's cache, ~2 s compiling),
+    """Workers load the steps' compiled kernels (feature-calc's, the exchange's hash) as they start (~0.4 s from numba's cache, ~2 s compiling),
     not in the first run's tasks."""
 
     name = "fraud-poc-compile-kernels"
 
     def setup(self, worker) -> None:
         compile_kernels()
+        string_hashes(["warm"])  # steps 2 and 3 hash every entity value
 
 
 def dask_client(settings: DaskSettings) -> Client:

@@ -30,15 +30,21 @@ from fraud_poc.store.datasets import (
     run_dir,
     write_arrow_part,
 )
-from ..exchange import exchange_folder, hash_partitions, received_rows, send_rows
+from fraud_poc.pipeline.exchange import (
+    exchange_folder,
+    hash_partitions,
+    received_rows,
+    send_rows,
+    string_hashes,
+)
 from ...core.schema import ENTITIES, LABEL, LABEL_DATE, RAW_COLUMNS, SCENARIO
 from ...core.settings import PreprocessSettings
 from ...features.validation import DEFAULT_LIMITS, OrderLimits, add_missing_scenario
 
 # %% ../../../nbs/32_pipeline_steps_preprocess.ipynb #1e4cee6a
 def order_id_hashes(df: pd.DataFrame) -> np.ndarray:
-    """A 64-bit hash of each order_id (equal ids, equal hashes)."""
-    return pd.util.hash_pandas_object(df["order_id"], index=False, categorize=False).to_numpy()
+    """A 64-bit hash of each order_id (equal ids, equal hashes; `string_hashes` of their text)."""
+    return string_hashes(df["order_id"])
 
 
 def repeated_hashes(hashes: list[np.ndarray]) -> np.ndarray:
