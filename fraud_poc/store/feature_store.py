@@ -79,24 +79,34 @@ def _keyed_commands(
     return pa.concat_arrays([_words(name), keys, pairs]).take(order), counts
 
 
+def _newest_first(lengths: np.ndarray) -> np.ndarray:
+    """Positions that reverse each run of a flattened list column whose lists have these `lengths`, in place."""
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    ends = np.repeat(np.cumsum(lengths) - 1, lengths)
+    return starts + ends - np.arange(int(lengths.sum()))
+
+
 def chunk_commands(
     chunk: pa.Table, keys: Keys, version: str, by: str, index_entries: np.ndarray | None
 ) -> tuple[bytes, int, int]:
     """The RESP bytes of writing one chunk of encoded states: one `MSET` of their records, a `ZADD` of each value's
-    tiles, one `ZADD` of the values to the entity's index and one `HSET` of their order entries (those marked in
-    `index_entries`, default all); returns (bytes, commands, order entries written)."""
+    tiles (newest first: see below), one `ZADD` of the values to the entity's index and one `HSET` of their order
+    entries (those marked in `index_entries`, default all); returns (bytes, commands, order entries written)."""
     values = _binary(chunk["value"])
     states, tiles = _binary(chunk["state"]), chunk["tiles"].combine_chunks()
     tiles_per_value = pc.list_value_length(tiles).to_numpy(zero_copy_only=False).astype(np.int64)
     has_tiles = tiles_per_value > 0
-    hours = pc.cast(chunk["tile_hours"].combine_chunks().flatten(), pa.string())
+    # Redis inserts each member of a small sorted set after the members of lower score, found by walking them:
+    # members sent in rising hours walk the whole set each time, newest first stop at once
+    reverse = _newest_first(tiles_per_value)
+    hours = pc.cast(chunk["tile_hours"].combine_chunks().flatten().take(reverse), pa.string())
     ids, entries = (_binary(chunk[col].combine_chunks().flatten()) for col in ("order_ids", "orders"))
     if index_entries is not None:
         ids, entries = ids.filter(index_entries), entries.filter(index_entries)
     tile_args, tile_counts = _keyed_commands(
         "ZADD",
         _prefixed(keys.fs_tiles(version, by, ""), values.filter(has_tiles)),
-        _interleaved(_binary(hours), _binary(tiles.flatten())),
+        _interleaved(_binary(hours), _binary(tiles.flatten().take(reverse))),
         tiles_per_value[has_tiles],
     )
     parts = [
