@@ -69,14 +69,16 @@ x = rng.normal(size=(500, 91))
 booster = xgb.train({"objective": "binary:logistic", "max_depth": 6, "nthread": 1}, xgb.DMatrix(x, x[:, 0] > 0), 30)
 from fraud_poc.model.row_predictor import RowPredictor
 RowPredictor(booster, compiled=False)
-def rss(): return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
-before, started = rss(), time.perf_counter()
+def memory():
+    fields = dict(line.split(":") for line in open("/proc/self/smaps_rollup") if line.count(":") == 1)
+    return [int(fields[k].split()[0]) / 1024 for k in ("Rss", "Anonymous")]
+before, started = memory(), time.perf_counter()
 predictor = RowPredictor(booster)
-print(f"{predictor.path} {time.perf_counter() - started:.2f} {rss() - before:.0f}")
+print(predictor.path, f"{time.perf_counter() - started:.2f}", *(f"{b - a:.0f}" for a, b in zip(before, memory())))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
-    path, seconds, mb = out.stdout.split()
-    return f"{path} predictor built in {seconds} s, +{mb} MB resident"
+    path, seconds, rss, anonymous = out.stdout.split()
+    return f"{path} predictor built in {seconds} s, +{rss} MB resident of which {anonymous} MB anonymous"
 
 
 def main() -> None:
@@ -87,6 +89,9 @@ def main() -> None:
 
     from fraud_poc.model.row_predictor import RowPredictor
 
+    cached = any((REPO / "fraud_poc" / "model" / "__pycache__").glob("tree_walk._walk_rows-*.nbi"))
+    print(f"numba's cache {'has' if cached else 'does not have'} the kernel at the start")
+    print(f"a new process: {process_cost()}")  # before this process compiles it, if it must
     print(f"load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} cores, one thread per call")
     for trees in args.trees:
         booster, x = booster_of(trees)
@@ -106,8 +111,7 @@ def main() -> None:
                 f"{name} {wall:7.1f} us (CPU {cpu:7.1f})" for name, (wall, cpu) in figures.items()
             )
             print(f"{trees:4d} trees, {n:3d} row(s): {line}")
-    for attempt in ("first process (compiles unless numba's cache has it)", "second process (numba's cache)"):
-        print(f"{attempt}: {process_cost()}")
+    print(f"another new process: {process_cost()}")
 
 
 if __name__ == "__main__":
