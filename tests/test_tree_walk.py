@@ -12,7 +12,7 @@ from xgboost.core import XGBoostError
 from fraud_poc.core.schema import FEATURE_COLUMNS
 from fraud_poc.model.row_predictor import RowPredictor
 from fraud_poc.model.train import BASE_PARAMS, monotone_constraints, with_prior_correction
-from fraud_poc.model.tree_walk import CompiledTrees, UnsupportedModel
+from fraud_poc.model.tree_walk import CompiledTrees, UnsupportedModel, walk_supported
 
 N_FEATURES = 20
 ROWS = 3000
@@ -227,3 +227,8 @@ def test_exact_contributions_keep_xgboosts_path():
     assert (predictor.path, predictor.fallback_reason) == ("c-api", "exact (TreeSHAP) contributions")
     x = training_data(N_FEATURES, 5, 9)[0]
     assert np.array_equal(predictor.contributions(x), booster.predict(xgb.DMatrix(x), pred_contribs=True))
+
+
+def test_the_walk_only_on_the_xgboost_it_follows():
+    assert walk_supported(xgb.__version__) == xgb.__version__.startswith("3.2.")
+    assert not walk_supported("3.3.0") and not walk_supported("4.0.1")
