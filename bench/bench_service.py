@@ -8,7 +8,7 @@ processes each instead of the README's two). `--url` points it at a running serv
 
 It prints, in one run:
 - the floor: Redis round trip (PING, and the scoring script), `serving_features` for one order, and the
-  model's single-row score and contributions;
+  model's score and contributions for one row and for 100 (the live predictor's path, and XGBoost's C API);
 - the scorer in-process (everything but HTTP and hopeit);
 - over HTTP on 127.0.0.1, with a minimal keep-alive HTTP/1.1 client on uvloop (requests prepared before the
   clock starts): open-loop runs at fixed request rates (latency measured from each request's scheduled send
@@ -71,10 +71,11 @@ from fraud_poc.features.generator import generate_orders  # noqa: E402
 from fraud_poc.features.serving_state import decode_state, encoded_states  # noqa: E402
 from fraud_poc.launcher import SERVICES  # noqa: E402
 from fraud_poc.model.health import drift_reference  # noqa: E402
+from fraud_poc.model.row_predictor import RowPredictor  # noqa: E402
 from fraud_poc.model.train import BASE_PARAMS, choose_threshold  # noqa: E402
 from fraud_poc.pipeline.steps.train_model import booster_params  # noqa: E402
 from fraud_poc.serving.scorer import Scorer, entity_view_of  # noqa: E402
-from fraud_poc.serving.serving_model import score_matrix  # noqa: E402
+from fraud_poc.serving.serving_model import APPROX_CONTRIBUTIONS, score_matrix  # noqa: E402
 from fraud_poc.store.feature_store import switch_live, upload_model, write_entity_states  # noqa: E402
 from fraud_poc.store.redis_pipe import RedisPipe  # noqa: E402
 from fraud_poc.store.redis_store import Keys, async_redis, glob_escape, unlink_matching  # noqa: E402
@@ -414,6 +415,13 @@ async def measure_floor(redis_url: str, prefix: str, source: OrderSource, repeat
     python_us = timed_us(lambda: booster.inplace_predict(x, validate_features=False), repeat)
     inplace_us = timed_us(lambda: live.predictor.scores(x), repeat)
     both_us = timed_us(lambda: score_matrix(live, x), repeat)
+    c_api = RowPredictor(
+        booster, approx_contributions=APPROX_CONTRIBUTIONS, compiled=False
+    )  # the path before
+    c_api_us = timed_us(lambda: (c_api.scores(x), c_api.contributions(x)), repeat)
+    rows = np.repeat(x, 100, axis=0)
+    rows_us = timed_us(lambda: live.predictor.scores_and_contributions(rows), repeat // 10)
+    c_api_rows_us = timed_us(lambda: (c_api.scores(rows), c_api.contributions(rows)), repeat // 10)
     scorer_us = await rtt(lambda: scorer.predict([Order(**source.next())]))
     trees = booster.num_boosted_rounds()
     print(f"floor (median of {repeat}, {load_average()}):")
@@ -424,7 +432,13 @@ async def measure_floor(redis_url: str, prefix: str, source: OrderSource, repeat
         f"  model: in-place score, one row        {inplace_us:8.1f} us   ({trees} trees, depth <= {depth_of(live)};"
         f" Booster.inplace_predict {python_us:.1f} us)"
     )
-    print(f"  model: score + contributions, one row {both_us:8.1f} us")
+    print(
+        f"  model: score + contributions, one row {both_us:8.1f} us   ({live.predictor.path} path;"
+        f" XGBoost C API, two calls {c_api_us:.1f} us)"
+    )
+    print(
+        f"  model: score + contributions, 100 rows{rows_us:8.1f} us   (XGBoost C API {c_api_rows_us:.1f} us)"
+    )
     print(f"  Scorer.predict in-process (all above) {scorer_us:8.1f} us")
 
 

@@ -1,4 +1,5 @@
-"""RowPredictor gives XGBoost's own results, bit for bit, through the C API and through the fallback."""
+"""RowPredictor gives XGBoost's own results, bit for bit, by the compiled walk, through the C API and through the
+Python API fallback."""
 
 import ctypes
 
@@ -20,21 +21,33 @@ def model():
     return booster, x
 
 
-BACKENDS = [pytest.param(True, id="c-api"), pytest.param(False, id="python-api")]
+PATHS = {  # path: RowPredictor's arguments
+    "compiled": {"use_c_api": True, "compiled": True},
+    "c-api": {"use_c_api": True, "compiled": False},
+    "python-api": {"use_c_api": False, "compiled": False},
+}
+BACKENDS = [pytest.param(PATHS[name], id=name) for name in PATHS]
 
 
 @pytest.mark.parametrize("use_c_api", BACKENDS)
 def test_scores_and_contributions_equal_xgboost(model, use_c_api):
     booster, x = model
-    predictor = RowPredictor(booster, use_c_api=use_c_api)
-    assert predictor.uses_c_api is use_c_api
+    predictor = RowPredictor(booster, **use_c_api)
+    assert predictor.uses_c_api is use_c_api["use_c_api"]
+    assert predictor.path == (
+        "compiled" if use_c_api["compiled"] else "c-api" if use_c_api["use_c_api"] else "python-api"
+    )
     for rows in (x[:1], x[10:17], x[20:40:2, :].astype(np.float32)):
         np.testing.assert_array_equal(predictor.scores(rows), booster.inplace_predict(rows))
         expected = booster.predict(xgb.DMatrix(rows), pred_contribs=True, approx_contribs=True)
         np.testing.assert_array_equal(predictor.contributions(rows), expected)
         margins = booster.predict(xgb.DMatrix(rows), output_margin=True)
         np.testing.assert_allclose(predictor.contributions(rows).sum(axis=1), margins, rtol=1e-5, atol=1e-5)
-    exact = RowPredictor(booster, approx_contributions=False, use_c_api=use_c_api).contributions(x[:3])
+        both = predictor.scores_and_contributions(rows)
+        np.testing.assert_array_equal(both[0], booster.inplace_predict(rows))
+        np.testing.assert_array_equal(both[1], expected)
+    exact_predictor = RowPredictor(booster, approx_contributions=False, use_c_api=use_c_api["use_c_api"])
+    exact = exact_predictor.contributions(x[:3])
     np.testing.assert_array_equal(exact, booster.predict(xgb.DMatrix(x[:3]), pred_contribs=True))
     assert not np.array_equal(exact, predictor.contributions(x[:3]))
 
@@ -42,7 +55,7 @@ def test_scores_and_contributions_equal_xgboost(model, use_c_api):
 @pytest.mark.parametrize("use_c_api", BACKENDS)
 def test_reused_proxy_and_missing_values(model, use_c_api):
     booster, x = model
-    predictor = RowPredictor(booster, use_c_api=use_c_api)
+    predictor = RowPredictor(booster, **use_c_api)
     first = x[:5].copy()
     predictor.scores(first)
     del first
@@ -59,11 +72,13 @@ def test_reused_proxy_and_missing_values(model, use_c_api):
 @pytest.mark.parametrize("use_c_api", BACKENDS)
 def test_wrong_width_is_refused(model, use_c_api):
     booster, x = model
-    predictor = RowPredictor(booster, use_c_api=use_c_api)
+    predictor = RowPredictor(booster, **use_c_api)
     with pytest.raises(ValueError, match="expected rows of 12 features"):
         predictor.scores(x[:2, :5])
     with pytest.raises(ValueError, match=r"got an array of shape \(12,\)"):
         predictor.contributions(np.zeros(12))
+    with pytest.raises(ValueError, match="expected rows of 12 features"):
+        predictor.scores_and_contributions(x[:2, :11])
 
 
 def test_xgboost_errors_carry_their_message():

@@ -173,7 +173,14 @@ class Scorer:
                 live = await asyncio.to_thread(load_live_model, pointer, booster_raw, metadata_raw)
             except ValueError as e:
                 raise StoreUnavailable(f"live model {model_id} cannot be used: {e}") from e
-            logger.info("live model %s, feature store %s", live.model_id, live.fs_version)
+            predictor = live.predictor
+            logger.info(
+                "live model %s, feature store %s, scored by the %s path%s",
+                live.model_id,
+                live.fs_version,
+                predictor.path,
+                f" ({predictor.fallback_reason})" if predictor.fallback_reason else "",
+            )
             self.live = live
             return live
 

@@ -75,7 +75,7 @@ def load_live_model(pointer: bytes, booster_raw: bytes, metadata_raw: bytes) -> 
 # %% ../../nbs/38_serving_serving_model.ipynb #979d9a54
 def score_matrix(model: LiveModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Fraud scores (n,) and contributions (n, features + 1; the last column is the bias) of the model input."""
-    return model.predictor.scores(x), model.predictor.contributions(x)
+    return model.predictor.scores_and_contributions(x)
 
 
 def top_contributions(
