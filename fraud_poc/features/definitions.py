@@ -162,8 +162,8 @@ def _run_starts(*keys: np.ndarray) -> np.ndarray:
 
 
 def compiled(kernel: Callable) -> Callable:
-    """`kernel` compiled by numba (cached on disk) at its first call: serving, which never calls a kernel, never
-    loads numba (~100 MiB per process). `call.dispatcher` is numba's dispatcher once compiled."""
+    """`kernel` compiled by numba (cached on disk) at its first call: serving, which never calls a feature kernel,
+    does not compile them. `call.dispatcher` is numba's dispatcher once compiled."""
 
     @functools.wraps(kernel)
     def call(*args):

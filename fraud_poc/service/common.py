@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['KEEPALIVE_SECONDS', 'FEATURES_ARG', 'BUSY_OR_DOWN', 'event_scorer', 'own_listener', 'listen_with_backlog',
            'use_uvloop_in_gunicorn_workers', 'skip_disabled_info_logs', 'cache_hopeit_request_constants',
-           'features_asked', 'features_refusal', 'query_refusal']
+           'load_compiled_walk_in_workers', 'features_asked', 'features_refusal', 'query_refusal']
 
 # %% ../../nbs/68_service_common.ipynb #c8da6f7a
 import asyncio
@@ -18,6 +18,7 @@ import sys
 
 from hopeit.app.context import EventContext
 
+from ..model.tree_walk import load_kernels
 from ..serving.scorer import Scorer, scorer_for
 from ..core.service_payloads import ErrorResponse, query_flag, unknown_query
 from ..core.settings import RedisSettings, ServiceSettings
@@ -144,6 +145,15 @@ def cache_hopeit_request_constants() -> bool:
 
 
 cache_hopeit_request_constants()
+
+# %% ../../nbs/68_service_common.ipynb #e77ea569
+def load_compiled_walk_in_workers() -> bool:
+    """Under hopeit_server, load the model's compiled walk (`tree_walk.load_kernels`, numba) while the process
+    loads the app, before it listens: else its first request would wait for it. True if loaded."""
+    return sys.modules.get("hopeit.server.wsgi") is not None and load_kernels()
+
+
+load_compiled_walk_in_workers()
 
 # %% ../../nbs/68_service_common.ipynb #c5495fff
 FEATURES_ARG = (
