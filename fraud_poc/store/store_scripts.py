@@ -206,7 +206,8 @@ local function with_record(s)
     if not before(t, id) then break end
     at = at - 1
   end
-  local keep = math.min(n + 1, window)
+  local keep = n + 1
+  if keep > window then keep = window end
   local drop = n + 1 - keep  -- of the records with the order's, the first `drop` go
   local function copied(from, to)  -- records from..to as they are
     if from > to then return '' end
