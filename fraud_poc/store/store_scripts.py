@@ -140,7 +140,7 @@ for k = 2, 8 do
 end
 
 -- view[2]: the oldest tile; view[3..10]: the latest tile at or before each edge (false: none). Returns the
--- newest tile's hour when it is known without another call (`hour` for no tiles).
+-- newest tile's hour (`hour` for no tiles).
 local function read_tiles(key, view)
   local n = redis.call('ZCARD', key)
   if n == 0 then return hour end
@@ -160,14 +160,18 @@ local function read_tiles(key, view)
     return newest
   end
   view[2] = redis.call('ZRANGE', key, '0', '0')[1]
+  local last = redis.call('ZRANGE', key, '-1', '-1')[1]
+  local newest = hour_of(last)
   for k = 1, 8 do
     if k > 1 and edges[k] == edges[k - 1] then
       view[slots[k]] = view[slots[k - 1]]
+    elseif edges[k] >= newest then  -- every tile is at or before it (the order's own hour, unless it came late)
+      view[slots[k]] = last
     else
       view[slots[k]] = redis.call('ZREVRANGEBYSCORE', key, ARGV[12 + slots[k]], '-inf', 'LIMIT', '0', '1')[1] or false
     end
   end
-  return nil
+  return newest
 end
 
 -- the records (msgpack array `s`, or false) with the order's inserted in (ts, order_id) order, the last `window`
@@ -226,10 +230,6 @@ end
 -- the order into the tile of its hour (a new tile, or its hour's with one more order), and into the running sums
 -- of the later tiles if it came late; the tiles beyond the horizon of the newest dropped
 local function add_to_tiles(key, at_hour, oldest, newest)
-  if not newest then
-    newest = redis.call('ZRANGE', key, '-1', '-1')[1]
-    newest = newest and hour_of(newest) or hour
-  end
   local top = math.max(newest, hour)
   if hour < top - horizon then return end
   local tile
