@@ -2,8 +2,9 @@
 
 No timings here (see `bench/bench_busy_value.py`), only work and size, which are deterministic:
 
-- the Redis commands the script runs for an order through the busy IP are the same, command by command, at 200,
-  2,000 and 20,000 orders, and differ from an order through a fresh IP only by that IP's index entry and its
+- the Redis commands the script runs for an order through the busy IP are the same, command by command, at 2,000
+  and 20,000 orders (sets beyond `SMALL_TILE_SET` tiles: one lookup per window edge), fewer at 200 (a small set, read
+  whole), and differ there from an order through a fresh IP only by that IP's tiles read, its index entry and its
   hour's existing tile (counted with `INFO commandstats` around the call inside MULTI/EXEC, so no other client's
   command can slip in); an order 30 days late, the longest path, runs as many through 20,000 orders as through
   2,000 over the same hours, bounded by the state horizon;
@@ -27,10 +28,22 @@ import pandas as pd
 import pytest
 
 from fraud_poc.core.schema import ENTITIES, TILE_FIELDS, WINDOW, FeatureSpec, time_feature_columns
-from fraud_poc.features.definitions import compute_features, hours_of, serving_features, state_horizon_hours
+from fraud_poc.features.definitions import (
+    compute_features,
+    hours_of,
+    serving_features,
+    state_horizon_hours,
+    window_edges,
+)
 from fraud_poc.serving.scorer import entity_view_of
 from fraud_poc.store.redis_store import Keys
-from fraud_poc.store.store_scripts import APPEND_SCRIPT, APPEND_SCRIPT_SHA, script_args, script_keys
+from fraud_poc.store.store_scripts import (
+    APPEND_SCRIPT,
+    APPEND_SCRIPT_SHA,
+    SMALL_TILE_SET,
+    script_args,
+    script_keys,
+)
 
 VERSION = "busy"
 POINTER = b'{"model_id": "busy-value-test", "fs_version": "busy"}'
@@ -197,22 +210,35 @@ def test_history_as_planned(loaded):
 
 
 def test_commands_per_order_do_not_grow_with_traffic(loaded):
+    """A tile set of at most `SMALL_TILE_SET` tiles is read whole (one ZRANGE), a larger one with its oldest and
+    newest tile and one ZREVRANGEBYSCORE per window edge before the newest: the commands at 2,000 and 20,000 busy
+    orders are the same, and at 200 (9 tiles) fewer."""
     counts = {n: c.busy_commands for n, c in loaded.checkpoints.items()}
+    tiles = {n: c.tiles for n, c in loaded.checkpoints.items()}
     for n, cp in loaded.checkpoints.items():
         print(
-            f"\nδ={loaded.label_delay_days} at {n:>6} busy orders: busy IP {sum(cp.busy_commands.values())} "
-            f"commands {cp.busy_commands}; fresh IP {sum(cp.fresh_commands.values())} {cp.fresh_commands}"
+            f"\nδ={loaded.label_delay_days} at {n:>6} busy orders ({cp.tiles} tiles): busy IP "
+            f"{sum(cp.busy_commands.values())} commands {cp.busy_commands}; fresh IP "
+            f"{sum(cp.fresh_commands.values())} {cp.fresh_commands}"
         )
-    assert counts[200] == counts[2_000] == counts[20_000], counts
-    # the only differences a fresh IP makes: its value goes into the entity's index (one ZADD) and its hour has
-    # no tile yet to take out (one ZREM less): the busy IP's traffic adds nothing
+    assert tiles[200] <= SMALL_TILE_SET < tiles[2_000] < tiles[20_000]
+    assert counts[2_000] == counts[20_000], counts
+    hour = hours_of(loaded.checkpoints[2_000].busy_probe[1])
+    # one lookup per distinct edge (δ = 7: two edges are one hour) but the order's own hour (the newest tile is at or
+    # before it)
+    lookups = len(set(window_edges(hour, loaded.label_delay_days))) - 1
+    read_whole = {
+        c: counts[2_000].get(c, 0) - counts[200].get(c, 0) for c in counts[2_000].keys() | counts[200]
+    }
+    assert {c: d for c, d in read_whole.items() if d} == {"zrevrangebyscore": lookups, "zrange": 1}
+    # the only differences a fresh IP makes to an order through the busy IP at 200 (its probe's customer and email
+    # are new too): its value goes into the entity's index (one ZADD) and it has no tiles to read (ZCARD only) and
+    # its hour no tile to take out (one ZREM less): the busy IP's traffic adds nothing
     for cp in loaded.checkpoints.values():
         assert cp.fresh_commands == loaded.checkpoints[200].fresh_commands
-        difference = {
-            c: cp.busy_commands.get(c, 0) - cp.fresh_commands.get(c, 0)
-            for c in cp.busy_commands.keys() | cp.fresh_commands.keys()
-        }
-        assert {c: d for c, d in difference.items() if d} == {"zadd": -1, "zrem": 1}
+    busy, fresh = loaded.checkpoints[200].busy_commands, loaded.checkpoints[200].fresh_commands
+    difference = {c: busy.get(c, 0) - fresh.get(c, 0) for c in busy.keys() | fresh.keys()}
+    assert {c: d for c, d in difference.items() if d} == {"zadd": -1, "zrem": 1, "zrange": 1}
 
 
 def test_late_order_work_is_bounded_by_the_horizon(loaded):
