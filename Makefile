@@ -21,7 +21,7 @@ CHECK_PORTS := $(BIN)/python -m fraud_poc.launcher --check-ports
 # Jupyter refuses to run as root without --allow-root (containers, CI machines).
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: install readme docs test test-fast check-sync nbtest pytest pytest-fast lint openapi-check run up training-service prediction-service bench lab clean-nbs
+.PHONY: install readme docs test test-fast check-sync nbtest nbtest-and-pytest pytest pytest-fast lint openapi-check run up training-service prediction-service bench lab clean-nbs
 
 install: $(STAMP)
 
@@ -31,8 +31,9 @@ $(STAMP): settings.ini setup.py
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-## Everything CI runs: notebooks/library in sync, lint, notebook tests, pytest (unit, integration, end to end).
-test: install check-sync lint openapi-check nbtest pytest
+## Everything CI runs: notebooks/library in sync, lint, then the notebook tests and pytest (unit, integration, end
+## to end) side by side, on one Redis.
+test: install check-sync lint openapi-check nbtest-and-pytest
 
 ## The fast tier: lint, then the notebook tests and pytest without the system tier (no service in a subprocess,
 ## no make) side by side, on one Redis.
@@ -67,6 +68,10 @@ lint: install
 
 nbtest: install
 	. config/env.sh && $(WITH_REDIS) $(NBTEST)
+
+## Both test runs at once (many tests wait on services and Redis): fails if either fails.
+nbtest-and-pytest: install
+	. config/env.sh && $(WITH_REDIS) bash -c '$(NBTEST) & nb=$$!; $(PYTEST) tests; py=$$?; wait $$nb && exit $$py'
 
 ## In parallel (pytest-xdist), a test file per worker at a time: module fixtures (services) start once.
 pytest: install
