@@ -14,10 +14,11 @@ per call), taking turns in blocks of 20 (the timed orders go into the state too:
 - the IP's state: `MEMORY USAGE ... SAMPLES 0` of its records key and of its tile set, and its number of tiles.
 
 Then, through the busy IP: a batch of 100 orders and one of 500 in one pipeline each (what `predict-batch` sends),
-and one late order dated 30 days before the newest (it moves the running sums of every later tile: the script's
-longest path, bounded by the state horizon rather than by the traffic). The worst case of that path: one
-customer, email and IP together with an order in every hour of `--days` days, then a late order of theirs 30
-days back (every later tile of all three). Others while a busy value loads: single calls through new IPs from a
+and one late order dated 30 days before the newest (it moves the running sums on the shorter side of its hour,
+here its few earlier tiles': the script's longest path, bounded by half the state horizon rather than by the
+traffic). The worst case of that path: one customer, email and IP together with an order in every hour of `--days`
+days, then late orders of theirs 30 days back and at the middle of their hours (half of the tiles of all three
+move), and a fraud label for the middle one (the same half). Others while a busy value loads: single calls through new IPs from a
 second connection, while the first sends `--load-rate` orders a second through the busy IP (batches of 10), against
 the same calls with no load.
 And what `predict-batch` does with 100 orders through the busy IP, in process (the service's `Scorer` with a
@@ -51,11 +52,19 @@ from report import recorded
 
 from fraud_poc.core.schema import FEATURE_COLUMNS, LABEL_DELAY_DAYS, WINDOW, FeatureSpec  # noqa: E402
 from fraud_poc.core.service_payloads import Order  # noqa: E402
-from fraud_poc.features.definitions import timestamp_us  # noqa: E402
+from fraud_poc.features.definitions import hours_of, timestamp_us  # noqa: E402
 from fraud_poc.serving.scorer import Scorer  # noqa: E402
 from fraud_poc.store.redis_pipe import RedisPipe  # noqa: E402
 from fraud_poc.store.redis_store import Keys  # noqa: E402
-from fraud_poc.store.store_scripts import APPEND_SCRIPT, APPEND_SCRIPT_SHA, script_args, script_keys  # noqa: E402
+from fraud_poc.store.store_scripts import (  # noqa: E402
+    APPEND_SCRIPT,
+    APPEND_SCRIPT_SHA,
+    LABEL_SCRIPT,
+    label_args,
+    label_keys,
+    script_args,
+    script_keys,
+)
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 VERSION = "busy"
@@ -242,7 +251,7 @@ def run(bench: Bench, args: argparse.Namespace) -> None:
     times, srv = bench.timed_block([bench.record(late_ts, BUSY_IP)])
     longest = max(longest, *times)
     print(
-        f"late order through the busy IP, dated 30 days before its newest (moves ~{30 * 24} later tiles): "
+        f"late order through the busy IP, dated 30 days before its newest (~{30 * 24} later tiles: the earlier move): "
         f"{times[0]:.0f} µs (server {srv:.0f} usec)"
     )
     records_bytes, tiles_bytes, tiles = bench.state(BUSY_IP)
@@ -275,8 +284,10 @@ def run(bench: Bench, args: argparse.Namespace) -> None:
 
 
 def worst_late_order(bench: Bench, args: argparse.Namespace) -> float:
-    """One customer, email and IP with an order every hour of `--days` days, then a late order of theirs 30 days
-    back: the script rewrites every later tile of all three. Prints and returns its client-side µs."""
+    """One customer, email and IP with an order every hour of `--days` days, then late orders of theirs: 30 days
+    back (the few earlier tiles' running sums move), and at the middle of their hours, the worst case (half of each
+    set's tiles move, whichever side); then a fraud label for that middle order (the same half). Prints them and
+    returns the longest client-side µs."""
     triple = ("c-worst", "worst@ex.com", "192.0.2.99")
     ts, stream = START_US, []
     for _ in range(args.days * 24):
@@ -286,15 +297,44 @@ def worst_late_order(bench: Bench, args: argparse.Namespace) -> float:
         ts += 3_600_000_000
     for start in range(0, len(stream), CHUNK):
         bench.pipelined(stream[start : start + CHUNK])
-    late = (f"o{bench.sent:08d}", ts - 30 * DAY_US, *triple, 10.37)
-    bench.sent += 1
-    times, srv = bench.timed_block([late])
-    tiles = bench.redis.zcard(bench.keys.fs_tiles(VERSION, "ip_addr", triple[2]))
-    print(
-        f"worst case: a late order (30 days back) of a customer, email and IP with {tiles} tiles each: "
-        f"{times[0]:.0f} µs (server {srv:.0f} usec)"
+    tiles_key = bench.keys.fs_tiles(VERSION, "ip_addr", triple[2])
+    newest = hours_of(ts - 3_600_000_000)
+    tiles = bench.redis.zcard(tiles_key)
+    middle = newest - tiles // 2
+    longest = 0.0
+    for what, late_ts in (
+        ("30 days back", ts - 30 * DAY_US),
+        ("at the middle of its hours", middle * 3_600_000_000),
+    ):
+        late = (f"o{bench.sent:08d}", late_ts + 1_800_000_000, *triple, 10.37)
+        bench.sent += 1
+        hour = hours_of(late[1])
+        sides = bench.redis.zcount(tiles_key, "-inf", hour), bench.redis.zcount(tiles_key, f"({hour}", "+inf")
+        times, srv = bench.timed_block([late])
+        longest = max(longest, times[0])
+        print(
+            f"worst case: a late order ({what}; tiles at or before its hour / after it {sides[0]} / {sides[1]}) of "
+            f"a customer, email and IP with {tiles} tiles each: {times[0]:.0f} µs (server {srv:.0f} usec)"
+        )
+    keys = label_keys(bench.keys, VERSION)
+    label = bench.redis.script_load(LABEL_SCRIPT)
+    calls0, usec0 = bench.evalsha_stats()
+    started = time.perf_counter_ns()
+    reply = bench.redis.evalsha(
+        label,
+        len(keys),
+        *keys,
+        *label_args(bench.pointer, bench.keys, VERSION, late[0], True, late[1] + 60_000_000),
     )
-    return times[0]
+    label_us = (time.perf_counter_ns() - started) / 1e3
+    calls1, usec1 = bench.evalsha_stats()
+    if reply[1] != b"ok" or reply[3] != 3:
+        raise RuntimeError(f"the label did not change the three states: {reply}")
+    print(
+        f"worst case: a fraud label for that middle order (its three states): {label_us:.0f} µs "
+        f"(server {(usec1 - usec0) / max(calls1 - calls0, 1):.0f} usec)"
+    )
+    return max(longest, label_us)
 
 
 async def scored_batch(bench: Bench, args: argparse.Namespace) -> None:
