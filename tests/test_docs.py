@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.system  # a whole build of the site from every notebook (about 100 s): `make test`, not `make test-fast`
 def test_docs_site_builds_and_shows_every_public_name(tmp_path):
     site = tmp_path / "site"
     done = subprocess.run(
