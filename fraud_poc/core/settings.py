@@ -89,8 +89,9 @@ class TrainModelSettings:
     monotone_confirmed_fraud: bool = True
     # the rows a model trains on, at most (0: no cap): every fraud row is kept, the legitimate ones are subsampled
     # (seeded), and the scores are corrected for it (prior correction, see 14_train), so they stay probabilities.
-    # 2M: no cap below ~5M orders; bench_quality at 1.2M lost no AP keeping 1/2 or 1/5 of the legitimate rows
-    max_train_rows: int = field(default=2_000_000, ge=0, le=100_000_000)
+    # 1M: no cap below ~2.5M orders; bench_quality at 1.2M lost no AP keeping 1/2 or 1/5 of the legitimate rows, and
+    # at 12M 1M rows gave the uncapped model's AP (+0.002) and train-model 12 s (20%) less than 2M (docs/benchmarks.md)
+    max_train_rows: int = field(default=1_000_000, ge=0, le=100_000_000)
 
 
 @dataobject
