@@ -53,6 +53,7 @@ from report import recorded
 from fraud_poc.core.schema import FEATURE_COLUMNS, LABEL_DELAY_DAYS, WINDOW, FeatureSpec  # noqa: E402
 from fraud_poc.core.service_payloads import Order  # noqa: E402
 from fraud_poc.features.definitions import hours_of, timestamp_us  # noqa: E402
+from fraud_poc.model.tree_walk import load_kernels  # noqa: E402
 from fraud_poc.serving.scorer import Scorer  # noqa: E402
 from fraud_poc.store.redis_pipe import RedisPipe  # noqa: E402
 from fraud_poc.store.redis_store import Keys  # noqa: E402
@@ -353,6 +354,8 @@ async def scored_batch(bench: Bench, args: argparse.Namespace) -> None:
         mapping={"booster": bytes(booster.save_raw("ubj")), "metadata": json.dumps(metadata)},
     )
     scorer = Scorer(aioredis.Redis.from_url(args.redis_url), RedisPipe(args.redis_url), bench.keys, top_k=5)
+    load_kernels()  # as a service worker does before it listens (`service.common.load_compiled_walk_in_workers`)
+    await scorer.current()  # the model loaded, as after a worker's first request
     ts = START_US + (args.days + 2) * DAY_US
     times = []
     for _ in range(5):
