@@ -121,6 +121,9 @@ class ServiceSettings:
     max_in_flight: int = field(
         default=32, ge=1, le=100_000
     )  # per replica, its workers together (docs/operations.md)
+    # while a process refuses requests, its bound shrinks (to a quarter of max_in_flight at least) as long as the
+    # requests it accepts take longer than this on average, and grows back when they are faster (nbs/44_overload)
+    overload_target_ms: float = field(default=20.0, gt=0, le=60_000)
 
 
 @dataobject
