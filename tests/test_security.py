@@ -31,6 +31,8 @@ from conftest import free_port
 
 from fraud_poc.features.generator import generate_orders
 from fraud_poc.launcher import SERVICES
+from fraud_poc.store.redis_store import Keys
+from fraud_poc.store.run_status import owner_key
 from fraud_poc.web.auth import UNAUTHORIZED
 
 pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
@@ -189,9 +191,12 @@ def store(setup: Setup) -> redis.Redis:
 
 
 def footprint(setup: Setup) -> tuple[list[bytes], int]:
-    """The project's keys and the number of entries in all streams: what a call that does something changes."""
+    """The project's keys and the number of entries in all streams: what a call that does something changes. The
+    processes' heartbeats (`owner:<process>`, `run_status.owner_key`) come and go on their own: a service stopped by
+    an earlier test loses its own a few seconds later."""
     r = store(setup)
-    keys = sorted(r.scan_iter(match=f"{PREFIX}*"))
+    heartbeat = owner_key(Keys(PREFIX), "").encode()
+    keys = sorted(k for k in r.scan_iter(match=f"{PREFIX}*") if not k.startswith(heartbeat))
     streams = sum(r.xlen(key) for key in r.scan_iter(_type="stream"))
     return keys, streams
 
