@@ -106,10 +106,9 @@ class Checkpoint:
 
 @dataclass
 class Late:
-    """A late order through an IP: its hour, the IP's tiles at or before it and after it then, the commands the
-    script ran and the tiles it rewrote."""
+    """A late order through an IP: the IP's tiles at or before its hour and after it then, the commands the script
+    ran and the tiles it rewrote."""
 
-    hour: int
     sides: tuple[int, int]
     commands: dict[str, int]
     rewritten: int
@@ -212,7 +211,7 @@ def loaded(request, redis_client, key_prefix) -> Loaded:
             late = probe(f"late{kind}{ip.rsplit('.', 1)[1]:0>6}", late_us, ip)
             commands = counted_call(redis_client, loaded, late)[1]
             rewritten = len(set(redis_client.zrange(tiles_key, 0, -1)) - members)
-            loaded.late[kind, ip] = Late(hour, sides, commands, rewritten)
+            loaded.late[kind, ip] = Late(sides, commands, rewritten)
     yield loaded
     for key in redis_client.scan_iter(match=f"{keys.prefix}*", count=1000):
         redis_client.unlink(key)

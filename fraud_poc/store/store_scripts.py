@@ -67,13 +67,13 @@ local function tile_of(h, n, c, f, sn, sc, sf)
 end
 
 local function shift(key, lo, hi, dn, dc, df)
-  local later = redis.call('ZRANGEBYSCORE', key, lo, hi)
-  if #later == 0 then return end
+  local moved = redis.call('ZRANGEBYSCORE', key, lo, hi)
+  if #moved == 0 then return end
   redis.call('ZREMRANGEBYSCORE', key, lo, hi)
-  for first = 1, #later, 500 do
+  for first = 1, #moved, 500 do
     local args = {}
-    for k = first, math.min(first + 499, #later) do
-      local h, n, c, f, sn, sc, sf = fields(later[k])
+    for k = first, math.min(first + 499, #moved) do
+      local h, n, c, f, sn, sc, sf = fields(moved[k])
       args[#args + 1] = h
       args[#args + 1] = tile_of(h, n, c, f, sn + dn, sc + dc, sf + df)
     end

@@ -108,10 +108,8 @@ class InFlight:
         return sum(self.counts)
 
     def full(self) -> bool:
-        if (
-            self.bound < self.limit and self.clock() - self._refused_at >= WINDOW_SECONDS
-        ):  # the overload is over
-            self.bound, self._window = self.limit, [self.clock(), 0.0, 0, 0]
+        if self.bound < self.limit and (moment := self.clock()) - self._refused_at >= WINDOW_SECONDS:
+            self.bound, self._window = self.limit, [moment, 0.0, 0, 0]  # the overload is over
         return sum(self.counts) >= self.bound
 
     def answered(self, seconds: float) -> None:
@@ -119,15 +117,15 @@ class InFlight:
         window = self._window
         window[1] += seconds
         window[2] += 1
-        self._adapt()
+        self._adapt(self.clock())
 
-    def _adapt(self) -> None:
-        """Once a window is over: the bound from what it saw (see the class), and a new window."""
+    def _adapt(self, moment: float) -> None:
+        """Once a window is over at `moment`: the bound from what it saw (see the class), and a new window (a
+        quiet spell after refusals is `full`'s to end)."""
         started, seconds, answered, refused = self._window
-        moment = self.clock()
         if moment - started < WINDOW_SECONDS:
             return
-        if not refused or moment - started > 5 * WINDOW_SECONDS:  # nothing refused, or a quiet spell since
+        if not refused:
             self.bound = self.limit
         elif answered and seconds / answered > self.target:
             self.bound = max(-(-self.limit // 4), self.bound * 4 // 5)
@@ -146,10 +144,9 @@ class InFlight:
         """Count one refusal in `fraud_overload_refusals_total`, and log the refusals at most every 10 s."""
         self.refused += 1
         self._window[3] += 1
-        self._refused_at = self.clock()
-        self._adapt()
+        self._refused_at = moment = self.clock()
+        self._adapt(moment)
         OVERLOAD_REFUSALS.inc()  # fraud_overload_refusals_total at /metrics
-        moment = time.monotonic()
         if moment - self.logged_at >= LOG_EVERY_SECONDS:
             log.warning(
                 "overload: %d request(s) refused with 503 (at the bound of %d in progress, of at most %d)",
