@@ -1,6 +1,6 @@
 """Both services against a Redis of their own (port 18410) that restarts and that loses its data.
 
-(a) Restart with persistence: Redis stays `LOADING` for seconds (3M ballast keys in its RDB) and every pooled
+(a) Restart with persistence: Redis stays `LOADING` for seconds (2M ballast keys in its RDB) and every pooled
 connection predates the restart; no request to either service is answered 500, and the next run completes.
 (c) An outage longer than the retries (12 s): `run-pipeline` starts nothing, and answers 200 again as soon as
 Redis is back (hopeit's stream circuit breaker stays closed).
@@ -30,7 +30,10 @@ pytestmark = pytest.mark.system  # services in subprocesses (the system tier)
 API = "/api/training-pipeline/0x2"
 SERVICE_API = "/api/fraud-service/0x2"
 SMALL = {"num_orders": 30_000, "num_customers": 600, "months": 3, "fraud_rate": 0.02, "seed": 7}
-BALLAST_KEYS = 3_000_000  # about 125 MB of RDB: 4-5 s of LOADING on this machine
+# about 85 MB of RDB: 2.5-3.5 s of LOADING, over the 1 s the test needs, and well under the services' retries
+# (about 7.5 s, redis_store.RETRY_ATTEMPTS) even when the disk is slow: 3M keys once loaded for 7.9 s, and the
+# requests still waiting then were answered 503 (Redis not ready) as they should be, but failed the test
+BALLAST_KEYS = 2_000_000
 STEP_GROUPS = [
     "sample_data",
     "preprocess",
