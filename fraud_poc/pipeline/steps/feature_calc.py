@@ -30,7 +30,13 @@ from fraud_poc.store.datasets import (
     write_data_cutoff,
     write_feature_spec,
 )
-from ..exchange import exchange_folder, hash_partitions, received_rows, send_rows
+from fraud_poc.pipeline.exchange import (
+    exchange_folder,
+    hash_partitions,
+    received_rows,
+    send_rows,
+    target_order,
+)
 from fraud_poc.core.schema import (
     ENTITIES,
     FEATURE_COLUMNS,
@@ -144,7 +150,7 @@ def _features_sent(
     orders = _read_orders(path, _INPUTS)
     rows, matrix, states, in_time = _features_and_state(orders, by, spec, as_of_us)
     targets = customer_partitions(orders[ENTITIES[0]], npartitions)
-    sent = in_time[np.argsort(targets[in_time], kind="stable")]  # by target, each target's rows in time order
+    sent = in_time[target_order(targets[in_time], npartitions)]  # by target, each target's rows in time order
     columns = [
         _column(orders, "order_id", sent),
         pa.array(features.timestamps_us(orders["order_date"])[sent]),
@@ -162,6 +168,7 @@ def _customer_partition(
     as_of_us: int,
     folder: Path,
     target: int,
+    npartitions: int,
     output: tuple[Path, Path, pa.Schema],
     sent: int,
 ) -> int:
@@ -177,7 +184,7 @@ def _customer_partition(
     columns.update(zip(_entity_columns(first), map(pa.array, matrix), strict=True))
     by_time = _inverse(rows)[in_time]  # the output rows in time order
     for by in others:
-        received = received_rows(folder / by, target, _sent_schema(by))
+        received = received_rows(folder / by, target, _sent_schema(by), npartitions)
         aligned = align_rows(columns["order_id"], by_time, received)
         columns.update(zip(aligned.column_names, aligned.columns, strict=True))
     table = pa.Table.from_arrays([columns[name] for name in FEATURES_OUTPUT_COLUMNS], schema=schema)
@@ -234,7 +241,9 @@ def calc_features(client: Client, data_root: str | Path, run_id: str, *, spec: F
         all_sent = delayed(len, pure=True)(sent)  # every file written before a customer partition reads
         output = (tmp, tmp_state / first, _output_schema(Path(files[first][0])))
         written = [
-            delayed(_customer_partition, pure=True)(path, spec, as_of_us, folder, target, output, all_sent)
+            delayed(_customer_partition, pure=True)(
+                path, spec, as_of_us, folder, target, npartitions, output, all_sent
+            )
             for target, path in enumerate(files[first])
         ]
         rows = sum(client.gather(client.compute(written)))
