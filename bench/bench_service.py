@@ -40,7 +40,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 from uuid import uuid4
 
@@ -595,14 +595,17 @@ async def open_loop(
     """
     count = min(int(rate * duration), max_count)
     prepared = target.requests(source, count)  # built before the clock starts
-    idle: list[HttpConnection] = [await target.connect() for _ in range(8)]
+    # the idle connection used longest ago goes first: every connection takes its turn, as a client's many
+    # connections (or a load balancer's) would; the last one used, first, sent nearly every request of a
+    # rate the service keeps up with on the one connection, to the one worker that had accepted it
+    idle: deque[HttpConnection] = deque([await target.connect() for _ in range(8)])
     latencies, from_schedule, late, errors = [], [], [], Errors()
     loop = asyncio.get_running_loop()
 
     async def one(data: bytes, scheduled: float) -> None:
-        while idle and idle[-1].transport.is_closing():  # closed by the server while idle
-            idle.pop()
-        connection = idle.pop() if idle else await target.connect()
+        while idle and idle[0].transport.is_closing():  # closed by the server while idle
+            idle.popleft()
+        connection = idle.popleft() if idle else await target.connect()
         sent = time.perf_counter()
         ok = await send(connection, data, errors)
         answered = time.perf_counter()
