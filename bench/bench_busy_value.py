@@ -19,8 +19,8 @@ here its few earlier tiles': the script's longest path, bounded by half the stat
 traffic). The worst case of that path: one customer, email and IP together with an order in every hour of `--days`
 days, then late orders of theirs 30 days back and at the middle of their hours (half of the tiles of all three
 move), and a fraud label for the middle one (the same half). Others while a busy value loads: single calls through new IPs from a
-second connection, while the first sends `--load-rate` orders a second through the busy IP (batches of 10), against
-the same calls with no load.
+second connection, while another process sends `--load-rate` orders a second through the busy IP (batches of 10),
+against the same calls while it sends as many through new IPs (the same load, no busy value) and with no load.
 And what `predict-batch` does with 100 orders through the busy IP, in process (the service's `Scorer` with a
 model of 50 trees made live on this version; HTTP's parsing and encoding of the batch are not in it). Last, the
 `SLOWLOG` entries of this run (above the server's own `slowlog-log-slower-than`, which is read, not
@@ -32,12 +32,14 @@ changed) and the version's order index.
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import statistics
 import sys
-import threading
 import time
 from datetime import UTC, datetime, timedelta
+from multiprocessing.sharedctypes import Synchronized
+from multiprocessing.synchronize import Event
 from pathlib import Path
 from uuid import uuid4
 
@@ -385,9 +387,30 @@ async def scored_batch(bench: Bench, args: argparse.Namespace) -> None:
     )
 
 
+def _load(
+    args: argparse.Namespace, bench: Bench, busy: bool, ts: int, stop: Event, sent: Synchronized
+) -> None:
+    """Child process: `args.load_rate` orders a second, in batches of 10, through the busy IP (`busy`) or each
+    through a new IP, until `stop`; counts them in `sent`."""
+    loader = Bench(args)  # a connection of its own
+    loader.keys, loader.pointer, loader.sent = bench.keys, bench.pointer, 2 * 10**7 + busy * 10**7
+    loader.new_ips = 10**6  # apart from the probe's
+    period, due = 10 / args.load_rate, time.perf_counter()
+    while not stop.is_set():
+        loader.pipelined(
+            [loader.record(ts + i * 1_000, BUSY_IP if busy else loader.new_ip()) for i in range(10)]
+        )
+        ts += 10_000
+        with sent.get_lock():
+            sent.value += 10
+        due += period
+        time.sleep(max(due - time.perf_counter(), 0))
+
+
 def others_while_loading(bench: Bench, args: argparse.Namespace) -> None:
-    """Single calls through new IPs from a second connection, with and without another connection sending
-    `--load-rate` orders a second through the busy IP."""
+    """Single calls through new IPs from a second connection: with no load, while another process sends
+    `--load-rate` orders a second through the busy IP, and while it sends as many through new IPs (the same load
+    without a busy value: what any traffic at that rate costs the others on this machine)."""
     probe = Bench(args)
     probe.keys, probe.pointer, probe.sent = bench.keys, bench.pointer, 10**7  # same version, other ids
     ts = START_US + args.days * DAY_US
@@ -400,30 +423,29 @@ def others_while_loading(bench: Bench, args: argparse.Namespace) -> None:
             ts += 1_000
         return probe.timed_block(records)[0]
 
-    quiet = calls(1_000)
-    stop, sent = threading.Event(), [0]
+    def under_load(busy: bool) -> tuple[list[float], int]:
+        context = multiprocessing.get_context("fork")
+        stop, sent = context.Event(), context.Value("q", 0)
+        loader = context.Process(target=_load, args=(args, bench, busy, ts + DAY_US, stop, sent))
+        loader.start()
+        try:
+            time.sleep(0.2)  # the loader connected and at its rate
+            return calls(10_000), sent.value
+        finally:
+            stop.set()
+            loader.join()
 
-    def load() -> None:
-        load_ts, period, due = ts + DAY_US, 10 / args.load_rate, time.perf_counter()
-        while not stop.is_set():
-            batch = [bench.record(load_ts + i * 1_000, BUSY_IP) for i in range(10)]
-            load_ts += 10_000
-            bench.pipelined(batch)
-            sent[0] += 10
-            due += period
-            time.sleep(max(due - time.perf_counter(), 0))
+    quiet = calls(10_000)
+    busy, sent_busy = under_load(busy=True)
+    ordinary, sent_ordinary = under_load(busy=False)
 
-    loader = threading.Thread(target=load)
-    loader.start()
-    try:
-        loaded = calls(1_000)
-    finally:
-        stop.set()
-        loader.join()
+    def summary(latencies: list[float]) -> str:
+        return f"p50 {statistics.median(latencies):.0f} µs, p99 {percentile(latencies, 99):.0f} µs"
+
     print(
-        f"others while the busy IP takes {args.load_rate} orders/s ({sent[0]} meanwhile): new-IP calls p50 "
-        f"{statistics.median(loaded):.0f} µs, p99 {percentile(loaded, 99):.0f} µs; with no load p50 "
-        f"{statistics.median(quiet):.0f} µs, p99 {percentile(quiet, 99):.0f} µs"
+        f"others (new-IP calls from another connection) while another process sends {args.load_rate} orders/s: "
+        f"through the busy IP ({sent_busy} sent) {summary(busy)}; through new IPs ({sent_ordinary} sent) "
+        f"{summary(ordinary)}; with no load {summary(quiet)}"
     )
 
 
