@@ -78,11 +78,9 @@ def target_order(targets: np.ndarray, npartitions: int) -> np.ndarray:
 
 
 def _by_target(rows: pa.Table, targets: np.ndarray, npartitions: int) -> Iterator[pa.RecordBatch]:
-    """One record batch per target of `rows` (`targets`: one per row), in target order, each in row order."""
+    """One record batch per target of `rows`, which are in target order (`targets`: one per row, in any order)."""
     counts = np.bincount(targets, minlength=npartitions)
     starts = np.cumsum(counts) - counts
-    if not (targets[1:] >= targets[:-1]).all():  # else the rows are already by target: no copy
-        rows = rows.take(target_order(targets, npartitions))
     batches = rows.combine_chunks().to_batches()  # one batch (or none, without rows) to slice per target
     whole = batches[0] if batches else pa.RecordBatch.from_pylist([], schema=rows.schema)
     return (whole.slice(int(starts[target]), int(counts[target])) for target in range(npartitions))
@@ -100,14 +98,17 @@ def send_rows(
     `[0, npartitions)`) as `folder/<source>.arrow`: for each slice `k` of `slice_rows` rows in turn (one slice of
     all rows if they are in target order already), record batch `k * npartitions + t` holds its rows for target
     `t`, in their order (empty for a target without rows)."""
-    in_order = bool((targets[1:] >= targets[:-1]).all())  # nothing to order: one slice
+    in_order = bool((targets[1:] >= targets[:-1]).all())  # nothing to order (no copy): one slice
     step = max(table.num_rows, 1) if in_order else slice_rows
     # never `parents=True`: a task still running after its step failed and removed the exchange must not make it again
     folder.mkdir(exist_ok=True)
     path, partial = folder / f"{source}.arrow", folder / f".{source}.arrow.{uuid4().hex[:8]}"
     with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         for start in range(0, max(table.num_rows, 1), step):  # a table without rows: one empty slice
-            for batch in _by_target(table.slice(start, step), targets[start : start + step], npartitions):
+            rows, part = table.slice(start, step), targets[start : start + step]
+            if not in_order:
+                rows = rows.take(target_order(part, npartitions))
+            for batch in _by_target(rows, part, npartitions):
                 writer.write_batch(batch)
     partial.replace(path)
 

@@ -115,16 +115,22 @@ def chunk_commands(
     for start in range(
         0, len(ids), HSET_FIELDS
     ):  # the order index is one hash: at most HSET_FIELDS per command
-        head, rest = (
-            _words("HSET", keys.fs_orders(version)),
-            _interleaved(ids[start : start + HSET_FIELDS], entries[start : start + HSET_FIELDS]),
+        commands.append(
+            _command_args(
+                _words("HSET", keys.fs_orders(version)),
+                _interleaved(ids[start : start + HSET_FIELDS], entries[start : start + HSET_FIELDS]),
+            )
         )
-        commands.append(([head, rest], [len(head) + len(rest)]))
     args = [arg for command_args, _ in commands for arg in command_args]
     counts = [count for _, command_counts in commands for count in command_counts]
     if not counts:
         return b"", 0, 0
     return resp_commands(pa.concat_arrays(args), np.asarray(counts)), len(counts), len(ids)
+
+
+def _command_args(head: pa.Array, rest: pa.Array) -> tuple[list[pa.Array], list[int]]:
+    """One command of `head` then `rest` as `chunk_commands` gathers them: (its argument arrays, [its count])."""
+    return [head, rest], [len(head) + len(rest)]
 
 
 def _state_commands(chunk: pa.Table, keys: Keys, version: str, by: str) -> list[tuple[list, list[int]]]:
@@ -143,15 +149,15 @@ def _state_commands(chunk: pa.Table, keys: Keys, version: str, by: str) -> list[
         _interleaved(_binary(hours), _binary(tiles.flatten().take(reverse))),
         tiles_per_value[has_tiles],
     )
-    mset = _words("MSET"), _interleaved(_prefixed(keys.fs_state(version, by, ""), values), states)
-    index = (
-        _words("ZADD", keys.fs_index(version, by)),
-        _interleaved(_binary(pa.repeat(pa.scalar(b"0"), len(values))), values),
-    )
     return [
-        (list(mset), [len(mset[0]) + len(mset[1])]),
+        _command_args(
+            _words("MSET"), _interleaved(_prefixed(keys.fs_state(version, by, ""), values), states)
+        ),
         ([tile_args], tile_counts.tolist()),
-        (list(index), [len(index[0]) + len(index[1])]),
+        _command_args(
+            _words("ZADD", keys.fs_index(version, by)),
+            _interleaved(_binary(pa.repeat(pa.scalar(b"0"), len(values))), values),
+        ),
     ]
 
 

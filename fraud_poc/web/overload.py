@@ -64,12 +64,7 @@ class InFlight:
         self.target, self.clock = target, clock
         self.limit = limit  # sets `bound` too
         self.refused, self.logged_at, self._refused_at = 0, float("-inf"), float("-inf")
-        self._window = [
-            clock(),
-            0.0,
-            0,
-            0,
-        ]  # its start, seconds of the accepted requests answered, their count, refusals
+        self._new_window(clock())
         self.cells = memoryview(mmap.mmap(-1, 16 * SLOTS)).cast("q")  # pid, count, pid, count, ...
         self.counts = self.cells[1::2]
         self.claims = multiprocessing.Lock()
@@ -109,29 +104,32 @@ class InFlight:
 
     def full(self) -> bool:
         if self.bound < self.limit and (moment := self.clock()) - self._refused_at >= WINDOW_SECONDS:
-            self.bound, self._window = self.limit, [moment, 0.0, 0, 0]  # the overload is over
+            self.bound = self.limit  # the overload is over
+            self._new_window(moment)
         return sum(self.counts) >= self.bound
 
     def answered(self, seconds: float) -> None:
         """An accepted request was answered after `seconds` in progress."""
-        window = self._window
-        window[1] += seconds
-        window[2] += 1
+        self._seconds += seconds
+        self._answered += 1
         self._adapt(self.clock())
+
+    def _new_window(self, moment: float) -> None:
+        """A window starting at `moment`: seconds of the accepted requests answered in it, their count, refusals."""
+        self._started, self._seconds, self._answered, self._refusals = moment, 0.0, 0, 0
 
     def _adapt(self, moment: float) -> None:
         """Once a window is over at `moment`: the bound from what it saw (see the class), and a new window (a
         quiet spell after refusals is `full`'s to end)."""
-        started, seconds, answered, refused = self._window
-        if moment - started < WINDOW_SECONDS:
+        if moment - self._started < WINDOW_SECONDS:
             return
-        if not refused:
+        if not self._refusals:
             self.bound = self.limit
-        elif answered and seconds / answered > self.target:
+        elif self._answered and self._seconds / self._answered > self.target:
             self.bound = max(-(-self.limit // 4), self.bound * 4 // 5)
         else:
             self.bound = min(self.limit, self.bound + 1)
-        self._window = [moment, 0.0, 0, 0]
+        self._new_window(moment)
 
     def take(self) -> None:
         mine = self.mine if self.mine >= 0 else self.claim()
@@ -143,7 +141,7 @@ class InFlight:
     def count_refusal(self) -> None:
         """Count one refusal in `fraud_overload_refusals_total`, and log the refusals at most every 10 s."""
         self.refused += 1
-        self._window[3] += 1
+        self._refusals += 1
         self._refused_at = moment = self.clock()
         self._adapt(moment)
         OVERLOAD_REFUSALS.inc()  # fraud_overload_refusals_total at /metrics
