@@ -32,6 +32,7 @@ from fraud_poc.store.feature_store import (
     NotPromotable,
     live_pointer,
     loaded_versions,
+    remove_models,
     remove_version,
     version_meta,
 )
@@ -367,7 +368,7 @@ def clean_runs(
         removed_bytes += sum(_bytes_under(model_dir(data_root, m)) for m in models)
         if not dry_run:
             for model_id in models:
-                r.unlink(keys.model(model_id))
+                remove_models(r, keys, [model_id])
                 shutil.rmtree(model_dir(data_root, model_id))
             for run_id in remove:
                 if version_meta(r, keys, run_id) is not None:

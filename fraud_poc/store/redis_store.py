@@ -48,6 +48,16 @@ class Keys:
         """Hash with the model's booster (XGBoost UBJSON bytes) and metadata (JSON)."""
         return f"{self.prefix}model:{model_id}"
 
+    @property
+    def models(self) -> str:
+        """Set of the model ids that have a `model` hash (the registry that spares a scan of the keyspace)."""
+        return f"{self.prefix}models"
+
+    @property
+    def fs_versions(self) -> str:
+        """Set of the feature-store versions whose load completed (written with their `fs_meta`)."""
+        return f"{self.prefix}fs-versions"
+
     def fs_prefix(self, version: str) -> str:
         """Common prefix of every key of one feature-store version."""
         return f"{self.prefix}fs:{version}:"
