@@ -142,9 +142,10 @@ def split_features_file(
     fraud rows of each part."""
     table = pq.read_table(path)
     options = parquet_write_options(table.column_names)
+    del options["write_index"]
     counts = {"rows": table.num_rows}
     for part, rows in split_table(table, bounds, non_fraud_fraction, seed).items():
-        pq.write_table(rows, targets[part], use_dictionary=options["use_dictionary"])
+        pq.write_table(rows, targets[part], **options)
         counts[f"{part}_rows"] = rows.num_rows
         counts[f"{part}_fraud"] = int(rows.column(LABEL).to_numpy(zero_copy_only=False).sum())
     return counts
