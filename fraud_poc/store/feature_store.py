@@ -13,7 +13,6 @@ import json
 import operator
 import time
 from dataclasses import dataclass
-from functools import partial
 from datetime import datetime, timezone
 from collections.abc import Callable
 from typing import Any
@@ -113,9 +112,8 @@ def chunk_commands(
         ids, entries = (_binary(chunk[col].combine_chunks().flatten()) for col in ("order_ids", "orders"))
         if index_entries is not None:
             ids, entries = ids.filter(index_entries), entries.filter(index_entries)
-    for start in range(
-        0, len(ids), HSET_FIELDS
-    ):  # the order index is one hash: at most HSET_FIELDS per command
+    # the order index is one hash: at most HSET_FIELDS per command
+    for start in range(0, len(ids), HSET_FIELDS):
         commands.append(
             _command_args(
                 _words("HSET", keys.fs_orders(version)),
@@ -483,16 +481,19 @@ def _scanned(r: redis.Redis, pattern_of: Callable[[str], str]) -> set[str]:
     trip: at 12M orders, 1.5 s of Redis's time)."""
     head, tail = pattern_of("\0").split("\0")
     pattern = glob_escape(head) + "*" + glob_escape(tail)
-    found = (key.decode()[len(head) : len(key) - len(tail)] for key in r.scan_iter(match=pattern, count=1000))
-    return {x for x in found if SAFE_ID.fullmatch(x)}  # a state key ending in `:meta` is no version
+    names = (key.decode() for key in r.scan_iter(match=pattern, count=1000))
+    found = (name[len(head) : len(name) - len(tail)] for name in names)
+    return {x for x in found if SAFE_ID.fullmatch(x)}  # a state key ending in `:meta` matches too: no version
 
 
-def _registered(r: redis.Redis, registry: str, live_id: str | None, scan: Callable[[], set[str]]) -> set[str]:
-    """The members of a registry set (`keys.models`, `keys.fs_versions`). A store written before the set existed
-    lacks the live id in it: its set is then filled once from `scan`."""
+def _registered(
+    r: redis.Redis, registry: str, live_id: str | None, pattern_of: Callable[[str], str]
+) -> set[str]:
+    """The members of a registry set (`keys.models`, `keys.fs_versions`) of the ids `x` of keys `pattern_of(x)`. A
+    store written before the set existed lacks the live id in it: its set is then filled once by a scan."""
     members = {m.decode() for m in r.smembers(registry)}
     if live_id is not None and live_id not in members:
-        found = scan()
+        found = _scanned(r, pattern_of)
         if found:
             r.sadd(registry, *found)
         members |= found
@@ -511,16 +512,14 @@ def remove_models(r: redis.Redis, keys: Keys, model_ids: list[str]) -> int:
 def remove_models_except(r: redis.Redis, keys: Keys, keep: set[str], chunk_size: int = 1000) -> int:
     """Delete the Redis hashes of every registered model not in `keep`; returns the count."""
     live = live_pointer(r, keys)
-    scan = partial(_scanned, r, keys.model)
-    gone = sorted(_registered(r, keys.models, live and live["model_id"], scan) - keep)
+    gone = sorted(_registered(r, keys.models, live and live["model_id"], keys.model) - keep)
     return sum(remove_models(r, keys, gone[i : i + chunk_size]) for i in range(0, len(gone), chunk_size))
 
 
 def loaded_versions(r: redis.Redis, keys: Keys) -> list[str]:
     """Feature-store versions whose load completed (listed in `keys.fs_versions`, their meta present), sorted."""
     live = live_pointer(r, keys)
-    scan = partial(_scanned, r, keys.fs_meta)
-    versions = sorted(_registered(r, keys.fs_versions, live and live["fs_version"], scan))
+    versions = sorted(_registered(r, keys.fs_versions, live and live["fs_version"], keys.fs_meta))
     with r.pipeline(transaction=False) as pipe:
         for version in versions:
             pipe.exists(keys.fs_meta(version))
