@@ -4,9 +4,10 @@
 
 # %% auto #0
 __all__ = ['HSET_FIELDS', 'WRITE_PARTS', 'ANY_LIVE', 'check_version', 'chunk_commands', 'send_commands', 'write_entity_states',
-           'entry_order_ids', 'first_entries', 'write_encoded_states', 'version_meta', 'live_pointer', 'remove_version',
-           'FeatureVersionLoad', 'write_feature_version', 'NotPromotable', 'GateOutdated', 'upload_model', 'promote',
-           'remove_models', 'remove_models_except', 'loaded_versions', 'remove_versions_except', 'switch_live']
+           'entity_values', 'write_entity_index', 'entry_order_ids', 'first_entries', 'write_encoded_states',
+           'version_meta', 'live_pointer', 'remove_version', 'FeatureVersionLoad', 'write_feature_version',
+           'NotPromotable', 'GateOutdated', 'upload_model', 'promote', 'remove_models', 'remove_models_except',
+           'loaded_versions', 'remove_versions_except', 'switch_live']
 
 # %% ../../nbs/21_store_feature_store.ipynb #73c8f97e
 import json
@@ -91,7 +92,12 @@ def _newest_first(lengths: np.ndarray) -> np.ndarray:
     return starts + ends - np.arange(int(lengths.sum()))
 
 
-WRITE_PARTS = ("states", "entries")  # what a write of encoded states sends: the states, the order entries
+WRITE_PARTS = (
+    "states",
+    "index",
+    "entries",
+)  # what a write of encoded states sends: the states, their values in
+# the entity's index, the order entries
 
 
 def chunk_commands(
@@ -103,10 +109,12 @@ def chunk_commands(
     parts: tuple[str, ...] = WRITE_PARTS,
 ) -> tuple[bytes, int, int]:
     """The RESP bytes of writing one chunk of encoded states: its states (one `MSET` of their records, a `ZADD` of
-    each value's tiles, newest first: see below, one `ZADD` of the values to the entity's index) and its order
+    each value's tiles, newest first: see below), its values into the entity's index (one `ZADD`) and its order
     entries (those marked in `index_entries`, default all; `HSET_FIELDS` an `HSET`), or only the `parts` named;
     returns (bytes, commands, order entries written)."""
     commands = _state_commands(chunk, keys, version, by) if "states" in parts else []
+    if "index" in parts:
+        commands.append(_index_command(_binary(chunk["value"]), keys, version, by))
     ids = entries = pa.array([], pa.large_binary())
     if "entries" in parts:
         ids, entries = (_binary(chunk[col].combine_chunks().flatten()) for col in ("order_ids", "orders"))
@@ -153,11 +161,13 @@ def _state_commands(chunk: pa.Table, keys: Keys, version: str, by: str) -> list[
             _words("MSET"), _interleaved(_prefixed(keys.fs_state(version, by, ""), values), states)
         ),
         ([tile_args], tile_counts.tolist()),
-        _command_args(
-            _words("ZADD", keys.fs_index(version, by)),
-            _interleaved(_binary(pa.repeat(pa.scalar(b"0"), len(values))), values),
-        ),
     ]
+
+
+def _index_command(values: pa.Array, keys: Keys, version: str, by: str) -> tuple[list, list[int]]:
+    """`values` into entity `by`'s index, score 0 (`chunk_commands`' form)."""
+    zeros = _binary(pa.repeat(pa.scalar(b"0"), len(values)))
+    return _command_args(_words("ZADD", keys.fs_index(version, by)), _interleaved(zeros, values))
 
 
 def send_commands(r: redis.Redis, payload: bytes, commands: int) -> None:
@@ -223,6 +233,33 @@ def _write_entity_states(
     if index_entries is not None and seen != len(index_entries):
         raise ValueError(f"{len(index_entries)} index flags for {seen} order entries")
     return table.num_rows if "states" in parts else 0, written
+
+
+def entity_values(encoded: pd.DataFrame | pa.Table) -> pa.Array:
+    """Dask task: the entity values of one partition's encoded states."""
+    return _binary(_as_table(encoded)["value"])
+
+
+def write_entity_index(
+    redis_url: str, key_prefix: str, version: str, by: str, chunk_size: int, *values: pa.Array
+) -> int:
+    """Dask task: every value of entity `by` (each partition's `entity_values`) into its index, in byte order,
+    `chunk_size` a `ZADD`; returns how many were sent. Redis keeps members of equal score in byte order, and each
+    one sent in that order goes after the last: 519,958 IPs took half the time they took in random order."""
+    r, keys = sync_redis(redis_url), Keys(key_prefix)
+    ordered = pa.concat_arrays([_binary(v) for v in values]) if values else pa.array([], pa.large_binary())
+    ordered = ordered.take(pc.sort_indices(ordered))
+    per_send = 8 * chunk_size  # commands per round trip, as a chunk of states sends
+    for start in range(0, len(ordered), per_send):
+        block = ordered.slice(start, per_send)
+        commands = [
+            _index_command(block.slice(at, chunk_size), keys, version, by)
+            for at in range(0, len(block), chunk_size)
+        ]
+        args = [arg for command_args, _ in commands for arg in command_args]
+        counts = np.asarray([count for _, command_counts in commands for count in command_counts])
+        send_commands(r, resp_commands(pa.concat_arrays(args), counts), len(counts))
+    return len(ordered)
 
 
 def entry_order_ids(encoded: pd.DataFrame | pa.Table) -> pa.Array:
@@ -360,12 +397,22 @@ def _write_states(
     version: str,
     chunk_size: int,
 ) -> tuple[dict[str, int], int]:
-    """Phase 2: every worker writes the states it holds, then each order's index entry once over all of them;
-    check each entity's count against its index. Returns the states per entity and the order entries written.
-    The states do not wait for the one task that marks the first entries: Redis writes them meanwhile."""
+    """Phase 2: every worker writes the states it holds, then each order's index entry once over all of them; one
+    task per entity writes all its values into its index, in byte order; check each entity's count against its
+    index. Returns the states per entity and the order entries written. The states do not wait for the one task
+    that marks the first entries: Redis writes them meanwhile."""
     order_ids = [client.submit(entry_order_ids, future, pure=False) for _, future in encoded]
     firsts = client.submit(first_entries, *order_ids, pure=False)  # submitted first: it runs first
     args = (redis_url, keys.prefix, version, chunk_size)
+    indexes = [
+        client.submit(
+            write_entity_index,
+            *(redis_url, keys.prefix, version, by, chunk_size),
+            *(client.submit(entity_values, future, pure=False) for b, future in encoded if b == by),
+            pure=False,
+        )
+        for by in dict.fromkeys(by for by, _ in encoded)
+    ]
     writes = [
         client.submit(write_encoded_states, future, by, *args, None, ("states",), pure=False)
         for by, future in encoded
@@ -381,7 +428,7 @@ def _write_states(
         )
         for i, (by, future) in enumerate(encoded)
     ]
-    _settled(client, writes)
+    _settled(client, writes + indexes)
     counts, order_entries = {by: 0 for by, _ in encoded}, 0
     for (by, _), (states, entries) in zip(encoded * 2, client.gather(writes), strict=True):
         counts[by] += states
