@@ -92,12 +92,8 @@ def _newest_first(lengths: np.ndarray) -> np.ndarray:
     return starts + ends - np.arange(int(lengths.sum()))
 
 
-WRITE_PARTS = (
-    "states",
-    "index",
-    "entries",
-)  # what a write of encoded states sends: the states, their values in
-# the entity's index, the order entries
+# what a write of encoded states sends: the states, their values in the entity's index, the order entries
+WRITE_PARTS = ("states", "index", "entries")
 
 
 def chunk_commands(
@@ -241,7 +237,7 @@ def entity_values(encoded: pd.DataFrame | pa.Table) -> pa.Array:
 
 
 def write_entity_index(
-    redis_url: str, key_prefix: str, version: str, by: str, chunk_size: int, *values: pa.Array
+    by: str, redis_url: str, key_prefix: str, version: str, chunk_size: int, *values: pa.Array
 ) -> int:
     """Dask task: every value of entity `by` (each partition's `entity_values`) into its index, in byte order,
     `chunk_size` a `ZADD`; returns how many were sent. Redis keeps members of equal score in byte order, and each
@@ -407,7 +403,8 @@ def _write_states(
     indexes = [
         client.submit(
             write_entity_index,
-            *(redis_url, keys.prefix, version, by, chunk_size),
+            by,
+            *args,
             *(client.submit(entity_values, future, pure=False) for b, future in encoded if b == by),
             pure=False,
         )
