@@ -124,16 +124,21 @@ def chunk_commands(
                 _interleaved(ids[start : start + HSET_FIELDS], entries[start : start + HSET_FIELDS]),
             )
         )
-    args = [arg for command_args, _ in commands for arg in command_args]
-    counts = [count for _, command_counts in commands for count in command_counts]
-    if not counts:
-        return b"", 0, 0
-    return resp_commands(pa.concat_arrays(args), np.asarray(counts)), len(counts), len(ids)
+    return *_resp_of(commands), len(ids)
 
 
 def _command_args(head: pa.Array, rest: pa.Array) -> tuple[list[pa.Array], list[int]]:
     """One command of `head` then `rest` as `chunk_commands` gathers them: (its argument arrays, [its count])."""
     return [head, rest], [len(head) + len(rest)]
+
+
+def _resp_of(commands: list[tuple[list, list[int]]]) -> tuple[bytes, int]:
+    """The RESP bytes of commands gathered as `chunk_commands` does (argument arrays, counts), and how many."""
+    args = [arg for command_args, _ in commands for arg in command_args]
+    counts = [count for _, command_counts in commands for count in command_counts]
+    if not counts:
+        return b"", 0
+    return resp_commands(pa.concat_arrays(args), np.asarray(counts)), len(counts)
 
 
 def _state_commands(chunk: pa.Table, keys: Keys, version: str, by: str) -> list[tuple[list, list[int]]]:
@@ -252,9 +257,7 @@ def write_entity_index(
             _index_command(block.slice(at, chunk_size), keys, version, by)
             for at in range(0, len(block), chunk_size)
         ]
-        args = [arg for command_args, _ in commands for arg in command_args]
-        counts = np.asarray([count for _, command_counts in commands for count in command_counts])
-        send_commands(r, resp_commands(pa.concat_arrays(args), counts), len(counts))
+        send_commands(r, *_resp_of(commands))
     return len(ordered)
 
 
