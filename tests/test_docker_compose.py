@@ -70,7 +70,9 @@ def test_data_logs_and_redis_on_volumes():
             "fraud-data:/data" in service["volumes"] and service["environment"]["FRAUD_DATA_ROOT"] == "/data"
         )
     assert "redis-data:/data" in SERVICES["redis"]["volumes"] and {"fraud-data", "redis-data"} <= declared
-    assert "--dir" in SERVICES["redis"]["command"] and "--appendonly" in SERVICES["redis"]["command"]
+    redis_command = SERVICES["redis"]["command"]
+    assert "--dir" in redis_command and "--appendonly" in redis_command
+    assert redis_command[redis_command.index("--save") + 1] == ""  # no periodic snapshot: the AOF is durable
     for config in (
         "server.json",
         "server-prediction.json",
