@@ -10,9 +10,9 @@ __all__ = ['BASE_PARAMS', 'CONFIRMED_FRAUD_STATS', 'TrainedModel', 'model_matrix
            'choose_threshold', 'classification_metrics', 'recall_by_scenario', 'evaluate']
 
 # %% ../../nbs/10_model_train.ipynb #c4ebcea7
+import ipaddress
 import json
 import math
-import ipaddress
 import re
 import threading
 from collections.abc import Iterator
