@@ -86,8 +86,8 @@ def tracker_host(scheduler_address: str) -> str | None:
     if host == "localhost":
         return "127.0.0.1"
     try:
-        return host if host is not None and ipaddress.ip_address(host).is_loopback else None
-    except ValueError:  # a host name
+        return host if ipaddress.ip_address(host).is_loopback else None
+    except ValueError:  # a host name, or none
         return None
 
 
