@@ -19,6 +19,11 @@ at 2x and 5x of it for `--overload-seconds`, printing the answers by kind (200, 
 else), and the p99 of the 200s against their p99 at saturation; `--max-in-flight N` runs the own service with
 `service.max_in_flight` = N.
 
+`--floor none` (or `--floor redis`) runs the same load against what a request costs below the service instead:
+`bench/floor_app`, a hopeit app with the service's name, payload types, server settings, workers and worker class
+that parses each order and answers a fixed prediction (with `redis`, after one call to Redis on the service's
+hot-path connection), without the service's API file, middleware, features, model or state.
+
 Everything is bounded in count and time. The load generator shares the machine's cores with the service and
 Redis; its own CPU use is printed too.
 
@@ -290,8 +295,10 @@ def start_service(
     log: Path,
     server: Path | None,
     app: Path | None = None,
+    floor: str | None = None,
 ) -> tuple[subprocess.Popen, str]:
-    """The prediction service on a free port; returns the process and the API base URL."""
+    """The prediction service on a free port (or, with `floor`, `floor_app` in its place: see `--floor`); returns
+    the process and the API base URL."""
     port = free_port()
     env = {
         **os.environ,
@@ -303,6 +310,13 @@ def start_service(
     env.setdefault("FRAUD_DATA_ROOT", str(REPO / "data"))
     env.setdefault("DASK_SCHEDULER_ADDRESS", "")
     cmd = service_command(port, workers, worker_class, server, app)
+    ready = "/api/docs/swagger.json"
+    if floor is not None:  # no API file: hopeit refuses one that describes events the app does not have
+        cmd = [arg for arg in cmd if not arg.startswith("--api-file=")]
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "bench"), env["PYTHONPATH"]])
+        if floor == "redis":
+            env["FLOOR_REDIS_URL"] = redis_url
+        ready = f"{API}/find-orders"
     print("service:", " ".join(cmd[1:]).replace(f"{REPO}/", ""))
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}{API}"
@@ -311,7 +325,7 @@ def start_service(
         if proc.poll() is not None:
             raise RuntimeError(f"service exited with {proc.returncode}: see {log}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/docs/swagger.json", timeout=1):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{ready}", timeout=1):
                 return proc, base
         except OSError:
             time.sleep(0.2)
@@ -906,6 +920,26 @@ async def measure_load(
     await closed_loop(target, source, meter, args.concurrency, args.saturation_requests, args.duration * 2)
 
 
+def measure_floor_app(redis_url: str, start: pd.Timestamp, args: argparse.Namespace) -> None:
+    """`--floor`: the load against `floor_app` (no report-label: it has none)."""
+    log = REPO / "data" / "logs" / "bench-service-floor.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    work = "one Redis call" if args.floor == "redis" else "no work"
+    print(f"floor: bench/floor_app ({work} per request) in the service's place, no API file, no middleware")
+    proc, base = start_service(
+        redis_url, "", args.workers, args.worker_class, log, None, FLOOR_APP, args.floor
+    )
+    try:
+        source = OrderSource(asyncio.run(combinations_from_service(base)), start)
+        uvloop.run(run_load([base], source, CpuMeter([proc.pid], redis_url), args))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+FLOOR_APP = REPO / "bench" / "floor_app" / "floor-app.json"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -941,6 +975,11 @@ def main() -> None:
         "--max-in-flight", type=int, help="run the own service with a copy of its app config at this bound"
     )
     parser.add_argument("--overload-seconds", type=float, default=10.0, help="seconds per overload run")
+    parser.add_argument(
+        "--floor",
+        choices=["none", "redis"],
+        help="load bench/floor_app instead of the service: no work, or one Redis call, per request",
+    )
     parser.add_argument("--orders", type=int, default=30_000, help="orders in the generated history")
     parser.add_argument("--customers", type=int, default=1_000)
     parser.add_argument("--rounds", type=int, default=50, help="trees of the bench model")
@@ -955,6 +994,9 @@ def main() -> None:
         BENCH_TOKEN = os.environ.get("FRAUD_API_TOKEN", "")  # the running service's token
         source = OrderSource(asyncio.run(combinations_from_service(args.url[0])), start)
         uvloop.run(run_load(args.url, source, CpuMeter([], redis_url), args))
+        return
+    if args.floor:
+        measure_floor_app(redis_url, start, args)
         return
     BENCH_TOKEN = secrets.token_urlsafe(24)
     prefix = f"fraudbench:{uuid4().hex}:"
@@ -991,5 +1033,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with recorded("bench_service"):
+    floor = any(arg.startswith("--floor") for arg in sys.argv[1:])  # a section of its own: not the service's
+    with recorded("bench_service_floor" if floor else "bench_service"):
         main()
