@@ -28,6 +28,7 @@ import socket
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import hiredis
@@ -139,12 +140,16 @@ class PrivateRedis:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+# the in-process cluster asks the network for this machine's address, which a machine without one has not
+warnings.filterwarnings("ignore", message="Couldn't detect a suitable IP address")
+
+
 def capture_load(data_root: Path, run_id: str, chunk_size: int) -> tuple[list[tuple[str, bytes, int]], str]:
     """prepare-db's load of the run's serving state into a private Redis, its sends kept; (sends, Redis version)."""
     spec = feature_spec(data_root, run_id)
     with (
         PrivateRedis() as target,
-        LocalCluster(processes=False, n_workers=1, threads_per_worker=2, host="127.0.0.1") as cluster,
+        LocalCluster(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as cluster,
         Client(cluster) as client,
         Capture() as capture,
     ):
