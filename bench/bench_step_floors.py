@@ -30,6 +30,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
 import hiredis
 import pyarrow.parquet as pq
@@ -44,6 +45,9 @@ from fraud_poc.pipeline.steps.prepare_db import serving_states
 from fraud_poc.store.datasets import dataset_files, entity_dir, feature_spec, parquet_write_options, raw_dir
 from fraud_poc.store.redis_server import start_embedded_redis, stop_embedded_redis
 from fraud_poc.store.redis_store import Keys
+
+# the in-process cluster asks the network for this machine's address, which a machine without one has not
+warnings.filterwarnings("ignore", message="Couldn't detect a suitable IP address")
 
 
 def cpu_seconds() -> float:
@@ -140,10 +144,6 @@ class PrivateRedis:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-# the in-process cluster asks the network for this machine's address, which a machine without one has not
-warnings.filterwarnings("ignore", message="Couldn't detect a suitable IP address")
-
-
 def capture_load(data_root: Path, run_id: str, chunk_size: int) -> tuple[list[tuple[str, bytes, int]], str]:
     """prepare-db's load of the run's serving state into a private Redis, its sends kept; (sends, Redis version)."""
     spec = feature_spec(data_root, run_id)
@@ -163,9 +163,9 @@ def capture_load(data_root: Path, run_id: str, chunk_size: int) -> tuple[list[tu
 
 def replay(sent: list[tuple[str, bytes, int]], url: str) -> float:
     """Send the payloads on one connection while a thread reads the replies; seconds until the last reply."""
-    host, port = url.split("//")[1].split("/")[0].split(":")
+    address = urlparse(url)
     expected = sum(commands for _, _, commands in sent)
-    with socket.create_connection((host, int(port))) as sock:
+    with socket.create_connection((address.hostname, address.port)) as sock:
         errors: list[object] = []
 
         def read() -> None:
