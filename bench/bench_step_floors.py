@@ -205,6 +205,8 @@ def redis_cpu(r: redis.Redis) -> tuple[float, float]:
 def prepare_db_floor(data_root: Path, run_id: str, chunk_size: int) -> None:
     started = time.perf_counter()
     sent, version = capture_load(data_root, run_id, chunk_size)
+    if not sent:  # prepare-db no longer sends through `feature_store.send_commands`: nothing to measure
+        raise SystemExit("captured nothing: prepare-db's load did not call feature_store.send_commands")
     print(
         f"prepare-db's floor: {len(sent):,} sends captured in {time.perf_counter() - started:.1f} s "
         f"(written meanwhile, in this process, to Redis {version})"
