@@ -94,6 +94,7 @@ from fraud_poc.store.store_scripts import (  # noqa: E402
 )
 
 API = "/api/fraud-service/0x2"
+FLOOR_APP = REPO / "bench" / "floor_app" / "floor-app.json"  # `--floor`
 
 
 def load_average() -> str:
@@ -935,9 +936,6 @@ def measure_floor_app(redis_url: str, start: pd.Timestamp, args: argparse.Namesp
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-
-
-FLOOR_APP = REPO / "bench" / "floor_app" / "floor-app.json"
 
 
 def main() -> None:
